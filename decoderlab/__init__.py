@@ -1,0 +1,35 @@
+"""decoderlab: see how a language model decodes, step by step.
+
+    import decoderlab as dl
+    lm = dl.load()                                   # bundled SmolLM2-135M-Instruct, offline
+    trace = lm.generate("What is the capital of France?", chat=True, max_new_tokens=32)
+    trace.steps, trace.candidates, trace.processors  # tidy pandas frames
+"""
+from .custom_decoder import CustomDecoder
+from .lm import DEFAULT_SYSTEM, LM, PromptError, load
+from .models import ModelNotFoundError
+from .record import STEP_RECORDERS, Record, recorder
+from .session import Session, SessionError
+from .strategy import StrategyError, greedy, sample
+from .trace import Trace
+
+__version__ = "0.1.0"
+
+
+def show(trace, **kwargs):
+    """The trace explorer widget (Jupyter)."""
+    from .widgets import show as _show
+
+    return _show(trace, **kwargs)
+
+
+def explore(session, **kwargs):
+    """The step-through widget for a `Session` (Jupyter)."""
+    from .widgets import explore as _explore
+
+    return _explore(session, **kwargs)
+
+
+__all__ = ["load", "LM", "Record", "Trace", "Session", "CustomDecoder", "show", "explore", "recorder",
+           "STEP_RECORDERS", "greedy", "sample", "PromptError", "StrategyError", "SessionError",
+           "ModelNotFoundError", "DEFAULT_SYSTEM"]

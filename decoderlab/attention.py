@@ -1,0 +1,182 @@
+"""The new token's attention row, recorded without switching the model to eager attention.
+
+A function registered with transformers' `AttentionInterface` (and a mask function of the same
+name with `AttentionMaskInterface`) computes the layer's output with the normal sdpa kernel and,
+for the record, only softmax(q·Kᵀ·scale + mask) of the last query: O(heads × context) per layer
+and step. GQA (fewer KV heads), sliding windows (through the mask), soft-capping and attention
+sinks are honoured; where sdpa cannot compute the output (soft-capping, sinks) the model's own
+eager function computes it, and its weights give the row.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "decoderlab_sdpa"
+
+# The sink a recording run writes to: (layer_idx, weights [B, H, K]) -> None; None when not recording.
+_sink: Callable[[int, torch.Tensor, torch.Tensor | None], None] | None = None
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A bool mask (True = attend) as the additive float mask eager functions expect."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def _causal(q_len: int, k_len: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The causal mask sdpa leaves implicit (`is_causal`) when no mask tensor was built."""
+    i = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+    j = torch.arange(k_len, device=device)[None, :]
+    out = torch.zeros(q_len, k_len, dtype=dtype, device=device).masked_fill(j > i, torch.finfo(dtype).min)
+    return out[None, None]
+
+
+def last_row(module, query, key, attention_mask, scaling: float, softcap: float | None = None) -> torch.Tensor:
+    """softmax(q·Kᵀ·scale + mask) for the last query position: [B, H, K] in float32."""
+    q = query[:, :, -1:, :].float()
+    groups = query.shape[1] // key.shape[1]
+    k = repeat_kv(key, groups).float() if groups > 1 else key.float()
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [B, H, 1, K]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        row = attention_mask[:, :, -1:, : k.shape[-2]]
+        if row.dtype == torch.bool:
+            scores = scores.masked_fill(~row, float("-inf"))
+        else:
+            scores = scores + row.float()
+    sinks = getattr(module, "sinks", None)
+    if sinks is not None:  # gpt-oss style: a learned logit per head that takes mass, then is dropped
+        sink = sinks.float().reshape(1, -1, 1, 1).expand(scores.shape[0], -1, 1, 1)
+        return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1].squeeze(2)
+    return torch.softmax(scores, dim=-1).squeeze(2)
+
+
+def _eager_for(module) -> Callable | None:
+    """The model's own eager attention function (it knows the architecture's soft-capping and sinks)."""
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+
+
+def recording_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """sdpa for the output; the last query's attention row for the record."""
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    softcap = kwargs.get("softcap")
+    special = softcap is not None or getattr(module, "sinks", None) is not None
+    if special:
+        eager = _eager_for(module)
+        if eager is None:
+            raise NotImplementedError(f"{type(module).__name__} needs eager attention that decoderlab cannot find")
+        mask = _additive(attention_mask, query.dtype)
+        if mask is None and query.shape[2] > 1:
+            mask = _causal(query.shape[2], key.shape[2], query.dtype, query.device)
+        out, weights = eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+        if _sink is not None:
+            _sink(module.layer_idx, weights[:, :, -1, :].float(), weights if query.shape[2] > 1 else None)
+        return out, None
+    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if _sink is not None:
+        full = None
+        if query.shape[2] > 1 and getattr(_sink, "wants_full", False):
+            full = _full_matrix(module, query, key, attention_mask, scaling)
+        _sink(module.layer_idx, last_row(module, query, key, attention_mask, scaling), full)
+    return out, None
+
+
+def _full_matrix(module, query, key, attention_mask, scaling) -> torch.Tensor:
+    """The prompt's whole attention matrix (only when prefill attention was asked for): [B, H, Q, K]."""
+    groups = query.shape[1] // key.shape[1]
+    k = repeat_kv(key, groups).float() if groups > 1 else key.float()
+    scores = torch.matmul(query.float(), k.transpose(-1, -2)) * scaling
+    mask = attention_mask
+    if mask is None:
+        mask = _causal(query.shape[2], key.shape[2], torch.float32, query.device)
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask[..., : k.shape[-2]], float("-inf"))
+    else:
+        scores = scores + mask[..., : k.shape[-2]].float()
+    sinks = getattr(module, "sinks", None)
+    if sinks is not None:
+        sink = sinks.float().reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
+        return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return torch.softmax(scores, dim=-1)
+
+
+AttentionInterface.register(NAME, recording_attention)
+AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def supported(model) -> bool:
+    """Whether the model dispatches attention through `AttentionInterface` (else: eager fallback)."""
+    can = getattr(model, "_can_set_attn_implementation", None)
+    try:
+        return bool(can()) if callable(can) else bool(getattr(model, "_supports_attention_backend", False))
+    except Exception:  # noqa: BLE001 - a model that cannot answer cannot be switched
+        return False
+
+
+def _set_implementation(model, name: str) -> None:
+    try:
+        model.set_attn_implementation(name)
+    except Exception:  # noqa: BLE001 - older releases: set the config directly
+        model.config._attn_implementation = name
+    for cfg in (model.config, getattr(model.config, "text_config", None)):
+        if cfg is not None and getattr(cfg, "_attn_implementation", None) != name:
+            cfg._attn_implementation = name
+
+
+@contextmanager
+def recording(model, sink: Callable[[int, torch.Tensor, torch.Tensor | None], None]) -> Iterator[str]:
+    """Within the block the model records attention rows into `sink`; the user's implementation comes back after.
+
+    Yields "fast" (the recording function) or "eager" (fallback: the caller reads `output_attentions`).
+    """
+    global _sink
+    before = model.config._attn_implementation
+    if supported(model):
+        _set_implementation(model, NAME)
+        _sink = sink
+        try:
+            yield "fast"
+        finally:
+            _sink = None
+            _set_implementation(model, before)
+    else:
+        warnings.warn(
+            f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface: "
+            "decoderlab records its attention with eager attention (slower, same weights)",
+            stacklevel=3,
+        )
+        _set_implementation(model, "eager")
+        handles = [m.register_forward_hook(_eager_hook(i, sink)) for i, m in enumerate(_attention_modules(model))]
+        try:
+            yield "eager"
+        finally:
+            for h in handles:
+                h.remove()
+            _set_implementation(model, before)
+
+
+def _attention_modules(model) -> list[torch.nn.Module]:
+    """Self-attention modules in layer order (those that know their `layer_idx`)."""
+    found = [m for m in model.modules() if hasattr(m, "layer_idx") and "atten" in type(m).__name__.lower()]
+    return sorted(found, key=lambda m: m.layer_idx if m.layer_idx is not None else 0)
+
+
+def _eager_hook(index: int, sink):
+    def hook(module, args, output):
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if isinstance(weights, torch.Tensor) and weights.dim() == 4:
+            layer = module.layer_idx if module.layer_idx is not None else index
+            sink(layer, weights[:, :, -1, :].float(), weights.float() if weights.shape[2] > 1 else None)
+
+    return hook

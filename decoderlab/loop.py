@@ -1,0 +1,213 @@
+"""The decode loop: prefill once, then one token at a time over a KV cache.
+
+Read it top to bottom: `forward` runs the model, `prefill` makes a `State`, `process` applies the
+strategy's processors, `step` chooses one token, `run` steps to a stop. The state holds B rows
+(B is 1 for `generate`; a later beam search or batched comparison keeps its runs as rows), each
+row with its own random generator. Recording is not woven in: `step` hands a `StepContext` to
+whatever observers are attached, and works the same with none.
+
+A chosen token is forwarded lazily, at the start of the next step (`State.pending`): a run that
+stops does no forward it will not use (as `generate`), and a session can rewind by cropping the
+cache without recomputing the prefix.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from .strategy import Strategy
+
+
+@dataclass
+class State:
+    """Everything a run needs to take its next step."""
+
+    ids: torch.Tensor  # [B, T]: prompt + generated tokens
+    cache: DynamicCache  # holds every position but the pending one
+    prompt_length: int
+    generators: list  # one torch.Generator (or None) per row
+    finished: torch.Tensor  # [B] bool
+    next_logits: torch.Tensor | None = None  # [B, V] float32: the model's output for the next token
+    pending: torch.Tensor | None = None  # [B] chosen but not yet forwarded
+    stop_reason: str | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def steps(self) -> int:
+        """How many tokens have been generated."""
+        return self.ids.shape[1] - self.prompt_length
+
+
+@dataclass
+class StepContext:
+    """What observers see at each step (one argument object, as inseq's step functions)."""
+
+    step: int
+    ids: torch.Tensor  # [B, T] before this step's token
+    logits: torch.Tensor  # [B, V] raw float32
+    scores: torch.Tensor  # [B, V] after every processor
+    stages: list[torch.Tensor]  # scores after each processor, in order (empty unless kept)
+    token: torch.Tensor  # [B] the chosen token
+    forced: torch.Tensor  # [B] bool: chosen by the user, not the chooser
+    finished: torch.Tensor  # [B] bool: rows already done before this step (they emit padding)
+
+
+class Observer(Protocol):
+    """Anything that wants to see the loop: a recorder, a progress bar, a streamer."""
+
+    keep_stages: bool
+
+    def before_forward(self, state: State, step: int) -> None: ...
+
+    def on_step(self, ctx: StepContext) -> None: ...
+
+
+_CACHE_WORD: dict[type, str] = {}
+
+
+def _cache_word(model) -> str:
+    """transformers 5.x calls the cache argument `cache`; earlier releases `past_key_values`."""
+    cls = type(model)
+    if cls not in _CACHE_WORD:
+        params = inspect.signature(model.forward).parameters
+        _CACHE_WORD[cls] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_WORD[cls]
+
+
+@torch.inference_mode()
+def forward(model, input_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    """Run the model over new positions with the cache; return the last position's logits as float32."""
+    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{_cache_word(model): cache})
+    return out.logits[:, -1].to(dtype=torch.float32, copy=True)
+
+
+def _notify_forward(observers: Sequence[Observer], state: State, step: int) -> None:
+    for o in observers:
+        o.before_forward(state, step)
+
+
+def prefill(
+    model,
+    prompt_ids: torch.Tensor,
+    strategy: Strategy,
+    observers: Sequence[Observer] = (),
+    seeds: Sequence[int | None] | None = None,
+) -> State:
+    """Forward the prompt once and return a state whose next logits are step 0's."""
+    rows = prompt_ids.shape[0]
+    state = State(
+        ids=prompt_ids,
+        cache=DynamicCache(config=model.config),
+        prompt_length=prompt_ids.shape[1],
+        generators=strategy.generators(rows, prompt_ids.device, seeds),
+        finished=torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device),
+    )
+    _notify_forward(observers, state, 0)
+    state.next_logits = forward(model, prompt_ids, state.cache)
+    return state
+
+
+def ensure_logits(model, state: State, observers: Sequence[Observer] = ()) -> torch.Tensor:
+    """Forward the pending token, if any, so that `state.next_logits` is the next step's."""
+    if state.pending is not None:
+        _notify_forward(observers, state, state.steps)
+        state.next_logits = forward(model, state.pending[:, None], state.cache)
+        state.pending = None
+    return state.next_logits
+
+
+def process(strategy: Strategy, ids: torch.Tensor, logits: torch.Tensor, keep_stages: bool):
+    """Apply the processors in order; return the final scores and, if asked, each stage's scores."""
+    scores, stages = logits, []
+    for processor in strategy.processors:
+        scores = processor(ids, scores.clone() if keep_stages else scores)
+        if keep_stages:
+            stages.append(scores)
+    return scores, stages
+
+
+def step(
+    model,
+    state: State,
+    strategy: Strategy,
+    observers: Sequence[Observer] = (),
+    force: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Choose one token for every row; return it. `force` (ids, -1 = free) overrides the chooser."""
+    logits = ensure_logits(model, state, observers)
+    keep = any(o.keep_stages for o in observers)
+    scores, stages = process(strategy, state.ids, logits, keep)
+    token = strategy.chooser(scores, state.generators)
+    forced = torch.zeros_like(state.finished)
+    if force is not None:
+        forced = force >= 0
+        token = torch.where(forced, force, token)
+    if strategy.pad_token_id is not None:
+        token = torch.where(state.finished, torch.full_like(token, strategy.pad_token_id), token)
+    ctx = StepContext(state.steps, state.ids, logits, scores, stages, token, forced, state.finished)
+    for o in observers:
+        o.on_step(ctx)
+    state.ids = torch.cat([state.ids, token[:, None]], dim=-1)
+    state.pending = token
+    if strategy.eos_token_ids:
+        eos = torch.tensor(strategy.eos_token_ids, device=token.device)
+        state.finished = state.finished | torch.isin(token, eos)
+    return token
+
+
+def should_stop(state: State, strategy: Strategy, max_length: int | None = None) -> str | None:
+    """The reason to stop now, or None. Checking `finished` is the step's one host synchronisation."""
+    if strategy.eos_token_ids and bool(state.finished.all()):
+        return "eos"
+    if state.steps >= strategy.max_new_tokens:
+        return "max_new_tokens"
+    if max_length is not None and state.ids.shape[1] >= max_length:
+        return "context_window"
+    return None
+
+
+def run(
+    model,
+    state: State,
+    strategy: Strategy,
+    observers: Sequence[Observer] = (),
+    max_length: int | None = None,
+    on_token: Callable[[int, torch.Tensor], None] | None = None,
+    max_steps: int | None = None,
+) -> State:
+    """Step until EOS, `max_new_tokens`, the context window, or `max_steps` more steps."""
+    taken = 0
+    state.stop_reason = should_stop(state, strategy, max_length)
+    while state.stop_reason is None and (max_steps is None or taken < max_steps):
+        token = step(model, state, strategy, observers)
+        taken += 1
+        if on_token is not None:
+            on_token(state.steps - 1, token)
+        state.stop_reason = should_stop(state, strategy, max_length)
+    return state
+
+
+def crop(state: State, steps: int, eos_token_ids: Sequence[int] = ()) -> None:
+    """Go back to just before step `steps`: keep `steps` generated tokens; re-forward only the last one."""
+    keep = state.prompt_length + steps
+    state.ids = state.ids[:, :keep]
+    cache_len = state.cache.get_seq_length()
+    target = keep - 1  # the last kept token becomes pending, so its row is recomputed fresh
+    if cache_len > target:
+        state.cache.crop(target)
+    state.pending = state.ids[:, -1]
+    state.next_logits = None
+    generated = state.ids[:, state.prompt_length :]
+    if eos_token_ids and generated.shape[1]:
+        eos = torch.tensor(list(eos_token_ids), device=generated.device)
+        state.finished = torch.isin(generated, eos).any(dim=1)
+    else:
+        state.finished = torch.zeros_like(state.finished)
+    state.stop_reason = None

@@ -1,0 +1,231 @@
+"""What a run records: `Record` options, a registry of small per-step recorders, and `Recording`.
+
+Per-step scores are plain functions in a registry (as inseq's step functions), each taking the
+loop's `StepContext` and returning named tensors for that step. `Recording` is the observer the
+loop calls: it runs the recorders a `Record` asks for, and captures attention rows and residuals
+during forwards. Everything stays on the model's device until a `Trace` is built.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from . import attention as attention_mod
+from . import lens as lens_mod
+from .loop import State, StepContext
+
+StepRecorder = Callable[[StepContext, "Record"], dict]
+STEP_RECORDERS: dict[str, StepRecorder] = {}
+
+
+def recorder(name: str):
+    """Register a per-step recorder under `name`."""
+
+    def register(fn: StepRecorder) -> StepRecorder:
+        STEP_RECORDERS[name] = fn
+        return fn
+
+    return register
+
+
+@dataclass(frozen=True)
+class Record:
+    """What to record at every step. The defaults are cheap (≤5% over plain `generate`)."""
+
+    top_k: int = 20  # candidates kept per step
+    processors: bool = True  # what each logits processor did
+    logits: bool = False  # the full raw logits, as float16
+    attention: bool = False  # the new token's attention row, every layer and head
+    attention_layers: Sequence[int] | None = None
+    attention_heads: Sequence[int] | None = None
+    prefill_attention: bool = False  # also the prompt's full N×N matrices
+    lens: bool = False  # logit lens: each layer's residual at the new position
+    lens_top_k: int = 5
+
+    def __post_init__(self):
+        for word in ("top_k", "lens_top_k"):
+            v = getattr(self, word)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"Record({word}={v!r}): must be a whole number >= 1")
+
+    def recorders(self) -> list[str]:
+        names = ["choice", "candidates"]
+        if self.processors:
+            names.append("processors")
+        if self.logits:
+            names.append("logits")
+        return names
+
+
+def _rank(scores: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """0-based rank of `token` in each row (ties count in the token's favour)."""
+    return (scores > scores.gather(-1, token[:, None])).sum(-1)
+
+
+@recorder("choice")
+def record_choice(ctx: StepContext, opts: Record) -> dict:
+    """The chosen token, its logprob, rank and the entropy under the raw and the final distribution."""
+    t = ctx.token[:, None]
+    raw_lp = torch.log_softmax(ctx.logits, dim=-1)
+    fin_lp = torch.log_softmax(ctx.scores, dim=-1)
+    return {
+        "token_id": ctx.token,
+        "forced": ctx.forced,
+        "finished": ctx.finished,
+        "logprob": raw_lp.gather(-1, t).squeeze(-1),
+        "rank": _rank(ctx.logits, ctx.token),
+        "entropy": torch.special.entr(raw_lp.exp()).sum(-1),
+        "final_logprob": fin_lp.gather(-1, t).squeeze(-1),
+        "final_rank": _rank(ctx.scores, ctx.token),
+        "final_entropy": torch.special.entr(fin_lp.exp()).sum(-1),
+    }
+
+
+@recorder("candidates")
+def record_candidates(ctx: StepContext, opts: Record) -> dict:
+    """The top-k tokens by raw logit, with raw and final probabilities."""
+    k = min(opts.top_k, ctx.logits.shape[-1])
+    top = torch.topk(ctx.logits, k, dim=-1)
+    raw_p = torch.softmax(ctx.logits, dim=-1).gather(-1, top.indices)
+    fin_p = torch.softmax(ctx.scores, dim=-1).gather(-1, top.indices)
+    return {"cand_id": top.indices, "cand_logit": top.values, "cand_prob": raw_p, "cand_final_prob": fin_p}
+
+
+@recorder("processors")
+def record_processors(ctx: StepContext, opts: Record) -> dict:
+    """Per processor: the probability mass it removed, and the chosen token's rank and prob before and after."""
+    if not ctx.stages:
+        empty = ctx.logits.new_zeros(ctx.logits.shape[0], 0)
+        return {"proc_mass_removed": empty, "proc_rank_before": empty.long(), "proc_rank_after": empty.long(),
+                "proc_prob_after": empty}
+    before = [ctx.logits, *ctx.stages[:-1]]
+    mass, rank_before, rank_after, prob_after = [], [], [], []
+    for prev, cur in zip(before, ctx.stages):
+        p_prev = torch.softmax(prev, dim=-1)
+        removed = torch.isneginf(cur) & ~torch.isneginf(prev)
+        mass.append((p_prev * removed).sum(-1))
+        rank_before.append(_rank(prev, ctx.token))
+        rank_after.append(_rank(cur, ctx.token))
+        prob_after.append(torch.softmax(cur, dim=-1).gather(-1, ctx.token[:, None]).squeeze(-1))
+    return {
+        "proc_mass_removed": torch.stack(mass, -1),
+        "proc_rank_before": torch.stack(rank_before, -1),
+        "proc_rank_after": torch.stack(rank_after, -1),
+        "proc_prob_after": torch.stack(prob_after, -1),
+    }
+
+
+@recorder("logits")
+def record_logits(ctx: StepContext, opts: Record) -> dict:
+    return {"logits": ctx.logits.to(torch.float16)}
+
+
+class _Sink:
+    """The attention sink, telling the attention function whether the prompt's full matrix is wanted."""
+
+    def __init__(self, fn, wants_full: bool):
+        self.fn, self.wants_full = fn, wants_full
+
+    def __call__(self, layer, row, full):
+        self.fn(layer, row, full)
+
+
+class Recording:
+    """The loop's observer: per-step columns, plus attention rows and residuals from the forwards.
+
+    Columns are lists indexed by step, so rewinding is truncation. A forward that produces step
+    t's distribution writes step t's attention row and residuals.
+    """
+
+    def __init__(self, opts: Record, num_layers: int | None = None):
+        self.opts = opts
+        self.names = opts.recorders()
+        self.keep_stages = opts.processors
+        self.columns: dict[str, list[torch.Tensor]] = {}
+        self.attention: list[torch.Tensor | None] = []  # per step: [B, L', H', K]
+        self.prefill_attention: dict[int, torch.Tensor] = {}  # layer -> [B, H, N, N]
+        self.residuals: list[torch.Tensor | None] = []  # per step: [B, L, D]
+        self.num_layers = num_layers
+        self._slot = 0
+        self._att_layers: dict[int, torch.Tensor] = {}
+        self._res_layers: dict[int, torch.Tensor] = {}
+        self.attention_mode: str | None = None
+
+    # ---- observer -------------------------------------------------------------------------
+    def before_forward(self, state: State, step: int) -> None:
+        self._flush_forward()
+        self._slot = step
+
+    def on_step(self, ctx: StepContext) -> None:
+        self._flush_forward()
+        if ctx.step != self.steps:
+            raise RuntimeError(f"recording out of order: step {ctx.step} after {self.steps} steps")
+        for name in self.names:
+            for key, value in STEP_RECORDERS[name](ctx, self.opts).items():
+                self.columns.setdefault(key, []).append(value)
+
+    @property
+    def steps(self) -> int:
+        col = self.columns.get("token_id")
+        return len(col) if col else 0
+
+    def truncate(self, steps: int) -> None:
+        """Forget everything from step `steps` on (a rewind)."""
+        for col in self.columns.values():
+            del col[steps:]
+        del self.attention[steps:]
+        del self.residuals[steps:]
+        self._att_layers.clear()
+        self._res_layers.clear()
+
+    # ---- forward-time capture ---------------------------------------------------------------
+    def _attention_sink(self, layer: int, row: torch.Tensor, full: torch.Tensor | None) -> None:
+        wanted = self.opts.attention_layers
+        if wanted is not None and layer not in wanted:
+            return
+        heads = self.opts.attention_heads
+        if heads is not None:
+            row = row[:, list(heads)]
+            full = full[:, list(heads)] if full is not None else None
+        self._att_layers[layer] = row.to(torch.float16)
+        if full is not None and self.opts.prefill_attention:
+            self.prefill_attention[layer] = full.to(torch.float16)
+
+    def _residual_sink(self, layer: int, hidden: torch.Tensor) -> None:
+        self._res_layers[layer] = hidden.float()
+
+    def _flush_forward(self) -> None:
+        """Move what the last forward captured into its step's slot."""
+        if self._att_layers:
+            layers = sorted(self._att_layers)
+            self._store(self.attention, torch.stack([self._att_layers[i] for i in layers], 1))
+            self._att_layers = {}
+        if self._res_layers:
+            layers = sorted(self._res_layers)
+            self._store(self.residuals, torch.stack([self._res_layers[i] for i in layers], 1))
+            self._res_layers = {}
+
+    def _store(self, buf: list, value: torch.Tensor) -> None:
+        while len(buf) < self._slot:
+            buf.append(None)
+        if len(buf) == self._slot:
+            buf.append(value)
+        else:
+            buf[self._slot] = value
+
+    @contextmanager
+    def attached(self, model) -> Iterator["Recording"]:
+        """Install the forward-time capture the options ask for, for the duration of a run."""
+        with ExitStack() as stack:
+            if self.opts.attention or self.opts.prefill_attention:
+                sink = _Sink(self._attention_sink, wants_full=self.opts.prefill_attention)
+                self.attention_mode = stack.enter_context(attention_mod.recording(model, sink))
+            if self.opts.lens:
+                stack.enter_context(lens_mod.capturing(model, self._residual_sink))
+            try:
+                yield self
+            finally:
+                self._flush_forward()

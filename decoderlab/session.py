@@ -1,0 +1,226 @@
+"""`Session`: the loop's state held open, so a user can step, force a token, rewind and branch.
+
+No second loop: a session calls `loop.step` on a `State` it keeps. Rewinding crops the KV cache
+and the recording; forking copies them. Each step's random-generator state is kept, so a session
+rewound to step k and stepped again draws the same tokens.
+"""
+from __future__ import annotations
+
+import copy
+import random
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import torch
+
+from . import loop
+from .record import Record, Recording
+from .trace import Trace
+
+if TYPE_CHECKING:
+    from .lm import LM
+
+
+class SessionError(ValueError):
+    """A session request that cannot be served (rewind past the end, an unknown token, ...)."""
+
+
+class Session:
+    """Step through a generation. Every branch of the tree is a `Session`; `session.tree` lists them."""
+
+    def __init__(self, lm: "LM", prompt_ids: torch.Tensor, prompt_text: str, record: Record,
+                 words: dict[str, Any], *, _parent: "Session | None" = None):
+        self.lm = lm
+        self.prompt_text = prompt_text
+        self.record = record
+        self.words = dict(words)
+        if _parent is not None:
+            self._copy_from(_parent)
+            return
+        if self.words.get("do_sample") and self.words.get("seed") is None:
+            self.words["seed"] = random.randrange(2**31)  # so that rewinds reproduce the draws
+        self.strategy = lm.strategy(prompt_ids.shape[1], **self.words)
+        self.recording = Recording(record)
+        self.branches: list[Session] = [self]
+        self.branch, self.parent, self.fork_step = 0, None, None
+        self._rng_states: list = []
+        with self.recording.attached(lm.model):
+            self.state = loop.prefill(lm.model, prompt_ids, self.strategy, [self.recording])
+        self._trace: Trace | None = None
+
+    def _copy_from(self, other: "Session") -> None:
+        self.strategy = other.strategy
+        self.recording = Recording(other.record)
+        for name, col in other.recording.columns.items():
+            self.recording.columns[name] = list(col)
+        self.recording.attention = list(other.recording.attention)
+        self.recording.residuals = list(other.recording.residuals)
+        self.recording.prefill_attention = dict(other.recording.prefill_attention)
+        s = other.state
+        gens = []
+        for g in s.generators:
+            if g is None:
+                gens.append(None)
+            else:
+                clone = torch.Generator(device=g.device)
+                clone.set_state(g.get_state())
+                gens.append(clone)
+        self.state = loop.State(ids=s.ids.clone(), cache=copy.deepcopy(s.cache), prompt_length=s.prompt_length,
+                                generators=gens, finished=s.finished.clone(),
+                                next_logits=None if s.next_logits is None else s.next_logits.clone(),
+                                pending=None if s.pending is None else s.pending.clone(), stop_reason=s.stop_reason)
+        self._rng_states = list(other._rng_states)
+        self.branches = other.branches
+        self.branch = len(self.branches)
+        self.parent = other.branch
+        self.fork_step = other.steps
+        self.branches.append(self)
+        self._trace = None
+
+    # ---- where we are -----------------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        """Tokens generated so far on this branch."""
+        return self.state.steps
+
+    @property
+    def done(self) -> bool:
+        return bool(self.state.finished.all()) if self.strategy.eos_token_ids else False
+
+    @property
+    def text(self) -> str:
+        return self.trace.text
+
+    def __repr__(self) -> str:
+        return f"Session(branch={self.branch}, steps={self.steps}, done={self.done}, text={self.text[-60:]!r})"
+
+    @property
+    def trace(self) -> Trace:
+        """This branch's trace so far (rebuilt only after it changes)."""
+        if self._trace is None:
+            self._trace = self.lm.trace(self.recording, self.state, self.strategy, self.prompt_text,
+                                        branch=self.branch, parent=self.parent, fork_step=self.fork_step)
+        return self._trace
+
+    @property
+    def tree(self) -> pd.DataFrame:
+        """One row per branch: (branch, parent, fork_step, steps, text)."""
+        return pd.DataFrame([{"branch": b.branch, "parent": b.parent, "fork_step": b.fork_step,
+                              "steps": b.steps, "text": b.text} for b in self.branches])
+
+    def candidates(self, k: int | None = None) -> pd.DataFrame:
+        """The next step's top-k tokens (raw and final probabilities), before anything is chosen."""
+        logits = self._next_logits()
+        scores, _ = loop.process(self.strategy, self.state.ids, logits, keep_stages=False)
+        k = min(k or self.record.top_k, logits.shape[-1])
+        top = torch.topk(logits[0], k)
+        raw = torch.softmax(logits[0], -1)[top.indices]
+        fin = torch.softmax(scores[0], -1)[top.indices]
+        ids = top.indices.tolist()
+        return pd.DataFrame({"step": self.steps, "rank": range(k), "token_id": ids,
+                             "token": [self.lm.token_text(i) for i in ids], "logit": top.values.tolist(),
+                             "prob": raw.tolist(), "final_prob": fin.tolist()})
+
+    # ---- moving -----------------------------------------------------------------------------------
+    def _next_logits(self) -> torch.Tensor:
+        with self.recording.attached(self.lm.model):
+            return loop.ensure_logits(self.lm.model, self.state, [self.recording])
+
+    def _step(self, force: torch.Tensor | None = None) -> None:
+        self._rng_states.append([None if g is None else g.get_state() for g in self.state.generators])
+        with self.recording.attached(self.lm.model):
+            loop.step(self.lm.model, self.state, self.strategy, [self.recording], force=force)
+        self._trace = None
+
+    def _new_rows(self, since: int) -> pd.DataFrame:
+        steps = self.trace.steps
+        return steps[steps.step >= since].reset_index(drop=True)
+
+    def step(self, n: int = 1) -> pd.DataFrame:
+        """Decode `n` tokens with the strategy (stopping early at EOS); return their rows of `trace.steps`."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise SessionError(f"step(n={n!r}): n must be a whole number >= 1")
+        since = self.steps
+        for _ in range(n):
+            if self.done:
+                break
+            self._step()
+        self.state.stop_reason = "eos" if self.done else None
+        return self._new_rows(since)
+
+    def run(self) -> pd.DataFrame:
+        """Decode until EOS or the strategy's max_new_tokens; return the new rows."""
+        since = self.steps
+        while not self.done and self.steps < self.strategy.max_new_tokens:
+            window = self.lm.context_window
+            if window is not None and self.state.ids.shape[1] >= window:
+                self.state.stop_reason = "context_window"
+                break
+            self._step()
+        self.state.stop_reason = loop.should_stop(self.state, self.strategy, self.lm.context_window)
+        return self._new_rows(since)
+
+    def choose(self, rank: int | None = None, token: str | int | None = None) -> pd.DataFrame:
+        """Force the next token: the candidate at `rank` (0 = the model's favourite), or any `token`
+        (a vocabulary id, or text that is one token). Recorded as forced, with the model's probability."""
+        if (rank is None) == (token is None):
+            raise SessionError("choose() takes exactly one of rank= or token=")
+        if self.done:
+            raise SessionError("this branch already ended at EOS: rewind() or fork() first")
+        if rank is not None:
+            vocab = self._next_logits().shape[-1]
+            if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < vocab:
+                raise SessionError(f"rank={rank!r}: must be a whole number in [0, {vocab})")
+            order = torch.topk(self._next_logits()[0], rank + 1).indices
+            token_id = int(order[rank])
+        else:
+            token_id = self._token_id(token)
+        since = self.steps
+        self._step(force=torch.tensor([token_id], device=self.state.ids.device))
+        return self._new_rows(since)
+
+    def _token_id(self, token: str | int) -> int:
+        vocab = self._next_logits().shape[-1]
+        if isinstance(token, int) and not isinstance(token, bool):
+            if not 0 <= token < vocab:
+                raise SessionError(f"token id {token} is outside the vocabulary [0, {vocab})")
+            return token
+        if not isinstance(token, str) or not token:
+            raise SessionError(f"token={token!r}: give a non-empty string or a token id")
+        cands = self.candidates(k=max(self.record.top_k, 50))
+        for match in (cands.token == token, cands.token.str.strip() == token.strip()):
+            if match.any():
+                return int(cands.token_id[match].iloc[0])
+        ids = self.lm.tokenizer(token, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            pieces = [self.lm.token_text(i) for i in ids]
+            raise SessionError(f"{token!r} is {len(ids)} tokens {pieces}, not one: choose one of them, or pass an id")
+        return int(ids[0])
+
+    def rewind(self, to: int) -> "Session":
+        """Go back to just before step `to` (keep `to` tokens); the prefix is not recomputed."""
+        if isinstance(to, bool) or not isinstance(to, int) or not 0 <= to <= self.steps:
+            raise SessionError(f"rewind(to={to!r}): must be a step in [0, {self.steps}]")
+        if to == self.steps:
+            return self
+        loop.crop(self.state, to, self.strategy.eos_token_ids)
+        self.recording.truncate(to)
+        for g, st in zip(self.state.generators, self._rng_states[to]):
+            if g is not None:
+                g.set_state(st)
+        del self._rng_states[to:]
+        self._trace = None
+        return self
+
+    def fork(self, at: int | None = None) -> "Session":
+        """An independent branch sharing this branch's prefix (up to step `at`, default: now)."""
+        child = Session(self.lm, self.state.ids[:, : self.state.prompt_length], self.prompt_text, self.record,
+                        self.words, _parent=self)
+        if at is not None:
+            child.rewind(at)
+            child.fork_step = at
+        return child
+
+    def branch_of(self, index: int) -> "Session":
+        """The branch with that number."""
+        return self.branches[index]

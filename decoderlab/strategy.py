@@ -1,0 +1,203 @@
+"""A decoding strategy is a list of transformers `LogitsProcessor`s plus a chooser.
+
+The words are `model.generate`'s, resolved the way `generate` resolves them (the model's
+`generation_config` first, then the user's words), and the processors are built by transformers
+itself (`GenerationMixin._get_logits_processor`), so the order and the arithmetic are generate's.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+# A chooser picks one token per row from the processed scores; rows may have their own generator.
+Chooser = Callable[[torch.Tensor, Sequence["torch.Generator | None"]], torch.Tensor]
+
+# Words decoderlab adds on top of GenerationConfig's.
+OWN_WORDS = {"seed", "logits_processor", "chooser"}
+
+
+class StrategyError(ValueError):
+    """A strategy word is unknown or its value is out of range."""
+
+
+def greedy(scores: torch.Tensor, generators: Sequence[torch.Generator | None] = ()) -> torch.Tensor:
+    """The highest score, as `generate(do_sample=False)` picks it."""
+    return torch.argmax(scores, dim=-1)
+
+
+def sample(scores: torch.Tensor, generators: Sequence[torch.Generator | None] = ()) -> torch.Tensor:
+    """One draw per row from softmax(scores), each row with its own generator.
+
+    With one row and a generator seeded with `s`, this draws what `torch.manual_seed(s)` followed by
+    `generate(do_sample=True)` draws (both call `torch.multinomial` on the same probabilities).
+    """
+    probs = torch.softmax(scores, dim=-1)
+    if not generators or all(g is None for g in generators):
+        return torch.multinomial(probs, num_samples=1).squeeze(1)
+    rows = [torch.multinomial(probs[i : i + 1], 1, generator=generators[i]).squeeze(1) for i in range(probs.shape[0])]
+    return torch.cat(rows)
+
+
+def _check_range(cfg: GenerationConfig, user: dict[str, Any]) -> None:
+    """Clear errors for values generate would silently ignore or fail on deep inside."""
+
+    def bad(word: str, why: str) -> StrategyError:
+        return StrategyError(f"{word}={user.get(word, getattr(cfg, word, None))!r}: {why}")
+
+    def num(word: str) -> float | None:
+        v = getattr(cfg, word, None)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(float(v)):
+            raise bad(word, "must be a number")
+        return float(v)
+
+    t = num("temperature")
+    if t is not None and t <= 0:
+        raise bad("temperature", "must be > 0 (use do_sample=False for greedy decoding)")
+    p = num("top_p")
+    if p is not None and not 0 < p <= 1:
+        raise bad("top_p", "must be in (0, 1]")
+    k = getattr(cfg, "top_k", None)
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+        raise bad("top_k", "must be a whole number >= 0 (0 turns it off)")
+    m = num("min_p")
+    if m is not None and not 0 <= m <= 1:
+        raise bad("min_p", "must be in [0, 1]")
+    tp = num("typical_p")
+    if tp is not None and not 0 < tp <= 1:
+        raise bad("typical_p", "must be in (0, 1]")
+    rp = num("repetition_penalty")
+    if rp is not None and rp <= 0:
+        raise bad("repetition_penalty", "must be > 0 (1.0 turns it off)")
+    n = getattr(cfg, "no_repeat_ngram_size", None)
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise bad("no_repeat_ngram_size", "must be a whole number >= 0")
+    mnt = getattr(cfg, "max_new_tokens", None)
+    if mnt is not None and (isinstance(mnt, bool) or not isinstance(mnt, int) or mnt < 0):
+        raise bad("max_new_tokens", "must be a whole number >= 0")
+    nb = getattr(cfg, "num_beams", None)
+    if nb is not None and nb != 1:
+        raise StrategyError(f"num_beams={nb}: beam search is not supported yet; decoderlab records num_beams=1")
+
+
+@dataclass
+class Strategy:
+    """What a run decodes with: the resolved config, its processors in order, and the chooser."""
+
+    config: GenerationConfig
+    processors: LogitsProcessorList
+    chooser: Chooser
+    chooser_name: str
+    seed: int | None
+    eos_token_ids: list[int]
+    pad_token_id: int | None
+    max_new_tokens: int
+    words: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def do_sample(self) -> bool:
+        return bool(self.config.do_sample)
+
+    @property
+    def processor_names(self) -> list[str]:
+        return [type(p).__name__ for p in self.processors]
+
+    def describe(self) -> dict[str, Any]:
+        """The strategy as resolved, for the trace: the words that differ from transformers' defaults."""
+        out = dict(self.config.to_diff_dict())
+        for drop in ("transformers_version", "_from_model_config", "output_attentions", "output_hidden_states"):
+            out.pop(drop, None)
+        out.update(do_sample=self.do_sample, max_new_tokens=self.max_new_tokens, seed=self.seed,
+                   chooser=self.chooser_name, processors=self.processor_names)
+        return out
+
+    def generators(self, rows: int, device: torch.device, seeds: Sequence[int | None] | None = None) -> list:
+        """One generator per row, seeded so that row i draws what it would draw alone."""
+        seeds = list(seeds) if seeds is not None else [self.seed] * rows
+        out = []
+        for s in seeds:
+            if s is None:
+                out.append(None)
+            else:
+                g = torch.Generator(device=device)
+                g.manual_seed(int(s))
+                out.append(g)
+        return out
+
+
+def resolve(
+    model,
+    prompt_length: int,
+    *,
+    logits_processor: Sequence[LogitsProcessor] | None = None,
+    chooser: Chooser | None = None,
+    seed: int | None = None,
+    **words: Any,
+) -> Strategy:
+    """Turn generate's words into a `Strategy` for this model and prompt length."""
+    unknown = [w for w in words if not hasattr(GenerationConfig(), w)]
+    if unknown:
+        raise StrategyError(
+            f"unknown strategy word(s) {', '.join(map(repr, unknown))}: use model.generate's words "
+            "(do_sample, temperature, top_k, top_p, min_p, typical_p, repetition_penalty, "
+            "no_repeat_ngram_size, max_new_tokens, eos_token_id, ...) or seed / logits_processor / chooser"
+        )
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise StrategyError(f"seed={seed!r}: must be a whole number or None")
+    has_default_max_length = words.get("max_length") is None and model.generation_config.max_length is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config, _ = model._prepare_generation_config(None, **words)
+    _check_range(config, words)
+    device = model.device
+    model._prepare_special_tokens(config, None, device=device)
+    if config.max_new_tokens is None and not has_default_max_length and config.max_length is not None:
+        max_new = max(int(config.max_length) - prompt_length, 0)
+    elif config.max_new_tokens is None:
+        max_new = int(config.max_length) if config.max_length is not None else 20
+    else:
+        max_new = int(config.max_new_tokens)
+    config.max_new_tokens = max_new
+    config.max_length = prompt_length + max_new
+    if config.min_new_tokens is not None:
+        config.min_length = config.min_new_tokens + prompt_length
+    user_processors = LogitsProcessorList(logits_processor or [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        processors = model._get_logits_processor(
+            generation_config=config,
+            input_ids_seq_length=prompt_length,
+            encoder_input_ids=None,
+            prefix_allowed_tokens_fn=None,
+            logits_processor=user_processors,
+            device=device,
+            model_kwargs={},
+        )
+    eos = config._eos_token_tensor
+    eos_ids = [] if eos is None else [int(x) for x in torch.as_tensor(eos).flatten().tolist()]
+    pad = config._pad_token_tensor
+    pad_id = int(pad) if pad is not None else (eos_ids[0] if eos_ids else None)
+    if chooser is not None:
+        pick, name = chooser, getattr(chooser, "__name__", type(chooser).__name__)
+    elif config.do_sample:
+        pick, name = sample, "sample"
+    else:
+        pick, name = greedy, "greedy"
+    shown = dict(words, seed=seed)
+    return Strategy(
+        config=config,
+        processors=processors,
+        chooser=pick,
+        chooser_name=name,
+        seed=seed,
+        eos_token_ids=eos_ids,
+        pad_token_id=pad_id,
+        max_new_tokens=max_new,
+        words=shown,
+    )

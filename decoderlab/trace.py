@@ -1,0 +1,408 @@
+"""`Trace`: the arrays a run recorded, and the tidy pandas frames built from them on demand.
+
+Arrays are numpy, step-major: `arrays[name][step, row, ...]`. Frames are long format, one
+observation a row, with stable column names (documented in the README). Token text is kept
+exactly as decoded, so a saved trace needs no tokenizer to be read again.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Trace:
+    """One run: the prompt, the strategy as resolved, and what every step recorded."""
+
+    prompt: str
+    prompt_ids: np.ndarray  # [P]
+    arrays: dict[str, np.ndarray]  # step-major arrays
+    token_text: dict[int, str]  # every id that appears, as the reader should see it
+    model_name: str = ""
+    strategy: dict[str, Any] = field(default_factory=dict)
+    processor_names: list[str] = field(default_factory=list)
+    stop_reason: str | None = None
+    texts: list[str] = field(default_factory=list)  # the decoded generated text, per row
+    chooser: str = "greedy"
+    attention_layers: list[int] = field(default_factory=list)
+    attention_heads: list[int] = field(default_factory=list)
+    prefill_attention: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [B, H, N, N]
+    branch: int = 0
+    parent: int | None = None
+    fork_step: int | None = None
+    lens_top_k: int = 5
+    lens_object: Any = field(default=None, repr=False, compare=False)  # decoderlab.lens.Lens, live runs only
+
+    # ---- basic facts ---------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        ids = self.arrays.get("token_id")
+        return 0 if ids is None else ids.shape[0]
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    @property
+    def rows(self) -> int:
+        ids = self.arrays.get("token_id")
+        return 1 if ids is None else ids.shape[1]
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Generated token ids of row 0."""
+        return [int(i) for i in self.arrays["token_id"][:, 0]] if self.num_steps else []
+
+    @property
+    def tokens(self) -> list[str]:
+        """Generated tokens of row 0, as text."""
+        return [self.token_text[i] for i in self.token_ids]
+
+    @property
+    def text(self) -> str:
+        """The generated text of row 0 (special tokens skipped)."""
+        return self.texts[0] if self.texts else "".join(self.tokens)
+
+    @property
+    def prompt_tokens(self) -> list[str]:
+        return [self.token_text[int(i)] for i in self.prompt_ids]
+
+    def __repr__(self) -> str:
+        return (f"Trace(model={self.model_name!r}, steps={self.num_steps}, stop={self.stop_reason!r}, "
+                f"text={self.text[:60]!r}{'...' if len(self.text) > 60 else ''})")
+
+    def _tok(self, ids: np.ndarray) -> np.ndarray:
+        lookup = self.token_text
+        flat = [lookup.get(int(i), f"<{int(i)}>") for i in np.asarray(ids).ravel()]
+        return np.array(flat, dtype=object).reshape(np.shape(ids))
+
+    def _base_index(self) -> tuple[np.ndarray, np.ndarray]:
+        s, b = self.arrays["token_id"].shape
+        return np.repeat(np.arange(s), b), np.tile(np.arange(b), s)
+
+    # ---- frames ----------------------------------------------------------------------------
+    @cached_property
+    def steps(self) -> pd.DataFrame:
+        """One row per (step, row): the chosen token, how likely it was, and how it was chosen."""
+        a = self.arrays
+        if not self.num_steps:
+            return pd.DataFrame(columns=STEP_COLUMNS)
+        step, row = self._base_index()
+        flat = {k: a[k].reshape(-1) for k in ("token_id", "logprob", "rank", "entropy", "final_logprob",
+                                               "final_rank", "final_entropy", "forced")}
+        forced = flat["forced"].astype(bool)
+        prob = np.exp(flat["logprob"].astype(np.float64))
+        final_prob = np.exp(flat["final_logprob"].astype(np.float64))
+        choice = np.where(forced, "forced", self.chooser)
+        why = [_why(c, p, fp, r, fr) for c, p, fp, r, fr in zip(choice, prob, final_prob, flat["rank"], flat["final_rank"])]
+        return pd.DataFrame({
+            "step": step, "row": row, "branch": self.branch,
+            "token_id": flat["token_id"].astype(np.int64), "token": self._tok(flat["token_id"]),
+            "prob": prob, "logprob": flat["logprob"].astype(np.float64), "rank": flat["rank"].astype(np.int64),
+            "entropy": flat["entropy"].astype(np.float64),
+            "final_prob": final_prob, "final_logprob": flat["final_logprob"].astype(np.float64),
+            "final_rank": flat["final_rank"].astype(np.int64), "final_entropy": flat["final_entropy"].astype(np.float64),
+            "forced": forced, "choice": choice, "why": why,
+        })
+
+    @cached_property
+    def candidates(self) -> pd.DataFrame:
+        """One row per (step, row, rank): the top-k tokens by raw logit, raw and final probabilities."""
+        a = self.arrays
+        if not self.num_steps:
+            return pd.DataFrame(columns=CANDIDATE_COLUMNS)
+        s, b, k = a["cand_id"].shape
+        ids = a["cand_id"].reshape(-1)
+        chosen = (a["cand_id"] == a["token_id"][:, :, None]).reshape(-1)
+        return pd.DataFrame({
+            "step": np.repeat(np.arange(s), b * k), "row": np.tile(np.repeat(np.arange(b), k), s),
+            "branch": self.branch, "rank": np.tile(np.arange(k), s * b),
+            "token_id": ids.astype(np.int64), "token": self._tok(ids),
+            "logit": a["cand_logit"].reshape(-1).astype(np.float64),
+            "prob": a["cand_prob"].reshape(-1).astype(np.float64),
+            "final_prob": a["cand_final_prob"].reshape(-1).astype(np.float64),
+            "chosen": chosen,
+        })
+
+    @cached_property
+    def processors(self) -> pd.DataFrame:
+        """One row per (step, row, processor): the mass it removed and what it did to the chosen token."""
+        a = self.arrays
+        if not self.num_steps or "proc_mass_removed" not in a or a["proc_mass_removed"].shape[-1] == 0:
+            return pd.DataFrame(columns=PROCESSOR_COLUMNS)
+        s, b, p = a["proc_mass_removed"].shape
+        before = a["proc_rank_before"].reshape(-1).astype(np.int64)
+        after = a["proc_rank_after"].reshape(-1).astype(np.int64)
+        return pd.DataFrame({
+            "step": np.repeat(np.arange(s), b * p), "row": np.tile(np.repeat(np.arange(b), p), s),
+            "branch": self.branch, "order": np.tile(np.arange(p), s * b),
+            "processor": np.tile(np.array(self.processor_names, dtype=object), s * b),
+            "mass_removed": a["proc_mass_removed"].reshape(-1).astype(np.float64),
+            "rank_before": before, "rank_after": after, "rank_changed": before != after,
+            "prob_after": a["proc_prob_after"].reshape(-1).astype(np.float64),
+        })
+
+    # ---- attention -------------------------------------------------------------------------
+    @property
+    def has_attention(self) -> bool:
+        return "attention" in self.arrays
+
+    def context_length(self, step: int) -> int:
+        """How many positions step `step`'s query attended over (prompt + earlier tokens)."""
+        return len(self.prompt_ids) + step
+
+    def context_tokens(self, step: int, row: int = 0) -> list[str]:
+        ids = list(self.prompt_ids) + [int(i) for i in self.arrays["token_id"][:step, row]]
+        return [self.token_text[int(i)] for i in ids]
+
+    def attention_weights(self, step: int, row: int = 0) -> np.ndarray:
+        """[layers, heads, context] float32 for one step (layers/heads as recorded)."""
+        if not self.has_attention:
+            raise ValueError("this trace has no attention: record it with Record(attention=True)")
+        if not 0 <= step < self.num_steps:
+            raise IndexError(f"step {step} is outside this trace's {self.num_steps} steps")
+        return self.arrays["attention"][step, row, :, :, : self.context_length(step)].astype(np.float32)
+
+    def attention_frame(self, steps: Sequence[int] | None = None, layers: Sequence[int] | None = None,
+                        heads: Sequence[int] | None = None, mean_over: Sequence[str] = ()) -> pd.DataFrame:
+        """Attention rows as a long frame, narrowed first and optionally averaged over 'head' and/or 'layer'.
+
+        Narrowing before building keeps memory small; the full frame is `trace.attention`.
+        """
+        if not self.has_attention:
+            raise ValueError("this trace has no attention: record it with Record(attention=True)")
+        bad = set(mean_over) - {"head", "layer"}
+        if bad:
+            raise ValueError(f"mean_over takes 'head' and/or 'layer', not {sorted(bad)}")
+        att = self.arrays["attention"]  # [S, B, L', H', K]
+        layer_ids = np.array(self.attention_layers)
+        head_ids = np.array(self.attention_heads)
+        li = np.arange(len(layer_ids)) if layers is None else np.array([self.attention_layers.index(x) for x in layers])
+        hi = np.arange(len(head_ids)) if heads is None else np.array([self.attention_heads.index(x) for x in heads])
+        step_list = range(self.num_steps) if steps is None else steps
+        frames = []
+        for s in step_list:
+            k = self.context_length(s)
+            w = att[s][:, li][:, :, hi][..., :k].astype(np.float32)  # [B, l, h, k]
+            names = ["row", "layer", "head"]
+            lv, hv = layer_ids[li], head_ids[hi]
+            if "head" in mean_over:
+                w = w.mean(axis=2, keepdims=True)
+                hv = np.array([-1])
+            if "layer" in mean_over:
+                w = w.mean(axis=1, keepdims=True)
+                lv = np.array([-1])
+            b, nl, nh, _ = w.shape
+            idx = pd.MultiIndex.from_product([range(b), lv, hv, range(k)], names=[*names, "position"]).to_frame(index=False)
+            idx.insert(0, "step", s)
+            idx["source_token"] = np.tile(np.array(self.context_tokens(s), dtype=object), b * nl * nh)
+            idx["weight"] = w.reshape(-1)
+            frames.append(idx)
+        if not frames:
+            return pd.DataFrame(columns=ATTENTION_COLUMNS)
+        out = pd.concat(frames, ignore_index=True)
+        out.insert(1, "branch", self.branch)
+        for name in mean_over:
+            out = out.drop(columns=name)
+        return out
+
+    @property
+    def attention(self) -> pd.DataFrame:
+        """One row per (step, row, layer, head, position): the new token's attention weight on that position."""
+        return self.attention_frame()
+
+    # ---- logit lens ------------------------------------------------------------------------
+    @property
+    def has_lens(self) -> bool:
+        return "lens_id" in self.arrays or ("residual" in self.arrays and self.lens_object is not None)
+
+    def _ensure_lens(self) -> None:
+        """Apply final norm + unembedding to every recorded residual, in one batched pass, once."""
+        if "lens_id" in self.arrays:
+            return
+        if "residual" not in self.arrays or self.lens_object is None:
+            raise ValueError("this trace has no logit lens: record it with Record(lens=True)")
+        import torch
+
+        res = torch.from_numpy(self.arrays["residual"])  # [S, B, L, D]
+        s, b, l, d = res.shape
+        chosen = torch.from_numpy(self.arrays["token_id"].reshape(-1))
+        ids, probs, entropy, rank, chosen_prob = self.lens_object.top(res.reshape(s * b, l, d), self.lens_top_k, chosen)
+        k = ids.shape[-1]
+        self.arrays["lens_id"] = ids.numpy().reshape(s, b, l, k)
+        self.arrays["lens_prob"] = probs.numpy().reshape(s, b, l, k)
+        self.arrays["lens_entropy"] = entropy.numpy().reshape(s, b, l)
+        self.arrays["lens_chosen_rank"] = rank.numpy().reshape(s, b, l)
+        self.arrays["lens_chosen_prob"] = chosen_prob.numpy().reshape(s, b, l)
+        missing = {int(i) for i in np.unique(self.arrays["lens_id"])} - set(self.token_text)
+        if missing and self.lens_object is not None and getattr(self.lens_object, "token_text", None) is not None:
+            for i in missing:
+                self.token_text[i] = self.lens_object.token_text(i)
+
+    @cached_property
+    def lens_frame(self) -> pd.DataFrame:
+        """The logit lens frame (`trace.lens`)."""
+        self._ensure_lens()
+        ids = self.arrays["lens_id"]
+        s, b, l, k = ids.shape
+        return pd.DataFrame({
+            "step": np.repeat(np.arange(s), b * l * k), "row": np.tile(np.repeat(np.arange(b), l * k), s),
+            "branch": self.branch, "layer": np.tile(np.repeat(np.arange(l), k), s * b),
+            "rank": np.tile(np.arange(k), s * b * l),
+            "token_id": ids.reshape(-1).astype(np.int64), "token": self._tok(ids.reshape(-1)),
+            "prob": self.arrays["lens_prob"].reshape(-1).astype(np.float64),
+            "chosen": (ids == self.arrays["token_id"][:, :, None, None]).reshape(-1),
+        })
+
+    @property
+    def lens(self) -> pd.DataFrame:
+        """One row per (step, row, layer, rank): what that layer's residual, unembedded, would say."""
+        return self.lens_frame
+
+    @cached_property
+    def lens_stats(self) -> pd.DataFrame:
+        """One row per (step, row, layer): the lens distribution's entropy, and the chosen token's rank and prob."""
+        self._ensure_lens()
+        e = self.arrays["lens_entropy"]
+        s, b, l = e.shape
+        return pd.DataFrame({
+            "step": np.repeat(np.arange(s), b * l), "row": np.tile(np.repeat(np.arange(b), l), s),
+            "branch": self.branch, "layer": np.tile(np.arange(l), s * b),
+            "entropy": e.reshape(-1).astype(np.float64),
+            "chosen_rank": self.arrays["lens_chosen_rank"].reshape(-1).astype(np.int64),
+            "chosen_prob": self.arrays["lens_chosen_prob"].reshape(-1).astype(np.float64),
+        })
+
+    # ---- save / load -------------------------------------------------------------------------
+    def _meta(self) -> dict:
+        return {
+            "format": FORMAT_VERSION, "prompt": self.prompt, "prompt_ids": [int(i) for i in self.prompt_ids],
+            "token_text": {str(k): v for k, v in self.token_text.items()}, "model_name": self.model_name,
+            "strategy": _jsonable(self.strategy), "processor_names": self.processor_names,
+            "stop_reason": self.stop_reason, "texts": self.texts, "chooser": self.chooser,
+            "attention_layers": self.attention_layers, "attention_heads": self.attention_heads,
+            "branch": self.branch, "parent": self.parent, "fork_step": self.fork_step, "lens_top_k": self.lens_top_k,
+            "arrays": {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in self._saved_arrays().items()},
+        }
+
+    def _saved_arrays(self) -> dict[str, np.ndarray]:
+        if "residual" in self.arrays and self.lens_object is not None:
+            self._ensure_lens()
+        return {k: v for k, v in self.arrays.items() if k != "residual" or "lens_id" not in self.arrays}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the whole trace to one parquet file (a row per step; metadata in the schema)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = Path(path)
+        arrays = self._saved_arrays()
+        cols, names = [], []
+        for name, arr in arrays.items():
+            flat = np.ascontiguousarray(arr).reshape(arr.shape[0], -1)
+            width = flat.shape[1]
+            values = pa.array(flat.reshape(-1))
+            cols.append(pa.FixedSizeListArray.from_arrays(values, width) if width else pa.nulls(arr.shape[0]))
+            names.append(name)
+        meta = {b"decoderlab": json.dumps(self._meta()).encode()}
+        for layer, m in self.prefill_attention.items():
+            buf = io.BytesIO()
+            np.save(buf, m, allow_pickle=False)
+            meta[f"decoderlab.prefill_attention.{layer}".encode()] = buf.getvalue()
+        table = pa.table(cols, names=names) if cols else pa.table({"step": pa.array([], pa.int64())})
+        table = table.replace_schema_metadata(meta)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Trace":
+        """Read a trace written by `save`."""
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        raw = table.schema.metadata or {}
+        if b"decoderlab" not in raw:
+            raise ValueError(f"{path} is not a decoderlab trace (no decoderlab metadata)")
+        meta = json.loads(raw[b"decoderlab"])
+        arrays = {}
+        for name, spec in meta["arrays"].items():
+            shape, dtype = tuple(spec["shape"]), np.dtype(spec["dtype"])
+            col = table.column(name).combine_chunks()
+            if int(np.prod(shape)) == 0:
+                arrays[name] = np.zeros(shape, dtype=dtype)
+            else:
+                arrays[name] = col.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(shape)
+        prefill = {}
+        for key, value in raw.items():
+            if key.startswith(b"decoderlab.prefill_attention."):
+                prefill[int(key.rsplit(b".", 1)[1])] = np.load(io.BytesIO(value), allow_pickle=False)
+        return cls(
+            prompt=meta["prompt"], prompt_ids=np.array(meta["prompt_ids"], dtype=np.int64), arrays=arrays,
+            token_text={int(k): v for k, v in meta["token_text"].items()}, model_name=meta["model_name"],
+            strategy=meta["strategy"], processor_names=meta["processor_names"], stop_reason=meta["stop_reason"],
+            texts=meta["texts"], chooser=meta["chooser"], attention_layers=meta["attention_layers"],
+            attention_heads=meta["attention_heads"], prefill_attention=prefill, branch=meta["branch"],
+            parent=meta["parent"], fork_step=meta["fork_step"], lens_top_k=meta["lens_top_k"],
+        )
+
+    # ---- rendering (thin forwards to other modules) ------------------------------------------
+    def to_html(self, path: str | Path | None = None) -> str:
+        """One self-contained HTML page: the text coloured by probability, hover details per token."""
+        from .html import trace_html
+
+        page = trace_html(self)
+        if path is not None:
+            Path(path).write_text(page, encoding="utf-8")
+        return page
+
+    def _repr_html_(self) -> str:
+        from .html import coloured_text
+
+        return f"<div><b>{_escape(self.model_name)}</b> · {self.num_steps} steps · stop: {self.stop_reason}</div>" + coloured_text(self)
+
+
+def _escape(s: str) -> str:
+    import html
+
+    return html.escape(str(s), quote=True)
+
+
+def _why(choice: str, prob: float, final_prob: float, rank: int, final_rank: int) -> str:
+    if choice == "forced":
+        return f"forced by the user; the model gave it p={prob:.3g} (rank {rank})"
+    if choice == "greedy":
+        return f"highest final score (p={final_prob:.3g}; raw rank {rank})"
+    if choice == "given":
+        return f"the given text's token; the model gave it p={prob:.3g} (rank {rank})"
+    if choice == "sample":
+        return f"drawn at p={final_prob:.3g} from the final distribution (final rank {final_rank})"
+    return f"chosen by {choice} (p={final_prob:.3g}, final rank {final_rank})"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return repr(value)
+
+
+STEP_COLUMNS = ["step", "row", "branch", "token_id", "token", "prob", "logprob", "rank", "entropy", "final_prob",
+                "final_logprob", "final_rank", "final_entropy", "forced", "choice", "why"]
+CANDIDATE_COLUMNS = ["step", "row", "branch", "rank", "token_id", "token", "logit", "prob", "final_prob", "chosen"]
+PROCESSOR_COLUMNS = ["step", "row", "branch", "order", "processor", "mass_removed", "rank_before", "rank_after",
+                     "rank_changed", "prob_after"]
+ATTENTION_COLUMNS = ["step", "branch", "row", "layer", "head", "position", "source_token", "weight"]
