@@ -150,6 +150,7 @@ class Recording:
         self.residuals: list[torch.Tensor | None] = []  # per step: [B, L, D]
         self.num_layers = num_layers
         self._slot = 0
+        self._context = 0
         self._att_layers: dict[int, torch.Tensor] = {}
         self._res_layers: dict[int, torch.Tensor] = {}
         self.attention_mode: str | None = None
@@ -158,6 +159,7 @@ class Recording:
     def before_forward(self, state: State, step: int) -> None:
         self._flush_forward()
         self._slot = step
+        self._context = state.ids.shape[1]  # positions the forward's last query can see
 
     def on_step(self, ctx: StepContext) -> None:
         self._flush_forward()
@@ -190,6 +192,9 @@ class Recording:
         if heads is not None:
             row = row[:, list(heads)]
             full = full[:, list(heads)] if full is not None else None
+        missing = self._context - row.shape[-1]
+        if missing > 0:  # a sliding-window cache holds only the most recent keys: right-align the row
+            row = torch.nn.functional.pad(row, (missing, 0))
         self._att_layers[layer] = row.to(torch.float16)
         if full is not None and self.opts.prefill_attention:
             self.prefill_attention[layer] = full.to(torch.float16)

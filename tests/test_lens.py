@@ -1,0 +1,82 @@
+"""The logit lens: final norm + unembedding of each layer's residual; the last layer is the model's output."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import decoderlab as dl
+from decoderlab.lens import Lens, decoder_layers, final_norm
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma2", "gpt2", "phi3"])
+def test_last_layer_lens_is_the_models_distribution(tiny_lms, arch):
+    lm = tiny_lms[arch]
+    trace = lm.generate("The lens looks at every layer", max_new_tokens=6, eos_token_id=[], progress=False,
+                        record=dl.Record(lens=True, lens_top_k=5, top_k=5))
+    lens = trace.lens
+    last = lens[lens.layer == lens.layer.max()]
+    cands = trace.candidates
+    for s in range(trace.num_steps):
+        ours = last[last.step == s].sort_values("rank")
+        model = cands[cands.step == s].sort_values("rank")
+        assert ours.token_id.tolist() == model.token_id.tolist()
+        np.testing.assert_allclose(ours.prob.values, model.prob.values, rtol=1e-4, atol=1e-6)
+    stats = trace.lens_stats
+    final = stats[stats.layer == stats.layer.max()].reset_index(drop=True)
+    np.testing.assert_allclose(final.entropy.values, trace.steps.entropy.values, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(final.chosen_rank.values, trace.steps["rank"].values)
+
+
+def test_each_layer_is_norm_then_unembedding_of_hidden_states(tiny_lms):
+    lm = tiny_lms["llama"]
+    trace = lm.generate("Hidden states", max_new_tokens=3, eos_token_id=[], progress=False,
+                        record=dl.Record(lens=True, lens_top_k=3))
+    ids = torch.tensor([list(trace.prompt_ids) + trace.token_ids])
+    with torch.no_grad():
+        out = lm.model(input_ids=ids, output_hidden_states=True)
+    P = len(trace.prompt_ids)
+    model = lm.model.model
+    layers = len(decoder_layers(lm.model))
+    assert trace.lens.layer.nunique() == layers
+    for s in range(trace.num_steps):
+        for layer in range(layers - 1):  # hidden_states[l + 1] is block l's output (the last one is post-norm)
+            h = out.hidden_states[layer + 1][0, P - 1 + s]
+            with torch.no_grad():
+                p = torch.softmax(lm.model.lm_head(model.norm(h)), -1)
+            top = torch.topk(p, 3)
+            got = trace.lens[(trace.lens.step == s) & (trace.lens.layer == layer)].sort_values("rank")
+            assert got.token_id.tolist() == top.indices.tolist()
+            np.testing.assert_allclose(got.prob.values, top.values.numpy(), rtol=1e-4)
+
+
+def test_lens_parts_found_for_gpt2_and_gemma2(tiny_lms):
+    gpt2 = tiny_lms["gpt2"].model
+    assert final_norm(gpt2) is gpt2.transformer.ln_f
+    assert decoder_layers(gpt2) is gpt2.transformer.h
+    assert Lens(tiny_lms["gemma2"].model).softcap == 30.0
+
+
+def test_lens_survives_save_and_load(tiny_lms, tmp_path):
+    lm = tiny_lms["qwen2"]
+    trace = lm.generate("Save the lens", max_new_tokens=4, progress=False, record=dl.Record(lens=True))
+    path = trace.save(tmp_path / "lens.parquet")
+    back = dl.Trace.load(path)
+    assert back.lens_object is None
+    assert back.lens.equals(trace.lens)
+    assert back.lens_stats.equals(trace.lens_stats)
+
+
+def test_no_lens_recorded_says_so(tiny_lms):
+    trace = tiny_lms["llama"].generate("No lens", max_new_tokens=2, progress=False)
+    with pytest.raises(ValueError, match="Record\\(lens=True\\)"):
+        trace.lens
+
+
+@pytest.mark.integration
+def test_smollm2_lens_last_layer(smol):
+    trace = smol.generate("What is the capital of France?", chat=True, max_new_tokens=8, progress=False,
+                          record=dl.Record(lens=True))
+    last = trace.lens_stats[trace.lens_stats.layer == 29].reset_index(drop=True)
+    np.testing.assert_allclose(last.chosen_prob.values, trace.steps.prob.values, rtol=1e-4)
+    assert (last.chosen_rank.values == trace.steps["rank"].values).all()
