@@ -201,7 +201,7 @@ def crop(state: State, steps: int, eos_token_ids: Sequence[int] = ()) -> None:
     cache_len = state.cache.get_seq_length()
     target = keep - 1  # the last kept token becomes pending, so its row is recomputed fresh
     if cache_len > target:
-        state.cache.crop(target)
+        state.cache.crop(target - cache_len)  # negative: remove that many (all 5.x releases accept it)
     state.pending = state.ids[:, -1]
     state.next_logits = None
     generated = state.ids[:, state.prompt_length :]

@@ -137,6 +137,11 @@ def load_pretrained(
         load_kwargs["device_map"] = device_map
     if attn_implementation is not None:
         load_kwargs["attn_implementation"] = attn_implementation
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if path_or_id is None:  # a cached conversion loads in a second: no bar needed
+        hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, trust_remote_code=trust_remote_code, **{k: v for k, v in kwargs.items() if k == "gguf_file"}
@@ -149,6 +154,9 @@ def load_pretrained(
             f"cannot load model {path_or_id!r}: {err}. decoderlab.load() takes a local transformers folder, a "
             ".gguf file, or a hub id where a hub is reachable (this machine may be offline)."
         ) from err
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if device is not None and device_map is None:
         model = model.to(device)
     model.eval()

@@ -1,0 +1,75 @@
+"""Command line: stream a generation, then print how each token was chosen.
+
+    python -m decoderlab "What is the capital of France?" --chat
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from .trace import Trace
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m decoderlab",
+        description="Decode a prompt token by token with a causal LM and show how every token was chosen: "
+                    "the tokens stream as they are chosen, then a per-step table follows.",
+    )
+    p.add_argument("prompt", help="the prompt text (with --chat: the user's message)")
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template (system + user message)")
+    p.add_argument("--system", default=None, help="system message for --chat (default: 'You are a helpful assistant.')")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="most tokens to generate (default 64)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy (implied by --top-k/--top-p/--temperature)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help="keep only the K most likely tokens (sampling)")
+    p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling: keep the smallest set with mass >= P")
+    p.add_argument("--temperature", type=float, default=None, metavar="T", help="divide the logits by T before sampling")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="seed for sampling (same draws as torch.manual_seed(S) + generate)")
+    p.add_argument("--model", default=None, metavar="PATH", help="a local transformers folder or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--save", default=None, metavar="FILE", help="save the trace to this parquet file")
+    p.add_argument("--alternatives", type=int, default=3, metavar="N", help="alternatives shown per step (default 3)")
+    return p
+
+
+def table(trace: Trace, alternatives: int = 3) -> str:
+    """The per-step table: token, probability, rank, entropy and the top alternatives."""
+    cands = trace.candidates
+    rows = []
+    for r in trace.steps.itertuples():
+        alts = cands[(cands.step == r.step) & (cands.token_id != r.token_id)].head(alternatives)
+        alt = "  ".join(f"{t!r} {p:.2f}" for t, p in zip(alts.token, alts.prob))
+        mark = "*" if r.forced else " "
+        rows.append(f"{r.step:>4} {mark}{r.token!r:<18} {r.prob:>6.3f} {r.rank:>5} {r.entropy:>7.3f}   {alt}")
+    head = f"{'step':>4}  {'token':<18} {'prob':>6} {'rank':>5} {'entropy':>7}   top alternatives"
+    return "\n".join([head, "-" * len(head), *rows])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import decoderlab as dl
+
+    words = {"max_new_tokens": args.max_new_tokens}
+    for name in ("top_k", "top_p", "temperature"):
+        if getattr(args, name) is not None:
+            words[name] = getattr(args, name)
+    words["do_sample"] = args.sample or any(k in words for k in ("top_k", "top_p", "temperature"))
+    try:
+        lm = dl.load(args.model)
+        extra = {"system": args.system} if args.system is not None else {}
+        trace = lm.generate(args.prompt, chat=args.chat, seed=args.seed, progress=False,
+                            on_token=lambda step, text: print(text, end="", flush=True), **extra, **words)
+    except (dl.PromptError, dl.StrategyError, dl.ModelNotFoundError, ValueError) as err:
+        print(f"decoderlab: error: {err}", file=sys.stderr)
+        return 2
+    print(f"\n\n[{trace.num_steps} tokens, stopped: {trace.stop_reason}]\n")
+    print(table(trace, args.alternatives))
+    if args.save:
+        print(f"\nsaved to {trace.save(args.save)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

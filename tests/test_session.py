@@ -1,0 +1,150 @@
+"""Session: step, choose, rewind, fork; score; all checked against the model itself."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import decoderlab as dl
+from decoderlab.session import SessionError
+
+
+@pytest.fixture
+def lm(tiny_lms):
+    return tiny_lms["llama"]
+
+
+def test_step_and_run_match_generate(lm):
+    full = lm.generate("Once upon a time", max_new_tokens=10, eos_token_id=[], progress=False)
+    s = lm.session("Once upon a time", max_new_tokens=10, eos_token_id=[])
+    first = s.step()
+    assert len(first) == 1 and first.token_id[0] == full.token_ids[0]
+    s.step(4)
+    rest = s.run()
+    assert len(rest) == 5
+    assert s.trace.token_ids == full.token_ids
+    np.testing.assert_allclose(s.trace.steps.logprob, full.steps.logprob, atol=1e-5)
+
+
+def test_rewind_then_step_reproduces_tokens_and_logits(lm):
+    s = lm.session("The weather today", do_sample=True, top_k=40, seed=5, max_new_tokens=12,
+                   record=dl.Record(logits=True))
+    s.step(8)
+    before = s.trace
+    s.rewind(to=3)
+    assert s.steps == 3 and s.trace.token_ids == before.token_ids[:3]
+    s.step(5)
+    after = s.trace
+    assert after.token_ids == before.token_ids
+    np.testing.assert_allclose(after.arrays["logits"].astype(np.float32), before.arrays["logits"].astype(np.float32),
+                               atol=2e-3)
+    np.testing.assert_allclose(after.steps.logprob, before.steps.logprob, atol=1e-5)
+    # the cache was cropped, not rebuilt: its length is prompt + steps - 1 (the last token is pending)
+    assert s.state.cache.get_seq_length() == len(after.prompt_ids) + 8 - 1
+
+
+def test_rewind_to_zero_and_cache_state(lm):
+    s = lm.session("Rewind to the start", max_new_tokens=6, eos_token_id=[])
+    s.step(6)
+    want = s.trace.token_ids
+    s.rewind(to=0)
+    assert s.steps == 0 and s.trace.num_steps == 0
+    s.run()
+    assert s.trace.token_ids == want
+
+
+def test_choose_rank_and_token_records_models_probability(lm):
+    s = lm.session("Pick a colour:", max_new_tokens=5)
+    cands = s.candidates(k=5)
+    row = s.choose(rank=2)
+    assert bool(row.forced[0]) and row.token_id[0] == cands.token_id[2]
+    assert row.prob[0] == pytest.approx(cands.prob[2], rel=1e-5)
+    assert row["rank"][0] == 2
+    # any vocabulary token, by text: its probability is the model's for that token
+    logits = s._next_logits()[0]
+    target = lm.tokenizer(" blue", add_special_tokens=False).input_ids
+    assert len(target) == 1
+    row = s.choose(token=" blue")
+    assert row.token_id[0] == target[0]
+    assert row.prob[0] == pytest.approx(torch.softmax(logits, -1)[target[0]].item(), rel=1e-5)
+    assert s.trace.steps.choice.tolist() == ["forced", "forced"]
+
+
+def test_choose_rejects_bad_requests(lm):
+    s = lm.session("Bad choices", max_new_tokens=5)
+    with pytest.raises(SessionError, match="exactly one"):
+        s.choose()
+    with pytest.raises(SessionError, match="rank"):
+        s.choose(rank=-1)
+    with pytest.raises(SessionError, match="tokens"):
+        s.choose(token="antidisestablishmentarianism and more")
+    with pytest.raises(SessionError, match="vocabulary"):
+        s.choose(token=10**9)
+    s.step(2)
+    with pytest.raises(SessionError, match="rewind"):
+        s.rewind(to=5)
+    assert s.steps == 2  # nothing recorded was lost
+
+
+def test_fork_is_independent_and_tree_lists_branches(lm):
+    s = lm.session("A fork in the road", max_new_tokens=10, eos_token_id=[])
+    s.step(3)
+    b = s.fork()
+    b.choose(rank=1)
+    b.step(2)
+    s.step(3)
+    assert s.trace.token_ids[:3] == b.trace.token_ids[:3]
+    assert s.trace.token_ids[3] != b.trace.token_ids[3]
+    tree = s.tree
+    assert tree.branch.tolist() == [0, 1]
+    assert tree.parent.tolist()[1] == 0 and tree.fork_step.tolist()[1] == 3
+    assert (b.trace.steps.branch == 1).all() and (s.trace.steps.branch == 0).all()
+    # the parent's continuation equals an undisturbed run: the fork shared nothing mutable
+    ref = lm.generate("A fork in the road", max_new_tokens=6, eos_token_id=[], progress=False)
+    assert s.trace.token_ids == ref.token_ids
+    c = s.fork(at=1)
+    assert c.steps == 1 and c.fork_step == 1 and len(s.branches) == 3
+
+
+def test_session_attention_and_lens_survive_rewind(lm):
+    s = lm.session("Attention in sessions", max_new_tokens=8, record=dl.Record(attention=True, lens=True))
+    s.step(5)
+    att = s.trace.attention_weights(4).copy()
+    lens = s.trace.lens.copy()
+    s.rewind(to=2)
+    s.step(3)
+    np.testing.assert_allclose(s.trace.attention_weights(4), att, atol=1e-3)
+    assert s.trace.lens.token_id.tolist() == lens.token_id.tolist()
+
+
+def test_score_reproduces_greedy_trace(lm):
+    trace = lm.generate("Score this", max_new_tokens=8, eos_token_id=[], progress=False)
+    scored = lm.score("Score this", trace.token_ids)
+    assert scored.token_ids == trace.token_ids
+    np.testing.assert_allclose(scored.steps.prob, trace.steps.prob, rtol=1e-4)
+    np.testing.assert_allclose(scored.steps.entropy, trace.steps.entropy, rtol=1e-4, atol=1e-5)
+    assert (scored.steps["rank"] == 0).all()
+    assert scored.candidates.token_id.tolist() == trace.candidates.token_id.tolist()
+    assert (scored.steps.choice == "given").all()
+
+
+def test_score_with_text_and_errors(lm):
+    t = lm.score("The sky is", " blue and wide")
+    assert "".join(t.tokens) == " blue and wide"
+    with pytest.raises(dl.PromptError):
+        lm.score("The sky is", "")
+
+
+@pytest.mark.integration
+def test_smollm2_session_and_score(smol):
+    trace = smol.generate("What is the capital of France?", chat=True, max_new_tokens=12, progress=False)
+    scored = smol.score("What is the capital of France?", trace.token_ids, chat=True)
+    np.testing.assert_allclose(scored.steps.prob, trace.steps.prob, rtol=1e-3)
+    s = smol.session("What is the capital of France?", chat=True, max_new_tokens=12)
+    s.run()
+    assert s.text == trace.text
+    s.rewind(to=5)
+    row = s.choose(token=" Lyon")
+    assert row.token[0] == " Lyon" and bool(row.forced[0])
+    s.run()
+    assert "Lyon" in s.text
