@@ -6,6 +6,7 @@ itself (`GenerationMixin._get_logits_processor`), so the order and the arithmeti
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -43,8 +44,15 @@ def sample(scores: torch.Tensor, generators: Sequence[torch.Generator | None] = 
     return torch.cat(rows)
 
 
-def _check_range(cfg: GenerationConfig, user: dict[str, Any]) -> None:
-    """Clear errors for values generate would silently ignore or fail on deep inside."""
+def _check_range(cfg: GenerationConfig, user: dict[str, Any], only_given: bool = False) -> None:
+    """Clear errors for values generate would silently ignore or fail on deep inside.
+
+    With `only_given`, check the user's own words (before transformers validates them its way).
+    """
+    if only_given:
+        cfg = copy.copy(cfg)
+        for word, value in user.items():
+            object.__setattr__(cfg, word, value)
 
     def bad(word: str, why: str) -> StrategyError:
         return StrategyError(f"{word}={user.get(word, getattr(cfg, word, None))!r}: {why}")
@@ -79,8 +87,8 @@ def _check_range(cfg: GenerationConfig, user: dict[str, Any]) -> None:
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
         raise bad("no_repeat_ngram_size", "must be a whole number >= 0")
     mnt = getattr(cfg, "max_new_tokens", None)
-    if mnt is not None and (isinstance(mnt, bool) or not isinstance(mnt, int) or mnt < 0):
-        raise bad("max_new_tokens", "must be a whole number >= 0")
+    if mnt is not None and (isinstance(mnt, bool) or not isinstance(mnt, int) or mnt < 1):
+        raise bad("max_new_tokens", "must be a whole number >= 1")
     nb = getattr(cfg, "num_beams", None)
     if nb is not None and nb != 1:
         raise StrategyError(f"num_beams={nb}: beam search is not supported yet; decoderlab records num_beams=1")
@@ -109,12 +117,18 @@ class Strategy:
         return [type(p).__name__ for p in self.processors]
 
     def describe(self) -> dict[str, Any]:
-        """The strategy as resolved, for the trace: the words that differ from transformers' defaults."""
-        out = dict(self.config.to_diff_dict())
-        for drop in ("transformers_version", "_from_model_config", "output_attentions", "output_hidden_states"):
-            out.pop(drop, None)
-        out.update(do_sample=self.do_sample, max_new_tokens=self.max_new_tokens, seed=self.seed,
-                   chooser=self.chooser_name, processors=self.processor_names)
+        """The strategy as resolved (the model's defaults and transformers' global defaults filled in)."""
+        cfg = self.config
+        sampling = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+        always = ("repetition_penalty", "no_repeat_ngram_size", "min_new_tokens", "bad_words_ids",
+                  "suppress_tokens", "eos_token_id", "pad_token_id")
+        out: dict[str, Any] = {"do_sample": self.do_sample}
+        for word in (sampling if self.do_sample else ()) + always:
+            value = getattr(cfg, word, None)
+            if value is not None:
+                out[word] = value
+        out.update(max_new_tokens=self.max_new_tokens, seed=self.seed, chooser=self.chooser_name,
+                   processors=self.processor_names)
         return out
 
     def generators(self, rows: int, device: torch.device, seeds: Sequence[int | None] | None = None) -> list:
@@ -151,9 +165,13 @@ def resolve(
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise StrategyError(f"seed={seed!r}: must be a whole number or None")
     has_default_max_length = words.get("max_length") is None and model.generation_config.max_length is None
+    _check_range(GenerationConfig(), words, only_given=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        config, _ = model._prepare_generation_config(None, **words)
+        try:
+            config, _ = model._prepare_generation_config(None, **words)
+        except ValueError as err:
+            raise StrategyError(f"invalid strategy: {err}") from err
     _check_range(config, words)
     device = model.device
     model._prepare_special_tokens(config, None, device=device)

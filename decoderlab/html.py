@@ -1,0 +1,242 @@
+"""A trace as HTML: one self-contained page (`trace_html`) and the coloured-text fragment (`coloured_text`).
+
+Static on purpose: no JavaScript and nothing fetched from the network, so a saved page opens the
+same anywhere, offline, and a model's output can never run as code in it. Every string that came
+from the model, the tokenizer or the user is escaped with `html.escape(..., quote=True)`, and the
+page carries a Content-Security-Policy that forbids scripts and remote loads as a second line of defence.
+Hover details are CSS-only: each token's box is hidden by an inline style and shown on :hover,
+so a viewer that strips <style> shows plain coloured text, never stray boxes.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import unicodedata
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .plots import PROB_SCALE, token_label
+
+if TYPE_CHECKING:
+    from .trace import Trace
+
+__all__ = ["trace_html", "coloured_text", "prob_colour", "CSS"]
+
+CSS = """
+.dl-text{font:15px/2.0 system-ui,-apple-system,"Segoe UI","Noto Sans","Noto Sans CJK JP","Noto Color Emoji",sans-serif;
+  white-space:pre-wrap;word-break:break-word;color:#111;margin:.3em 0}
+.dl-tok{position:relative;border-radius:3px;padding:2px 0;color:#111;cursor:default}
+.dl-tok:hover{outline:2px solid #333;z-index:5}
+.dl-forced{outline:1px dashed #b2182b;outline-offset:1px}
+.dl-selected{outline:2px solid #e6550d;outline-offset:1px}
+.dl-mark{color:#777;font-size:.85em}
+.dl-tip{position:absolute;left:0;top:100%;z-index:10;min-width:17em;max-width:26em;margin-top:4px;
+  background:#fff;color:#111;border:1px solid #999;border-radius:4px;padding:6px 8px;
+  box-shadow:0 2px 8px rgba(0,0,0,.25);font:12px/1.4 system-ui,sans-serif;white-space:normal;text-align:left}
+.dl-tok:hover>.dl-tip{display:block!important}
+.dl-tip b{font-weight:600}
+.dl-alts{display:table;border-collapse:collapse;margin-top:4px;width:100%}
+.dl-row{display:table-row}
+.dl-cell{display:table-cell;padding:1px 6px 1px 0;white-space:pre}
+.dl-row.dl-head .dl-cell{color:#666;border-bottom:1px solid #ddd}
+.dl-row.dl-chosen .dl-cell{font-weight:600;color:#a63603}
+.dl-num{text-align:right;font-variant-numeric:tabular-nums}
+.dl-legend{font:12px system-ui,sans-serif;color:#444;margin:.2em 0 .6em}
+.dl-swatch{display:inline-block;width:1.6em;height:.9em;vertical-align:middle;border-radius:2px;margin:0 2px}
+"""
+
+PAGE_CSS = """
+body{font:14px/1.5 system-ui,-apple-system,"Segoe UI","Noto Sans",sans-serif;color:#111;background:#fff;
+  max-width:60em;margin:1.5em auto;padding:0 1em}
+h1{font-size:1.3em;margin:.2em 0}
+h2{font-size:1.05em;margin:1.2em 0 .3em}
+.dl-meta{display:grid;grid-template-columns:max-content 1fr;gap:.15em 1em;margin:.5em 0}
+.dl-meta dt{color:#666}
+.dl-meta dd{margin:0}
+.dl-prompt{white-space:pre-wrap;word-break:break-word;background:#f6f6f6;border:1px solid #ddd;border-radius:4px;
+  padding:.6em;font:13px/1.45 ui-monospace,"DejaVu Sans Mono",monospace;max-height:24em;overflow:auto}
+figure{margin:1em 0}
+figure img{max-width:100%;height:auto}
+figcaption{color:#666;font-size:.9em}
+"""
+
+# A policy that forbids scripts, frames and every remote load; only inline styles and data: images.
+CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+
+# Strategy words worth showing, with the value at which they do nothing (None: always show).
+_STRATEGY_WORDS: dict[str, Any] = {
+    "do_sample": None, "num_beams": 1, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": None, "typical_p": 1.0,
+    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "max_new_tokens": None, "seed": None,
+}
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def prob_colour(p: float) -> str:
+    """Background colour for probability p: red (unlikely) through white (0.5) to blue (likely)."""
+    p = 0.0 if p is None or not math.isfinite(p) else min(1.0, max(0.0, float(p)))
+    lo, mid, hi = (tuple(int(c[i : i + 2], 16) for i in (1, 3, 5)) for c in PROB_SCALE)
+    a, b, t = (lo, mid, p * 2) if p < 0.5 else (mid, hi, p * 2 - 1)
+    r, g, bl = (round(x + (y - x) * t) for x, y in zip(a, b))
+    return f"#{r:02x}{g:02x}{bl:02x}"
+
+
+def _visible_text(text: str) -> str:
+    """Escaped token text for the running text: newlines become a mark plus <br>, tabs a mark plus the
+    tab, other control and invisible characters their escape in a faint mark; empty tokens '∅'."""
+    if text == "":
+        return '<span class="dl-mark">∅</span>'
+    out: list[str] = []
+    plain: list[str] = []
+
+    def flush() -> None:
+        if plain:
+            out.append(_e("".join(plain)))
+            plain.clear()
+
+    for ch in text:
+        if ch == "\n":
+            flush()
+            out.append('<span class="dl-mark">↵</span><br>')
+        elif ch == "\t":
+            flush()
+            out.append('<span class="dl-mark">⇥</span>\t')
+        elif ch != "\u200d" and unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co"):
+            flush()
+            out.append(f'<span class="dl-mark">{_e(token_label(ch))}</span>')
+        else:
+            plain.append(ch)
+    flush()
+    return "".join(out)
+
+
+def _fmt(p: float) -> str:
+    if p is None or not math.isfinite(p):
+        return "–"
+    return f"{p:.3f}" if p >= 0.001 or p == 0 else f"{p:.1e}"
+
+
+def _alive_steps(trace: "Trace", row: int) -> np.ndarray:
+    finished = trace.arrays.get("finished")
+    if finished is None:
+        return np.arange(trace.num_steps)
+    return np.flatnonzero(~finished[:, row].astype(bool))
+
+
+def _tip(trace: "Trace", s: int, step: Any, alts: list[tuple[str, float, float, bool]]) -> str:
+    """The hover box of one token: its numbers, how it was chosen, and the top alternatives."""
+    lines = [
+        f"<b>step {s}</b> · <bdi>{_e(token_label(step.token, 40))}</bdi> · id {int(step.token_id)}",
+        f"p = {_fmt(step.prob)} (rank {int(step.rank)}) · final p = {_fmt(step.final_prob)} (rank {int(step.final_rank)})",
+        f"entropy {step.entropy:.2f} nats → {step.final_entropy:.2f} after processors",
+        ("<b>forced</b> · " if step.forced else "") + _e(step.why),
+    ]
+    rows = ['<span class="dl-row dl-head"><span class="dl-cell">#</span><span class="dl-cell">token</span>'
+            '<span class="dl-cell dl-num">p</span><span class="dl-cell dl-num">final</span></span>']
+    for rank, (tok, p, fp, chosen) in enumerate(alts):
+        rows.append(f'<span class="dl-row{" dl-chosen" if chosen else ""}"><span class="dl-cell">{rank}</span>'
+                    f'<span class="dl-cell"><bdi>{_e(token_label(tok, 24))}</bdi></span>'
+                    f'<span class="dl-cell dl-num">{_fmt(p)}</span><span class="dl-cell dl-num">{_fmt(fp)}</span></span>')
+    return ('<span class="dl-tip" dir="ltr" style="display:none">' + "<br>".join(lines)
+            + f'<span class="dl-alts">{"".join(rows)}</span></span>')
+
+
+def coloured_text(trace: "Trace", row: int = 0, *, alternatives: int = 5, value: str = "prob",
+                  selected: int | None = None, style: bool = True, legend: bool = True) -> str:
+    """The generated text of `row` as an HTML fragment, each token's background coloured by the
+    probability the model gave it (`value`: 'prob' raw, or 'final_prob'), with hover details.
+
+    `selected` outlines one step; `style=False` leaves out the <style> block (the page has it once).
+    """
+    if value not in ("prob", "final_prob"):
+        raise ValueError(f"value must be 'prob' or 'final_prob', not {value!r}")
+    parts = [f"<style>{CSS}</style>"] if style else []
+    if legend:
+        parts.append(_legend(value))
+    if trace.num_steps == 0:
+        return "".join(parts) + '<div class="dl-text"><span class="dl-mark">(no tokens generated)</span></div>'
+    if not 0 <= row < trace.rows:
+        raise IndexError(f"row {row} is outside this trace's {trace.rows} rows")
+    steps = trace.steps
+    steps = steps[steps["row"] == row]
+    a = trace.arrays
+    k = min(alternatives, a["cand_id"].shape[-1]) if "cand_id" in a else 0
+    spans = []
+    for s in _alive_steps(trace, row):
+        st = steps.iloc[int(s)]
+        alts = [(trace.token_text.get(int(i), f"<{int(i)}>"), float(p), float(fp), int(i) == int(st.token_id))
+                for i, p, fp in zip(a["cand_id"][s, row, :k], a["cand_prob"][s, row, :k], a["cand_final_prob"][s, row, :k])]
+        classes = "dl-tok" + (" dl-forced" if st.forced else "") + (" dl-selected" if selected == s else "")
+        spans.append(f'<span class="{classes}" data-step="{int(s)}" style="background:{prob_colour(getattr(st, value))}">'
+                     f"{_visible_text(st.token)}{_tip(trace, int(s), st, alts)}</span>")
+    parts.append(f'<div class="dl-text" dir="auto">{"".join(spans)}</div>')
+    return "".join(parts)
+
+
+def _legend(value: str) -> str:
+    what = "raw probability" if value == "prob" else "final probability"
+    swatches = "".join(f'<span class="dl-swatch" style="background:{prob_colour(p)}"></span>' for p in (0, .25, .5, .75, 1))
+    return (f'<div class="dl-legend">colour = {what} of each chosen token: 0 {swatches} 1 · '
+            "hover a token for details; dashed outline = forced</div>")
+
+
+def _strategy_summary(trace: "Trace") -> str:
+    words = [f"chooser: {trace.chooser}"]
+    for word, neutral in _STRATEGY_WORDS.items():
+        value = trace.strategy.get(word)
+        if value is None or (neutral is not None and value == neutral):
+            continue
+        words.append(f"{word}={value}")
+    return " · ".join(words)
+
+
+def _figure_png(trace: "Trace") -> str | None:
+    """The probability timeline as a base64 PNG, or None if it cannot be drawn."""
+    from .plots import probability_timeline
+
+    try:
+        fig = probability_timeline(trace)
+    except (ValueError, KeyError):
+        return None
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def trace_html(trace: "Trace", *, figure: bool = True, alternatives: int = 5, value: str = "prob") -> str:
+    """One self-contained HTML page: header (model, strategy, stop reason), the prompt, each row's
+    text coloured by probability with per-token hover details, and optionally the probability timeline."""
+    meta = [
+        ("model", trace.model_name or "(unnamed)"),
+        ("strategy", _strategy_summary(trace)),
+        ("processors", " → ".join(trace.processor_names) or "none"),
+        ("stop reason", trace.stop_reason or "–"),
+        ("steps", f"{trace.num_steps}" + (f" × {trace.rows} rows" if trace.rows > 1 else "")),
+    ]
+    if trace.parent is not None or trace.fork_step is not None:
+        meta.append(("branch", f"{trace.branch} (forked from {trace.parent} at step {trace.fork_step})"))
+    body = [f"<h1>decoderlab trace · {_e(trace.model_name or 'model')}</h1>", '<dl class="dl-meta">']
+    body += [f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in meta]
+    body.append("</dl>")
+    body.append(f"<details open><summary>Prompt ({len(trace.prompt_ids)} tokens)</summary>"
+                f'<div class="dl-prompt" dir="auto">{_e(trace.prompt)}</div></details>')
+    for row in range(trace.rows if trace.num_steps else 1):
+        body.append(f"<h2>Generated text{f' · row {row}' if trace.rows > 1 else ''}</h2>")
+        body.append(coloured_text(trace, row, alternatives=alternatives, value=value, style=False, legend=row == 0))
+    if figure and trace.num_steps:
+        png = _figure_png(trace)
+        if png:
+            body.append(f'<figure><img alt="probability of each chosen token, and entropy, per step" '
+                        f'src="data:image/png;base64,{png}"><figcaption>Probability of each chosen token (top) '
+                        "and the entropy of the distribution it came from (bottom), per step.</figcaption></figure>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f'<meta http-equiv="Content-Security-Policy" content="{_e(CSP)}">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>decoderlab · {_e(trace.model_name or 'trace')}</title>"
+            f"<style>{PAGE_CSS}{CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")

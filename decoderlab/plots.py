@@ -1,0 +1,572 @@
+"""Matplotlib figures of a trace, one function per question a reader asks about a decode.
+
+Why a module of its own: the frames answer everything, but a picture answers "where did the model
+hesitate?" at a glance. Every function takes a `Trace` (and `row`, 0 by default) and returns a
+`matplotlib.figure.Figure` built without pyplot, so nothing is shown, and nothing is kept alive
+behind the caller's back: Jupyter displays the returned figure, a script calls `fig.savefig(...)`.
+
+Legibility rules shared by all figures:
+- token text goes through `token_label`: leading/trailing spaces, newlines, tabs and control
+  characters become visible marks, and long tokens are cut;
+- long axes are windowed (`start`/`window`, the most recent steps or positions by default), and
+  tick labels are thinned so an axis never carries more than `MAX_LABELS`;
+- text uses a font family list with CJK and (monochrome) emoji fallbacks where installed; a
+  character no installed font has is written as `[U+XXXX]` rather than drawn as an empty box.
+"""
+from __future__ import annotations
+
+import math
+import os
+import unicodedata
+from functools import lru_cache
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+from matplotlib.colors import LogNorm, Normalize, PowerNorm
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
+from matplotlib.text import Text
+
+if TYPE_CHECKING:
+    from .trace import Trace
+
+__all__ = ["token_label", "distribution", "probability_timeline", "candidates_heatmap", "attention",
+           "attention_map", "lens", "font_families", "MAX_LABELS"]
+
+MAX_LABELS = 60  # the most tick labels one axis carries
+DEFAULT_WINDOW = 60  # steps or positions shown when no window is given
+
+RAW_COLOR = "#9ecae1"  # raw (model) probability
+FINAL_COLOR = "#3182bd"  # final probability, after the processors
+CHOSEN_RAW_COLOR = "#fdae6b"  # the chosen token's bars
+CHOSEN_FINAL_COLOR = "#e6550d"
+CHOSEN_HATCH = "//"
+CHOSEN_EDGE = "#d62728"  # outline of the chosen token's cell in heat maps
+PROB_SCALE = ("#ef8a62", "#f7f7f7", "#67a9cf")  # p = 0, 0.5, 1: red to blue, colour-blind safe (also the HTML's)
+
+# Sans-serif first, then CJK, then monochrome emoji/symbol fonts; matplotlib (>=3.6) falls back glyph
+# by glyph along the list. Colour bitmap emoji fonts (Noto Color Emoji, Apple Color Emoji) are left out
+# on purpose: FreeType cannot scale their CBDT/sbix bitmaps for Agg, and drawing them raises.
+FONT_FAMILIES = (
+    "DejaVu Sans",
+    "Noto Sans CJK JP", "Noto Sans CJK SC", "Source Han Sans", "WenQuanYi Zen Hei", "Droid Sans Fallback",
+    "Hiragino Sans", "PingFang SC", "Microsoft YaHei", "Arial Unicode MS",
+    "Noto Sans", "Noto Sans Hebrew", "Noto Sans Arabic",
+    "Symbola", "Noto Emoji", "Segoe UI Emoji", "Segoe UI Symbol", "Noto Sans Symbols 2", "Noto Sans Symbols",
+)
+MONO_FAMILIES = ("DejaVu Sans Mono",)
+
+_VISIBLE = {"\n": "↵", "\t": "⇥"}
+_ESCAPED_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co"}
+_KEEP_FORMAT = {"\u200d"}  # zero-width joiner: part of emoji sequences
+
+
+# ---- token text ----------------------------------------------------------------------------------
+def token_label(text: str, max_len: int = 16) -> str:
+    """A token as a short, visible label: '␣' for leading/trailing spaces, '↵' newline, '⇥' tab,
+    `\\xNN`/`\\uNNNN` for other control and invisible characters, cut to `max_len` with '…'."""
+    if text == "":
+        return "∅"
+    pieces: list[str] = []
+    n = len(text)
+    lead = n - len(text.lstrip(" "))
+    trail = n - len(text.rstrip(" ")) if lead < n else 0
+    for i, ch in enumerate(text):
+        if ch == " " and (i < lead or i >= n - trail):
+            pieces.append("␣")
+        elif ch in _VISIBLE:
+            pieces.append(_VISIBLE[ch])
+        elif ch in _KEEP_FORMAT:
+            pieces.append(ch)
+        elif unicodedata.category(ch) in _ESCAPED_CATEGORIES or (unicodedata.category(ch) == "Zs" and ch != " "):
+            code = ord(ch)
+            pieces.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            pieces.append(ch)
+    if sum(len(p) for p in pieces) <= max_len:
+        return "".join(pieces)
+    out, used = [], 0
+    for piece in pieces:  # cut between pieces, so an escape is never split
+        if used + len(piece) > max_len - 1:
+            break
+        out.append(piece)
+        used += len(piece)
+    out.append("…")
+    return "".join(out)
+
+
+# ---- fonts -----------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _font_paths() -> dict[str, str]:
+    """Installed families of FONT_FAMILIES -> their file, one family per file, in preference order."""
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    found: dict[str, str] = {}
+    files: set[str] = set()
+    for family in FONT_FAMILIES:
+        if family not in installed:
+            continue
+        try:
+            path = font_manager.findfont(font_manager.FontProperties(family=family), fallback_to_default=False)
+        except ValueError:
+            continue
+        file = os.path.realpath(path)  # CJK collections hold several families in one file
+        if file not in files:
+            files.add(file)
+            found[family] = path
+    return found
+
+
+def font_families() -> list[str]:
+    """The font family list figures use: installed members of FONT_FAMILIES, best first."""
+    return list(_font_paths()) or ["DejaVu Sans"]
+
+
+@lru_cache(maxsize=1)
+def _coverage() -> frozenset[int]:
+    """Every code point some font of `font_families()` can draw."""
+    from matplotlib.ft2font import FT2Font
+
+    points: set[int] = set()
+    for path in _font_paths().values():
+        try:
+            points.update(FT2Font(path).get_charmap())
+        except (OSError, RuntimeError, ValueError):
+            continue
+    return frozenset(points)
+
+
+def _drawable(text: str) -> str:
+    """`text` with characters no installed font has written as [U+XXXX] (variation selectors dropped)."""
+    covered = _coverage()
+    if not covered:
+        return text
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if code in covered or ch in " \t":
+            out.append(ch)
+        elif 0xFE00 <= code <= 0xFE0F or ch in _KEEP_FORMAT:
+            continue  # presentation hints and joiners: nothing to draw without them
+        else:
+            out.append(f"[U+{code:04X}]")
+    return "".join(out)
+
+
+def _label(text: str, max_len: int = 16) -> str:
+    """token_label, made safe for matplotlib: drawable glyphs only, and '$' never starting mathtext."""
+    return _drawable(token_label(text, max_len)).replace("$", r"\$")
+
+
+def _finish(fig: Figure) -> Figure:
+    """Give every text the fallback font list (so CJK and emoji draw) and keep TeX off token text."""
+    sans, mono = font_families(), [*MONO_FAMILIES, *font_families()]
+    for text in fig.findobj(Text):
+        family = text.get_fontfamily()
+        text.set_fontfamily(mono if family and family[0] in MONO_FAMILIES else sans)
+        text.set_usetex(False)
+    return fig
+
+
+# ---- shared helpers ---------------------------------------------------------------------------------
+def _check_row(trace: "Trace", row: int) -> int:
+    if not 0 <= row < trace.rows:
+        raise IndexError(f"row {row} is outside this trace's {trace.rows} rows")
+    return row
+
+
+def _check_step(trace: "Trace", step: int) -> int:
+    n = trace.num_steps
+    if n == 0:
+        raise ValueError("this trace has no steps")
+    s = step + n if step < 0 else step
+    if not 0 <= s < n:
+        raise IndexError(f"step {step} is outside this trace's {n} steps")
+    return s
+
+
+def _window(n: int, start: int | None, window: int | None) -> tuple[int, int]:
+    """[a, b) of at most `window` items out of n; by default the most recent ones."""
+    if window is None:
+        window = n
+    if window < 1:
+        raise ValueError(f"window must be at least 1, not {window}")
+    if start is None:
+        start = max(0, n - window)
+    elif start < 0:
+        start = max(0, n + start)
+    start = min(start, max(n - 1, 0))
+    return start, min(n, start + window)
+
+
+def _token_ticks(axis, positions: Sequence[float], labels: Sequence[str], rotation: float = 90,
+                 max_labels: int = MAX_LABELS, **kw) -> None:
+    """Put token labels on an axis, every n-th one when there are more than `max_labels`."""
+    stride = max(1, math.ceil(len(labels) / max_labels))
+    idx = range(0, len(labels), stride)
+    axis.set_ticks([positions[i] for i in idx], [labels[i] for i in idx], rotation=rotation, **kw)
+
+
+def _rows_alive(trace: "Trace", row: int) -> np.ndarray:
+    """Steps of `row` that are real tokens (not padding after the row finished)."""
+    finished = trace.arrays.get("finished")
+    if finished is None:
+        return np.arange(trace.num_steps)
+    return np.flatnonzero(~finished[:, row].astype(bool))
+
+
+def _short_processor(name: str) -> str:
+    for suffix in ("LogitsWarper", "LogitsProcessor", "Processor", "Warper"):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _text_color(rgba) -> str:
+    r, g, b = rgba[:3]
+    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+
+
+def _fmt_p(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 or p == 0 else f"{p:.1e}"
+
+
+# ---- figures ---------------------------------------------------------------------------------------
+def distribution(trace: "Trace", step: int, k: int | None = None, row: int = 0) -> Figure:
+    """The top-k candidates' raw and final probabilities side by side, the chosen token marked,
+    and the probability mass each processor removed."""
+    step, row = _check_step(trace, step), _check_row(trace, row)
+    cand = trace.candidates
+    c = cand[(cand["step"] == step) & (cand["row"] == row)].sort_values("rank")
+    k = min(len(c), 20) if k is None else min(max(1, k), len(c))
+    c = c.head(k)
+    s = trace.steps
+    chosen = s[(s["step"] == step) & (s["row"] == row)].iloc[0]
+    x = np.arange(k)
+    width = 0.4
+    is_chosen = c["chosen"].to_numpy()
+
+    fig = Figure(figsize=(max(6.5, 0.5 * k + 3.5), 4.6), layout="constrained")
+    ax = fig.add_subplot()
+    raw = ax.bar(x - width / 2, c["prob"], width, color=[CHOSEN_RAW_COLOR if ch else RAW_COLOR for ch in is_chosen],
+                 edgecolor="white", label="raw (model)")
+    fin = ax.bar(x + width / 2, c["final_prob"], width,
+                 color=[CHOSEN_FINAL_COLOR if ch else FINAL_COLOR for ch in is_chosen], edgecolor="white",
+                 label="final (after processors)")
+    top = float(max(c["prob"].max(), c["final_prob"].max(), 1e-9))
+    for i in np.flatnonzero(is_chosen):
+        for bar in (raw[i], fin[i]):
+            bar.set_hatch(CHOSEN_HATCH)
+            bar.set_gid("chosen")
+        ax.annotate(f"chosen\nfinal p={_fmt_p(float(c['final_prob'].iloc[i]))}",
+                    xy=(x[i], max(c["prob"].iloc[i], c["final_prob"].iloc[i])), xytext=(0, 18),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=8, color=CHOSEN_FINAL_COLOR,
+                    arrowprops=dict(arrowstyle="->", color=CHOSEN_FINAL_COLOR), gid="chosen-annotation")
+    if not is_chosen.any():
+        ax.text(0.01, 0.97, f"chosen {_label(chosen['token'])} is raw rank {int(chosen['rank'])}, outside this top-{k}",
+                transform=ax.transAxes, ha="left", va="top", fontsize=8, color=CHOSEN_FINAL_COLOR,
+                gid="chosen-annotation")
+    _token_ticks(ax.xaxis, x, [_label(t, 12) for t in c["token"]], rotation=55, ha="right",
+                 rotation_mode="anchor", fontsize=8)
+    ax.set_ylim(0, top * 1.35)
+    ax.set_ylabel("probability")
+    ax.set_xlabel(f"top {k} candidates by raw logit")
+    how = "forced" if bool(chosen["forced"]) else chosen["choice"]
+    ax.set_title(f"step {step}: {how} {_label(chosen['token'], 24)}  (raw p={_fmt_p(chosen['prob'])}, "
+                 f"rank {int(chosen['rank'])}; final p={_fmt_p(chosen['final_prob'])})", fontsize=10)
+
+    proc = trace.processors
+    if len(proc):
+        p = proc[(proc["step"] == step) & (proc["row"] == row)].sort_values("order")
+        width_name = max(len(_short_processor(n)) for n in p["processor"])
+        lines = ["mass removed"]
+        for _, r in p.iterrows():
+            line = f"{_short_processor(r['processor']):<{width_name}} {100 * r['mass_removed']:6.2f}%"
+            if r["rank_changed"]:
+                line += f"  (chosen rank {int(r['rank_before'])}→{int(r['rank_after'])})"
+            lines.append(line)
+        ax.text(0.99, 0.97, "\n".join(lines), transform=ax.transAxes, ha="right", va="top", fontsize=8,
+                family=MONO_FAMILIES[0], gid="processors",
+                bbox=dict(boxstyle="round,pad=0.4", facecolor="white", edgecolor="#bbbbbb", alpha=0.9))
+    handles = [Patch(facecolor=RAW_COLOR, label="raw (model)"), Patch(facecolor=FINAL_COLOR, label="final"),
+               Patch(facecolor=CHOSEN_FINAL_COLOR, hatch=CHOSEN_HATCH, label="chosen")]
+    ax.legend(handles=handles, loc="upper center", fontsize=8, frameon=False, ncols=3)
+    return _finish(fig)
+
+
+def probability_timeline(trace: "Trace", row: int = 0, start: int | None = None,
+                         window: int | None = DEFAULT_WINDOW) -> Figure:
+    """The chosen token's probability (top) and the distribution's entropy (bottom), per step.
+
+    Shows `window` steps from `start` (the most recent by default; window=None: all, labels thinned).
+    """
+    row = _check_row(trace, row)
+    st = trace.steps
+    st = st[st["row"] == row].iloc[_rows_alive(trace, row)] if len(st) else st
+    n = len(st)
+    if n == 0:
+        raise ValueError("this trace has no steps")
+    a, b = _window(n, start, window)
+    w = st.iloc[a:b]
+    x = w["step"].to_numpy()
+    fig = Figure(figsize=(max(7.0, 0.22 * len(w) + 2.0), 5.6), layout="constrained")
+    ax1, ax2 = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
+    cmap = _prob_cmap()
+    ax1.bar(x, w["prob"], width=0.8, color=cmap(w["prob"].to_numpy()), edgecolor="#999999", linewidth=0.5,
+            label="raw p(chosen)")
+    ax1.plot(x, w["final_prob"], "o", ms=4, mfc="none", mec="black", ls="none", label="final p (after processors)")
+    forced = w["forced"].to_numpy(bool)
+    if forced.any():
+        ax1.plot(x[forced], w["prob"].to_numpy()[forced], "x", color="red", ms=7, ls="none", label="forced")
+    ax1.set_ylim(0, 1.08)
+    ax1.set_ylabel("p(chosen token)")
+    ax1.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    ax1.tick_params(labelbottom=False)
+    top = ax1.secondary_xaxis("top")
+    step_stride = max(1, math.ceil(len(x) / 20))
+    top.set_ticks(x[::step_stride])
+    top.set_xlabel("step", fontsize=8)
+    top.tick_params(labelsize=7)
+
+    ax2.plot(x, w["entropy"], "-o", ms=3, color="#555555", label="raw")
+    ax2.plot(x, w["final_entropy"], "--", color=FINAL_COLOR, label="final")
+    ax2.set_ylabel("entropy (nats)")
+    ax2.set_ylim(bottom=0)
+    ax2.legend(title="entropy", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title_fontsize=8,
+               frameon=False)
+    _token_ticks(ax2.xaxis, x, [_label(t, 12) for t in w["token"]], fontsize=8)
+    ax2.set_xlim(x[0] - 0.6, x[-1] + 0.6)
+    shown = f"steps {int(x[0])}–{int(x[-1])} of {n}" if len(w) < n else f"{n} steps"
+    fig.suptitle(f"{trace.model_name or 'trace'} · row {row} · {shown}", fontsize=10)
+    return _finish(fig)
+
+
+def candidates_heatmap(trace: "Trace", k: int = 10, row: int = 0, start: int | None = None,
+                       window: int | None = 40, final: bool = False, log: bool = True) -> Figure:
+    """Steps × rank, each cell a candidate coloured by its probability (raw, or `final`), token text
+    in the cells and the chosen one outlined."""
+    row = _check_row(trace, row)
+    if trace.num_steps == 0:
+        raise ValueError("this trace has no steps")
+    alive = _rows_alive(trace, row)
+    a, b = _window(len(alive), start, window)
+    steps = alive[a:b]
+    ids = trace.arrays["cand_id"][steps, row]
+    k = max(1, min(k, ids.shape[-1]))
+    ids = ids[:, :k]
+    prob = trace.arrays["cand_final_prob" if final else "cand_prob"][steps, row, :k].astype(np.float64)
+    chosen_ids = trace.arrays["token_id"][steps, row]
+    chosen = ids == chosen_ids[:, None]
+
+    fig = Figure(figsize=(1.05 * k + 3.0, 0.3 * len(steps) + 1.6), layout="constrained")
+    ax = fig.add_subplot()
+    norm = LogNorm(vmin=1e-3, vmax=1.0, clip=True) if log else Normalize(0.0, 1.0)
+    cmap = _heat_cmap()
+    im = ax.imshow(np.clip(prob, 1e-3, 1.0) if log else prob, cmap=cmap, norm=norm, aspect="auto",
+                   interpolation="nearest")
+    for i in range(len(steps)):
+        for j in range(k):
+            colour = cmap(norm(max(prob[i, j], 1e-3) if log else prob[i, j]))
+            ax.text(j, i, _label(trace.token_text.get(int(ids[i, j]), f"<{int(ids[i, j])}>"), 10), ha="center",
+                    va="center", fontsize=7, color=_text_color(colour))
+            if chosen[i, j]:
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor=CHOSEN_EDGE, lw=2,
+                                       gid="chosen"))
+    ranks = trace.arrays["rank"][steps, row]
+    labels = [f"{int(s)}: {_label(trace.token_text.get(int(t), ''), 12)}" + ("" if r < k else f" (#{int(r)})")
+              for s, t, r in zip(steps, chosen_ids, ranks)]
+    _token_ticks(ax.yaxis, np.arange(len(steps)), labels, rotation=0, fontsize=7)
+    ax.set_xticks(np.arange(k), [f"#{j}" for j in range(k)], fontsize=8)
+    ax.xaxis.tick_top()
+    ax.set_ylabel("step: chosen token")
+    cb = fig.colorbar(im, ax=ax, shrink=0.8, pad=0.01)
+    cb.set_label(("final" if final else "raw") + " probability")
+    shown = f"steps {int(steps[0])}–{int(steps[-1])} of {len(alive)}" if len(steps) < len(alive) else f"{len(alive)} steps"
+    ax.set_title(f"top-{k} candidates by raw logit · {shown}", fontsize=10)
+    return _finish(fig)
+
+
+def _layer_index(trace: "Trace", layer: int) -> int:
+    layers = list(trace.attention_layers) or list(range(trace.arrays["attention"].shape[2]))
+    if layer in layers:
+        return layers.index(layer)
+    if layer < 0 and -len(layers) <= layer:
+        return len(layers) + layer
+    raise ValueError(f"layer {layer} was not recorded; recorded layers: {layers}")
+
+
+def _head_index(trace: "Trace", head: int) -> int:
+    heads = list(trace.attention_heads) or list(range(trace.arrays["attention"].shape[3]))
+    if head in heads:
+        return heads.index(head)
+    raise ValueError(f"head {head} was not recorded; recorded heads: {heads}")
+
+
+def _select_heads(trace: "Trace", w: np.ndarray, head) -> tuple[np.ndarray, str]:
+    """Reduce the head axis (second to last) of `w`: the mean, or one head."""
+    if head is None or head == "mean":
+        return w.mean(axis=-2), "mean over heads"
+    hi = _head_index(trace, head)
+    return w[..., hi, :], f"head {head}"
+
+
+def attention(trace: "Trace", step: int, layer: int | None = None, head: int | str | None = None,
+              row: int = 0, start: int | None = None, window: int | None = DEFAULT_WINDOW) -> Figure:
+    """The attention of step `step`'s query over its context.
+
+    layer=None: a layers × positions heat map (heads averaged, or the given head);
+    layer given, head='all': that layer's heads × positions heat map;
+    layer given, head None/'mean'/a head: bars over positions.
+    Shows `window` positions from `start` (the most recent by default).
+    """
+    step, row = _check_step(trace, step), _check_row(trace, row)
+    w = trace.attention_weights(step, row)  # [L, H, K]
+    ctx = trace.context_tokens(step, row)
+    k_len = w.shape[-1]
+    a, b = _window(k_len, start, window)
+    pos = np.arange(a, b)
+    labels = [_label(t, 12) for t in ctx[a:b]]
+    query = _label(ctx[-1], 20)
+    target = _label(trace.token_text.get(int(trace.arrays["token_id"][step, row]), ""), 20)
+    layers = list(trace.attention_layers) or list(range(w.shape[0]))
+    heads = list(trace.attention_heads) or list(range(w.shape[1]))
+
+    if layer is None or head == "all":
+        if layer is None:
+            m, what = _select_heads(trace, w, head if head != "all" else None)  # [L, K]
+            row_labels, ylabel = [str(x) for x in layers], "layer"
+        else:
+            m, what = w[_layer_index(trace, layer)], f"layer {layer}, every head"  # [H, K]
+            row_labels, ylabel = [str(x) for x in heads], "head"
+        m = m[:, a:b]
+        fig = Figure(figsize=(max(7.0, 0.2 * len(pos) + 2.5), max(3.0, 0.22 * m.shape[0] + 2.0)),
+                     layout="constrained")
+        ax = fig.add_subplot()
+        vmax = float(m.max()) if m.size and m.max() > 0 else 1.0
+        im = ax.imshow(m, aspect="auto", cmap="Blues", norm=PowerNorm(0.5, vmin=0.0, vmax=vmax),
+                       interpolation="nearest", extent=(a - 0.5, b - 0.5, m.shape[0] - 0.5, -0.5))
+        _token_ticks(ax.yaxis, np.arange(m.shape[0]), row_labels, rotation=0, max_labels=40, fontsize=7)
+        ax.set_ylabel(ylabel)
+        fig.colorbar(im, ax=ax, shrink=0.8, pad=0.01, label="attention weight")
+    else:
+        li = _layer_index(trace, layer)
+        m, what = _select_heads(trace, w[li], head)  # [K]
+        m = m[a:b]
+        what = f"layer {layer}, {what}"
+        fig = Figure(figsize=(max(7.0, 0.2 * len(pos) + 2.0), 4.0), layout="constrained")
+        ax = fig.add_subplot()
+        ax.bar(pos, m, width=0.8, color=FINAL_COLOR)
+        ax.set_ylabel("attention weight")
+        ax.set_xlim(a - 0.6, b - 0.4)
+    prompt_len = len(trace.prompt_ids)
+    if a < prompt_len < b:
+        ax.axvline(prompt_len - 0.5, color=CHOSEN_EDGE, ls="--", lw=1)
+    _token_ticks(ax.xaxis, pos, labels, fontsize=7)
+    ax.set_xlabel("context position" + ("" if (a, b) == (0, k_len) else f" ({a}–{b - 1} of {k_len}; earlier hidden)"))
+    ax.set_title(f"step {step}: attention of {query} (predicting {target}) · {what}", fontsize=10)
+    return _finish(fig)
+
+
+def attention_map(trace: "Trace", layer: int, head: int | str | None = None, row: int = 0,
+                  start: int | None = None, window: int | None = DEFAULT_WINDOW,
+                  positions: int | None = None) -> Figure:
+    """Steps × context positions, each step's attention row for `layer` (heads averaged, or `head`).
+
+    Shows `window` steps from `start` (the most recent by default) and the last `positions` context
+    positions they saw (default: as many as `window`).
+    """
+    row = _check_row(trace, row)
+    if trace.num_steps == 0:
+        raise ValueError("this trace has no steps")
+    if not trace.has_attention:
+        raise ValueError("this trace has no attention: record it with Record(attention=True)")
+    li = _layer_index(trace, layer)
+    a, b = _window(trace.num_steps, start, window)
+    att = trace.arrays["attention"][a:b, row, li].astype(np.float32)  # [s, H, K]
+    m, what = _select_heads(trace, att, head)  # [s, K]
+    ctx_len = np.array([trace.context_length(s) for s in range(a, b)])
+    m = np.where(np.arange(m.shape[-1])[None, :] < ctx_len[:, None], m, np.nan)
+    k_end = int(ctx_len.max())
+    pa, pb = _window(k_end, None, positions if positions is not None else window)
+    m = m[:, pa:pb]
+    ctx = trace.context_tokens(b - 1, row)
+
+    fig = Figure(figsize=(max(7.0, 0.2 * (pb - pa) + 3.0), max(3.5, 0.22 * (b - a) + 2.2)), layout="constrained")
+    ax = fig.add_subplot()
+    finite = m[np.isfinite(m)]
+    vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    cmap = _heat_cmap("Blues").with_extremes(bad="#eeeeee")
+    im = ax.imshow(np.ma.masked_invalid(m), aspect="auto", cmap=cmap, norm=PowerNorm(0.5, vmin=0.0, vmax=vmax),
+                   interpolation="nearest", extent=(pa - 0.5, pb - 0.5, b - 0.5, a - 0.5))
+    prompt_len = len(trace.prompt_ids)
+    if pa < prompt_len < pb:
+        ax.axvline(prompt_len - 0.5, color=CHOSEN_EDGE, ls="--", lw=1)
+    _token_ticks(ax.xaxis, np.arange(pa, pb), [_label(t, 12) for t in ctx[pa:pb]], fontsize=7)
+    chosen = trace.arrays["token_id"][a:b, row]
+    _token_ticks(ax.yaxis, np.arange(a, b),
+                 [f"{s}: {_label(trace.token_text.get(int(t), ''), 12)}" for s, t in zip(range(a, b), chosen)],
+                 rotation=0, fontsize=7)
+    ax.set_ylabel("step: token it produced")
+    ax.set_xlabel("context position" + ("" if (pa, pb) == (0, k_end) else f" ({pa}–{pb - 1} of {k_end})"))
+    fig.colorbar(im, ax=ax, shrink=0.8, pad=0.01, label="attention weight")
+    shown = f"steps {a}–{b - 1} of {trace.num_steps}" if (a, b) != (0, trace.num_steps) else f"{trace.num_steps} steps"
+    ax.set_title(f"attention · layer {layer}, {what} · {shown}", fontsize=10)
+    return _finish(fig)
+
+
+def lens(trace: "Trace", step: int, row: int = 0, max_layers: int = 48) -> Figure:
+    """Logit lens at one step: layers × top tokens, cells coloured by probability with the token text,
+    the finally chosen token outlined; the right axis gives the chosen token's rank at each layer."""
+    step, row = _check_step(trace, step), _check_row(trace, row)
+    lf = trace.lens
+    sel = lf[(lf["step"] == step) & (lf["row"] == row)].sort_values(["layer", "rank"])
+    n_layers = int(sel["layer"].max()) + 1
+    k = int(sel["rank"].max()) + 1
+    prob = sel["prob"].to_numpy(np.float64).reshape(n_layers, k)
+    tokens = sel["token"].to_numpy(object).reshape(n_layers, k)
+    chosen = sel["chosen"].to_numpy(bool).reshape(n_layers, k)
+    stats = trace.lens_stats
+    st = stats[(stats["step"] == step) & (stats["row"] == row)].sort_values("layer")
+    keep = np.unique(np.linspace(0, n_layers - 1, min(n_layers, max_layers)).round().astype(int))
+    prob, tokens, chosen, st = prob[keep], tokens[keep], chosen[keep], st.iloc[keep]
+
+    fig = Figure(figsize=(1.15 * k + 3.8, 0.27 * len(keep) + 1.8), layout="constrained")
+    ax = fig.add_subplot()
+    cmap = _heat_cmap("Greens")
+    norm = Normalize(0.0, 1.0)
+    im = ax.imshow(prob, origin="lower", aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+    for i in range(len(keep)):
+        for j in range(k):
+            ax.text(j, i, _label(tokens[i, j], 10), ha="center", va="center", fontsize=7,
+                    color=_text_color(cmap(norm(prob[i, j]))))
+            if chosen[i, j]:
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor=CHOSEN_EDGE, lw=2, gid="chosen"))
+    _token_ticks(ax.yaxis, np.arange(len(keep)), [str(x) for x in keep], rotation=0, fontsize=7)
+    ax.set_ylabel("layer")
+    ax.set_xticks(np.arange(k), [f"#{j}" for j in range(k)], fontsize=8)
+    ax.set_xlabel("lens rank")
+    right = ax.twinx()
+    right.set_ylim(ax.get_ylim())
+    _token_ticks(right.yaxis, np.arange(len(keep)),
+                 [f"#{int(r)}  {_fmt_p(float(p))}" for r, p in zip(st["chosen_rank"], st["chosen_prob"])],
+                 rotation=0, fontsize=7)
+    right.set_ylabel("chosen token: rank, p")
+    fig.colorbar(im, ax=right, shrink=0.8, pad=0.02, label="lens probability")
+    target = _label(trace.token_text.get(int(trace.arrays["token_id"][step, row]), ""), 24)
+    ax.set_title(f"step {step}: logit lens · finally chosen {target}", fontsize=10)
+    return _finish(fig)
+
+
+# ---- colour maps -----------------------------------------------------------------------------------
+def _prob_cmap():
+    """Low probability red, high blue (colour-blind safe; the same scale as the HTML export)."""
+    from matplotlib.colors import LinearSegmentedColormap
+
+    return LinearSegmentedColormap.from_list("dl_prob", list(PROB_SCALE))
+
+
+def _heat_cmap(name: str = "viridis"):
+    from matplotlib import colormaps
+
+    return colormaps[name].copy()

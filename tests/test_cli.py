@@ -1,0 +1,51 @@
+"""The command line streams tokens, prints the per-step table, saves, and explains bad input."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import decoderlab as dl
+from decoderlab import cli
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "decoderlab", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_help_explains_every_flag():
+    out = run("--help")
+    assert out.returncode == 0
+    for flag in ("--chat", "--max-new-tokens", "--top-k", "--top-p", "--temperature", "--seed", "--model", "--save"):
+        assert flag in out.stdout
+
+
+def test_table_lists_every_step(tiny_lms):
+    trace = tiny_lms["llama"].generate("table", max_new_tokens=4, progress=False)
+    text = cli.table(trace)
+    lines = text.splitlines()
+    assert lines[0].split()[:5] == ["step", "token", "prob", "rank", "entropy"]
+    assert len(lines) == 2 + trace.num_steps
+    assert repr(trace.tokens[0]) in lines[2]
+
+
+@pytest.mark.integration
+def test_capital_of_france_offline(tmp_path):
+    out = run("What is the capital of France?", "--chat", "--save", str(tmp_path / "run.parquet"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("The capital of France is Paris.")
+    assert "top alternatives" in out.stdout and "' Paris'" in out.stdout
+    trace = dl.Trace.load(tmp_path / "run.parquet")
+    assert trace.text == "The capital of France is Paris."
+
+
+@pytest.mark.integration
+def test_bad_input_is_a_clear_error():
+    out = run("hello", "--top-p", "1.5")
+    assert out.returncode == 2 and "top_p=1.5" in out.stderr and "Traceback" not in out.stderr
+    out = run("hello", "--model", "/no/such/model")
+    assert out.returncode == 2 and "/no/such/model" in out.stderr

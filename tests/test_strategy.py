@@ -1,0 +1,91 @@
+"""Strategy words resolve as generate resolves them; bad values get clear errors."""
+from __future__ import annotations
+
+import pytest
+
+import decoderlab as dl
+from decoderlab.strategy import StrategyError
+
+
+def names(lm, **words):
+    ids, _ = lm.encode("order")
+    return lm.strategy(ids.shape[1], **words).processor_names
+
+
+def test_processor_order_is_generates(tiny_lms):
+    lm = tiny_lms["llama"]
+    got = names(lm, do_sample=True, temperature=0.7, top_k=10, top_p=0.9, min_p=0.05, typical_p=0.9,
+                repetition_penalty=1.2, no_repeat_ngram_size=3)
+    assert got == ["RepetitionPenaltyLogitsProcessor", "NoRepeatNGramLogitsProcessor", "TemperatureLogitsWarper",
+                   "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper", "TypicalLogitsWarper"]
+    # greedy ignores the sampling warpers, as generate does
+    assert names(lm, do_sample=False, temperature=0.7, top_k=10) == []
+    # generate's global default top_k=50 applies when sampling
+    assert names(lm, do_sample=True) == ["TopKLogitsWarper"]
+
+
+@pytest.mark.parametrize("words,match", [
+    (dict(top_p=1.5), "top_p=1.5"),
+    (dict(top_p=0), "top_p"),
+    (dict(temperature=0), "temperature"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_k=-3), "top_k"),
+    (dict(min_p=2.0), "min_p"),
+    (dict(typical_p=0.0), "typical_p"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(num_beams=4), "beam"),
+    (dict(topp=0.9), "unknown strategy word"),
+    (dict(seed="x"), "seed"),
+])
+def test_bad_words_are_named(tiny_lms, words, match):
+    with pytest.raises(StrategyError, match=match):
+        tiny_lms["llama"].generate("bad", progress=False, **words)
+
+
+def test_default_max_new_tokens_is_generates(tiny_lms):
+    lm = tiny_lms["llama"]
+    ids, _ = lm.encode("default length")
+    assert lm.strategy(ids.shape[1]).max_new_tokens == 20
+    assert lm.strategy(ids.shape[1], max_length=ids.shape[1] + 7).max_new_tokens == 7
+
+
+def test_prompt_errors(tiny_lms, tokenizer):
+    lm = tiny_lms["llama"]
+    with pytest.raises(dl.PromptError, match="empty"):
+        lm.generate("", progress=False)
+    with pytest.raises(dl.PromptError, match="empty"):
+        lm.generate("   ", progress=False)
+    with pytest.raises(dl.PromptError, match="context window"):
+        lm.generate("word " * 400, progress=False)
+    with pytest.raises(dl.PromptError, match="messages"):
+        lm.generate([{"content": "no role"}], progress=False)
+    with pytest.raises(dl.PromptError, match="string or a list"):
+        lm.generate(42, progress=False)
+
+
+def test_missing_chat_template_is_named(tiny_lms, tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = None
+    lm = dl.LM(tiny_lms["llama"].model, tok, name="no-template")
+    with pytest.raises(dl.PromptError, match="no chat template"):
+        lm.generate("hi", chat=True, progress=False)
+    assert lm.generate("hi", max_new_tokens=2, progress=False).num_steps == 2
+
+
+def test_messages_list_and_system(tiny_lms):
+    lm = tiny_lms["llama"]
+    msgs = [{"role": "user", "content": "Hi!"}]
+    trace = lm.generate(msgs, max_new_tokens=2, progress=False)
+    assert "<|im_start|>user\nHi!" in trace.prompt and "You are a helpful assistant." not in trace.prompt
+    chat = lm.generate("Hi!", chat=True, max_new_tokens=2, progress=False)
+    assert "You are a helpful assistant." in chat.prompt and chat.prompt.endswith("<|im_start|>assistant\n")
+    own = lm.generate("Hi!", chat=True, system="Be brief.", max_new_tokens=2, progress=False)
+    assert "Be brief." in own.prompt
+
+
+def test_bad_record_options():
+    with pytest.raises(ValueError, match="top_k"):
+        dl.Record(top_k=0)
