@@ -23,11 +23,17 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m ipykernel install --sys-prefix --name decoderlab --display-name "Python (decoderlab)" >/dev/null
 	touch $(STAMP)
 
-# Debian's Chromium for the browser test (never a Playwright browser download).
+# Debian's Chromium for the browser test (never a Playwright browser download), and fonts that draw
+# tokens in CJK and emoji: Noto CJK for both, Symbola (monochrome emoji) for matplotlib, Noto Color
+# Emoji for the browser. Each is installed only where missing; matplotlib's font cache is reset after.
+APT_PACKAGES := chromium chromium-driver fonts-dejavu-core fonts-noto-cjk fonts-symbola fonts-noto-color-emoji
 browser-deps:
-	@if ! command -v chromium >/dev/null 2>&1; then \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver fonts-dejavu-core fonts-noto-cjk fonts-noto-color-emoji >/dev/null) \
-	  || echo "warning: could not install chromium; browser tests will be skipped"; \
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  if (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null); then \
+	    rm -f $${MPLCONFIGDIR:-$$HOME/.cache/matplotlib}/fontlist-*.json; \
+	  else echo "warning: could not install $$missing; browser and font tests will be skipped"; fi; \
 	fi
 
 model: venv

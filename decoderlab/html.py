@@ -5,7 +5,9 @@ same anywhere, offline, and a model's output can never run as code in it. Every 
 from the model, the tokenizer or the user is escaped with `html.escape(..., quote=True)`, and the
 page carries a Content-Security-Policy that forbids scripts and remote loads as a second line of defence.
 Hover details are CSS-only: each token's box is hidden by an inline style and shown on :hover,
-so a viewer that strips <style> shows plain coloured text, never stray boxes.
+so a viewer that strips <style> shows plain coloured text, never stray boxes. Class names start
+with `dlh-`: a <style> in a notebook output applies to the whole page, and must not restyle the
+widgets' `dl-` classes.
 """
 from __future__ import annotations
 
@@ -26,26 +28,26 @@ if TYPE_CHECKING:
 __all__ = ["trace_html", "coloured_text", "prob_colour", "CSS"]
 
 CSS = """
-.dl-text{font:15px/2.0 system-ui,-apple-system,"Segoe UI","Noto Sans","Noto Sans CJK JP","Noto Color Emoji",sans-serif;
+.dlh-text{font:15px/2.0 system-ui,-apple-system,"Segoe UI","Noto Sans","Noto Sans CJK JP","Noto Color Emoji",sans-serif;
   white-space:pre-wrap;word-break:break-word;color:#111;margin:.3em 0}
-.dl-tok{position:relative;border-radius:3px;padding:2px 0;color:#111;cursor:default}
-.dl-tok:hover{outline:2px solid #333;z-index:5}
-.dl-forced{outline:1px dashed #b2182b;outline-offset:1px}
-.dl-selected{outline:2px solid #e6550d;outline-offset:1px}
-.dl-mark{color:#777;font-size:.85em}
-.dl-tip{position:absolute;left:0;top:100%;z-index:10;min-width:17em;max-width:26em;margin-top:4px;
+.dlh-tok{position:relative;border-radius:3px;padding:2px 0;color:#111;cursor:default}
+.dlh-tok:hover{outline:2px solid #333;z-index:5}
+.dlh-forced{outline:1px dashed #b2182b;outline-offset:1px}
+.dlh-selected{outline:2px solid #e6550d;outline-offset:1px}
+.dlh-mark{color:#777;font-size:.85em}
+.dlh-tip{position:absolute;left:0;top:100%;z-index:10;min-width:22em;max-width:30em;margin-top:4px;
   background:#fff;color:#111;border:1px solid #999;border-radius:4px;padding:6px 8px;
   box-shadow:0 2px 8px rgba(0,0,0,.25);font:12px/1.4 system-ui,sans-serif;white-space:normal;text-align:left}
-.dl-tok:hover>.dl-tip{display:block!important}
-.dl-tip b{font-weight:600}
-.dl-alts{display:table;border-collapse:collapse;margin-top:4px;width:100%}
-.dl-row{display:table-row}
-.dl-cell{display:table-cell;padding:1px 6px 1px 0;white-space:pre}
-.dl-row.dl-head .dl-cell{color:#666;border-bottom:1px solid #ddd}
-.dl-row.dl-chosen .dl-cell{font-weight:600;color:#a63603}
-.dl-num{text-align:right;font-variant-numeric:tabular-nums}
-.dl-legend{font:12px system-ui,sans-serif;color:#444;margin:.2em 0 .6em}
-.dl-swatch{display:inline-block;width:1.6em;height:.9em;vertical-align:middle;border-radius:2px;margin:0 2px}
+.dlh-tok:hover>.dlh-tip{display:block!important}
+.dlh-tip b{font-weight:600}
+.dlh-alts{display:table;border-collapse:collapse;margin-top:4px;width:100%}
+.dlh-row{display:table-row}
+.dlh-cell{display:table-cell;padding:1px 6px 1px 0;white-space:pre}
+.dlh-row.dlh-head .dlh-cell{color:#666;border-bottom:1px solid #ddd}
+.dlh-row.dlh-chosen .dlh-cell{font-weight:600;color:#a63603}
+.dlh-num{text-align:right;font-variant-numeric:tabular-nums}
+.dlh-legend{font:12px system-ui,sans-serif;color:#444;margin:.2em 0 .6em}
+.dlh-swatch{display:inline-block;width:1.6em;height:.9em;vertical-align:middle;border-radius:2px;margin:0 2px}
 """
 
 PAGE_CSS = """
@@ -53,10 +55,10 @@ body{font:14px/1.5 system-ui,-apple-system,"Segoe UI","Noto Sans",sans-serif;col
   max-width:60em;margin:1.5em auto;padding:0 1em}
 h1{font-size:1.3em;margin:.2em 0}
 h2{font-size:1.05em;margin:1.2em 0 .3em}
-.dl-meta{display:grid;grid-template-columns:max-content 1fr;gap:.15em 1em;margin:.5em 0}
-.dl-meta dt{color:#666}
-.dl-meta dd{margin:0}
-.dl-prompt{white-space:pre-wrap;word-break:break-word;background:#f6f6f6;border:1px solid #ddd;border-radius:4px;
+.dlh-meta{display:grid;grid-template-columns:max-content 1fr;gap:.15em 1em;margin:.5em 0}
+.dlh-meta dt{color:#666}
+.dlh-meta dd{margin:0}
+.dlh-prompt{white-space:pre-wrap;word-break:break-word;background:#f6f6f6;border:1px solid #ddd;border-radius:4px;
   padding:.6em;font:13px/1.45 ui-monospace,"DejaVu Sans Mono",monospace;max-height:24em;overflow:auto}
 figure{margin:1em 0}
 figure img{max-width:100%;height:auto}
@@ -91,7 +93,7 @@ def _visible_text(text: str) -> str:
     """Escaped token text for the running text: newlines become a mark plus <br>, tabs a mark plus the
     tab, other control and invisible characters their escape in a faint mark; empty tokens '∅'."""
     if text == "":
-        return '<span class="dl-mark">∅</span>'
+        return '<span class="dlh-mark">∅</span>'
     out: list[str] = []
     plain: list[str] = []
 
@@ -103,13 +105,13 @@ def _visible_text(text: str) -> str:
     for ch in text:
         if ch == "\n":
             flush()
-            out.append('<span class="dl-mark">↵</span><br>')
+            out.append('<span class="dlh-mark">↵</span><br>')
         elif ch == "\t":
             flush()
-            out.append('<span class="dl-mark">⇥</span>\t')
+            out.append('<span class="dlh-mark">⇥</span>\t')
         elif ch != "\u200d" and unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co"):
             flush()
-            out.append(f'<span class="dl-mark">{_e(token_label(ch))}</span>')
+            out.append(f'<span class="dlh-mark">{_e(token_label(ch))}</span>')
         else:
             plain.append(ch)
     flush()
@@ -129,7 +131,7 @@ def _alive_steps(trace: "Trace", row: int) -> np.ndarray:
     return np.flatnonzero(~finished[:, row].astype(bool))
 
 
-def _tip(trace: "Trace", s: int, step: Any, alts: list[tuple[str, float, float, bool]]) -> str:
+def _tip(s: int, step: Any, alts: list[tuple[str, float, float, bool]]) -> str:
     """The hover box of one token: its numbers, how it was chosen, and the top alternatives."""
     lines = [
         f"<b>step {s}</b> · <bdi>{_e(token_label(step.token, 40))}</bdi> · id {int(step.token_id)}",
@@ -137,14 +139,14 @@ def _tip(trace: "Trace", s: int, step: Any, alts: list[tuple[str, float, float, 
         f"entropy {step.entropy:.2f} nats → {step.final_entropy:.2f} after processors",
         ("<b>forced</b> · " if step.forced else "") + _e(step.why),
     ]
-    rows = ['<span class="dl-row dl-head"><span class="dl-cell">#</span><span class="dl-cell">token</span>'
-            '<span class="dl-cell dl-num">p</span><span class="dl-cell dl-num">final</span></span>']
+    rows = ['<span class="dlh-row dlh-head"><span class="dlh-cell">#</span><span class="dlh-cell">token</span>'
+            '<span class="dlh-cell dlh-num">p</span><span class="dlh-cell dlh-num">final</span></span>']
     for rank, (tok, p, fp, chosen) in enumerate(alts):
-        rows.append(f'<span class="dl-row{" dl-chosen" if chosen else ""}"><span class="dl-cell">{rank}</span>'
-                    f'<span class="dl-cell"><bdi>{_e(token_label(tok, 24))}</bdi></span>'
-                    f'<span class="dl-cell dl-num">{_fmt(p)}</span><span class="dl-cell dl-num">{_fmt(fp)}</span></span>')
-    return ('<span class="dl-tip" dir="ltr" style="display:none">' + "<br>".join(lines)
-            + f'<span class="dl-alts">{"".join(rows)}</span></span>')
+        rows.append(f'<span class="dlh-row{" dlh-chosen" if chosen else ""}"><span class="dlh-cell">{rank}</span>'
+                    f'<span class="dlh-cell"><bdi>{_e(token_label(tok, 24))}</bdi></span>'
+                    f'<span class="dlh-cell dlh-num">{_fmt(p)}</span><span class="dlh-cell dlh-num">{_fmt(fp)}</span></span>')
+    return ('<span class="dlh-tip" dir="ltr" style="display:none">' + "<br>".join(lines)
+            + f'<span class="dlh-alts">{"".join(rows)}</span></span>')
 
 
 def coloured_text(trace: "Trace", row: int = 0, *, alternatives: int = 5, value: str = "prob",
@@ -160,29 +162,30 @@ def coloured_text(trace: "Trace", row: int = 0, *, alternatives: int = 5, value:
     if legend:
         parts.append(_legend(value))
     if trace.num_steps == 0:
-        return "".join(parts) + '<div class="dl-text"><span class="dl-mark">(no tokens generated)</span></div>'
+        return "".join(parts) + '<div class="dlh-text"><span class="dlh-mark">(no tokens generated)</span></div>'
     if not 0 <= row < trace.rows:
         raise IndexError(f"row {row} is outside this trace's {trace.rows} rows")
-    steps = trace.steps
-    steps = steps[steps["row"] == row]
+    frame = trace.steps
+    steps = list(frame[frame["row"] == row].itertuples(index=False))  # in step order
     a = trace.arrays
     k = min(alternatives, a["cand_id"].shape[-1]) if "cand_id" in a else 0
     spans = []
     for s in _alive_steps(trace, row):
-        st = steps.iloc[int(s)]
+        st = steps[int(s)]
         alts = [(trace.token_text.get(int(i), f"<{int(i)}>"), float(p), float(fp), int(i) == int(st.token_id))
-                for i, p, fp in zip(a["cand_id"][s, row, :k], a["cand_prob"][s, row, :k], a["cand_final_prob"][s, row, :k])]
-        classes = "dl-tok" + (" dl-forced" if st.forced else "") + (" dl-selected" if selected == s else "")
+                for i, p, fp in zip(a["cand_id"][s, row, :k], a["cand_prob"][s, row, :k],
+                                    a["cand_final_prob"][s, row, :k])] if k else []
+        classes = "dlh-tok" + (" dlh-forced" if st.forced else "") + (" dlh-selected" if selected == s else "")
         spans.append(f'<span class="{classes}" data-step="{int(s)}" style="background:{prob_colour(getattr(st, value))}">'
-                     f"{_visible_text(st.token)}{_tip(trace, int(s), st, alts)}</span>")
-    parts.append(f'<div class="dl-text" dir="auto">{"".join(spans)}</div>')
+                     f"{_visible_text(st.token)}{_tip(int(s), st, alts)}</span>")
+    parts.append(f'<div class="dlh-text" dir="auto">{"".join(spans)}</div>')
     return "".join(parts)
 
 
 def _legend(value: str) -> str:
     what = "raw probability" if value == "prob" else "final probability"
-    swatches = "".join(f'<span class="dl-swatch" style="background:{prob_colour(p)}"></span>' for p in (0, .25, .5, .75, 1))
-    return (f'<div class="dl-legend">colour = {what} of each chosen token: 0 {swatches} 1 · '
+    swatches = "".join(f'<span class="dlh-swatch" style="background:{prob_colour(p)}"></span>' for p in (0, .25, .5, .75, 1))
+    return (f'<div class="dlh-legend">colour = {what} of each chosen token: 0 {swatches} 1 · '
             "hover a token for details; dashed outline = forced</div>")
 
 
@@ -221,11 +224,11 @@ def trace_html(trace: "Trace", *, figure: bool = True, alternatives: int = 5, va
     ]
     if trace.parent is not None or trace.fork_step is not None:
         meta.append(("branch", f"{trace.branch} (forked from {trace.parent} at step {trace.fork_step})"))
-    body = [f"<h1>decoderlab trace · {_e(trace.model_name or 'model')}</h1>", '<dl class="dl-meta">']
+    body = [f"<h1>decoderlab trace · {_e(trace.model_name or 'model')}</h1>", '<dl class="dlh-meta">']
     body += [f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in meta]
     body.append("</dl>")
     body.append(f"<details open><summary>Prompt ({len(trace.prompt_ids)} tokens)</summary>"
-                f'<div class="dl-prompt" dir="auto">{_e(trace.prompt)}</div></details>')
+                f'<div class="dlh-prompt" dir="auto">{_e(trace.prompt)}</div></details>')
     for row in range(trace.rows if trace.num_steps else 1):
         body.append(f"<h2>Generated text{f' · row {row}' if trace.rows > 1 else ''}</h2>")
         body.append(coloured_text(trace, row, alternatives=alternatives, value=value, style=False, legend=row == 0))

@@ -13,7 +13,7 @@ cache without recomputing the prefix.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -57,6 +57,7 @@ class StepContext:
     token: torch.Tensor  # [B] the chosen token
     forced: torch.Tensor  # [B] bool: chosen by the user, not the chooser
     finished: torch.Tensor  # [B] bool: rows already done before this step (they emit padding)
+    memo: dict = field(default_factory=dict)  # work recorders share within one step
 
 
 class Observer(Protocol):
@@ -157,8 +158,7 @@ def step(
     state.ids = torch.cat([state.ids, token[:, None]], dim=-1)
     state.pending = token
     if strategy.eos_token_ids:
-        eos = torch.tensor(strategy.eos_token_ids, device=token.device)
-        state.finished = state.finished | torch.isin(token, eos)
+        state.finished = state.finished | torch.isin(token, strategy.eos_tensor(token.device))
     return token
 
 

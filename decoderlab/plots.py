@@ -2,8 +2,9 @@
 
 Why a module of its own: the frames answer everything, but a picture answers "where did the model
 hesitate?" at a glance. Every function takes a `Trace` (and `row`, 0 by default) and returns a
-`matplotlib.figure.Figure` built without pyplot, so nothing is shown, and nothing is kept alive
-behind the caller's back: Jupyter displays the returned figure, a script calls `fig.savefig(...)`.
+`matplotlib.figure.Figure` (a `TraceFigure`) built without pyplot, so nothing is shown twice and
+nothing is kept alive behind the caller's back: Jupyter displays the returned figure as a PNG, a
+script calls `fig.savefig(...)`.
 
 Legibility rules shared by all figures:
 - token text goes through `token_label`: leading/trailing spaces, newlines, tabs and control
@@ -15,6 +16,7 @@ Legibility rules shared by all figures:
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import unicodedata
@@ -30,7 +32,7 @@ from matplotlib.text import Text
 if TYPE_CHECKING:
     from .trace import Trace
 
-__all__ = ["token_label", "distribution", "probability_timeline", "candidates_heatmap", "attention",
+__all__ = ["TraceFigure", "token_label", "distribution", "probability_timeline", "candidates_heatmap", "attention",
            "attention_map", "lens", "font_families", "MAX_LABELS"]
 
 MAX_LABELS = 60  # the most tick labels one axis carries
@@ -59,6 +61,16 @@ MONO_FAMILIES = ("DejaVu Sans Mono",)
 _VISIBLE = {"\n": "↵", "\t": "⇥"}
 _ESCAPED_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co"}
 _KEEP_FORMAT = {"\u200d"}  # zero-width joiner: part of emoji sequences
+
+
+class TraceFigure(Figure):
+    """A plain matplotlib Figure that also shows itself as a PNG in Jupyter, without pyplot (so it is
+    shown once, where it is returned, and freed when dropped)."""
+
+    def _repr_png_(self) -> bytes:
+        buf = io.BytesIO()
+        self.savefig(buf, format="png", bbox_inches="tight")
+        return buf.getvalue()
 
 
 # ---- token text ----------------------------------------------------------------------------------
@@ -154,9 +166,43 @@ def _drawable(text: str) -> str:
     return "".join(out)
 
 
+def _visual_order(text: str) -> str:
+    """Right-to-left runs (Hebrew, Arabic) reversed for display, as matplotlib lays text out left to
+    right; combining marks stay on their letter. (No Arabic joining: letters show in isolated forms.)"""
+    if not any(unicodedata.bidirectional(ch) in ("R", "AL") for ch in text):
+        return text
+    out: list[str] = []
+    run: list[list[str]] = []  # clusters: a letter and its combining marks
+    pending: list[str] = []  # neutrals after an RTL letter: inside the run only if more RTL follows
+
+    def flush() -> None:
+        out.extend(ch for cluster in reversed(run) for ch in cluster)
+        out.extend(pending)
+        run.clear()
+        pending.clear()
+
+    for ch in text:
+        kind = unicodedata.bidirectional(ch)
+        if kind in ("R", "AL"):
+            if pending:
+                run.append(list(pending))
+                pending.clear()
+            run.append([ch])
+        elif kind == "NSM" and run and not pending:
+            run[-1].append(ch)
+        elif run and kind in ("WS", "ON", "CS"):
+            pending.append(ch)
+        else:
+            flush()
+            out.append(ch)
+    flush()
+    return "".join(out)
+
+
 def _label(text: str, max_len: int = 16) -> str:
-    """token_label, made safe for matplotlib: drawable glyphs only, and '$' never starting mathtext."""
-    return _drawable(token_label(text, max_len)).replace("$", r"\$")
+    """token_label, made drawable by matplotlib: glyphs some font has, right-to-left runs in visual
+    order, and '$' never starting mathtext."""
+    return _visual_order(_drawable(token_label(text, max_len))).replace("$", r"\$")
 
 
 def _finish(fig: Figure) -> Figure:
@@ -232,6 +278,22 @@ def _fmt_p(p: float) -> str:
     return f"{p:.3f}" if p >= 0.001 or p == 0 else f"{p:.1e}"
 
 
+def _processor_lines(trace: "Trace", step: int, row: int) -> list[str]:
+    """'Name  mass%' per processor at one step, with the chosen token's rank change where it moved."""
+    proc = trace.processors
+    if not len(proc):
+        return []
+    p = proc[(proc["step"] == step) & (proc["row"] == row)].sort_values("order")
+    width = max(len(_short_processor(n)) for n in p["processor"])
+    lines = []
+    for r in p.itertuples(index=False):
+        line = f"{_short_processor(r.processor):<{width}} {100 * r.mass_removed:6.2f}%"
+        if r.rank_changed:
+            line += f"  (chosen rank {int(r.rank_before)}→{int(r.rank_after)})"
+        lines.append(line)
+    return lines
+
+
 # ---- figures ---------------------------------------------------------------------------------------
 def distribution(trace: "Trace", step: int, k: int | None = None, row: int = 0) -> Figure:
     """The top-k candidates' raw and final probabilities side by side, the chosen token marked,
@@ -247,7 +309,7 @@ def distribution(trace: "Trace", step: int, k: int | None = None, row: int = 0) 
     width = 0.4
     is_chosen = c["chosen"].to_numpy()
 
-    fig = Figure(figsize=(max(6.5, 0.5 * k + 3.5), 4.6), layout="constrained")
+    fig = TraceFigure(figsize=(max(6.5, 0.5 * k + 3.5), 4.6), layout="constrained")
     ax = fig.add_subplot()
     raw = ax.bar(x - width / 2, c["prob"], width, color=[CHOSEN_RAW_COLOR if ch else RAW_COLOR for ch in is_chosen],
                  edgecolor="white", label="raw (model)")
@@ -276,22 +338,15 @@ def distribution(trace: "Trace", step: int, k: int | None = None, row: int = 0) 
     ax.set_title(f"step {step}: {how} {_label(chosen['token'], 24)}  (raw p={_fmt_p(chosen['prob'])}, "
                  f"rank {int(chosen['rank'])}; final p={_fmt_p(chosen['final_prob'])})", fontsize=10)
 
-    proc = trace.processors
-    if len(proc):
-        p = proc[(proc["step"] == step) & (proc["row"] == row)].sort_values("order")
-        width_name = max(len(_short_processor(n)) for n in p["processor"])
-        lines = ["mass removed"]
-        for _, r in p.iterrows():
-            line = f"{_short_processor(r['processor']):<{width_name}} {100 * r['mass_removed']:6.2f}%"
-            if r["rank_changed"]:
-                line += f"  (chosen rank {int(r['rank_before'])}→{int(r['rank_after'])})"
-            lines.append(line)
-        ax.text(0.99, 0.97, "\n".join(lines), transform=ax.transAxes, ha="right", va="top", fontsize=8,
-                family=MONO_FAMILIES[0], gid="processors",
-                bbox=dict(boxstyle="round,pad=0.4", facecolor="white", edgecolor="#bbbbbb", alpha=0.9))
     handles = [Patch(facecolor=RAW_COLOR, label="raw (model)"), Patch(facecolor=FINAL_COLOR, label="final"),
                Patch(facecolor=CHOSEN_FINAL_COLOR, hatch=CHOSEN_HATCH, label="chosen")]
-    ax.legend(handles=handles, loc="upper center", fontsize=8, frameon=False, ncols=3)
+    ax.add_artist(ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False))
+    lines = _processor_lines(trace, step, row)
+    if lines:  # a second legend (so the layout makes room for it), text only
+        box = ax.legend([Patch(visible=False)] * len(lines), lines, title="mass removed", loc="lower left",
+                        bbox_to_anchor=(1.01, 0.0), handlelength=0, handletextpad=0, title_fontsize=8,
+                        prop={"family": MONO_FAMILIES[0], "size": 8}, alignment="left")
+        box.set_gid("processors")
     return _finish(fig)
 
 
@@ -310,7 +365,7 @@ def probability_timeline(trace: "Trace", row: int = 0, start: int | None = None,
     a, b = _window(n, start, window)
     w = st.iloc[a:b]
     x = w["step"].to_numpy()
-    fig = Figure(figsize=(max(7.0, 0.22 * len(w) + 2.0), 5.6), layout="constrained")
+    fig = TraceFigure(figsize=(max(7.0, 0.22 * len(w) + 2.0), 5.6), layout="constrained")
     ax1, ax2 = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
     cmap = _prob_cmap()
     ax1.bar(x, w["prob"], width=0.8, color=cmap(w["prob"].to_numpy()), edgecolor="#999999", linewidth=0.5,
@@ -359,7 +414,7 @@ def candidates_heatmap(trace: "Trace", k: int = 10, row: int = 0, start: int | N
     chosen_ids = trace.arrays["token_id"][steps, row]
     chosen = ids == chosen_ids[:, None]
 
-    fig = Figure(figsize=(1.05 * k + 3.0, 0.3 * len(steps) + 1.6), layout="constrained")
+    fig = TraceFigure(figsize=(1.05 * k + 3.0, 0.3 * len(steps) + 1.6), layout="constrained")
     ax = fig.add_subplot()
     norm = LogNorm(vmin=1e-3, vmax=1.0, clip=True) if log else Normalize(0.0, 1.0)
     cmap = _heat_cmap()
@@ -440,7 +495,7 @@ def attention(trace: "Trace", step: int, layer: int | None = None, head: int | s
             m, what = w[_layer_index(trace, layer)], f"layer {layer}, every head"  # [H, K]
             row_labels, ylabel = [str(x) for x in heads], "head"
         m = m[:, a:b]
-        fig = Figure(figsize=(max(7.0, 0.2 * len(pos) + 2.5), max(3.0, 0.22 * m.shape[0] + 2.0)),
+        fig = TraceFigure(figsize=(max(7.0, 0.2 * len(pos) + 2.5), max(3.0, 0.22 * m.shape[0] + 2.0)),
                      layout="constrained")
         ax = fig.add_subplot()
         vmax = float(m.max()) if m.size and m.max() > 0 else 1.0
@@ -454,7 +509,7 @@ def attention(trace: "Trace", step: int, layer: int | None = None, head: int | s
         m, what = _select_heads(trace, w[li], head)  # [K]
         m = m[a:b]
         what = f"layer {layer}, {what}"
-        fig = Figure(figsize=(max(7.0, 0.2 * len(pos) + 2.0), 4.0), layout="constrained")
+        fig = TraceFigure(figsize=(max(7.0, 0.2 * len(pos) + 2.0), 4.0), layout="constrained")
         ax = fig.add_subplot()
         ax.bar(pos, m, width=0.8, color=FINAL_COLOR)
         ax.set_ylabel("attention weight")
@@ -492,7 +547,7 @@ def attention_map(trace: "Trace", layer: int, head: int | str | None = None, row
     m = m[:, pa:pb]
     ctx = trace.context_tokens(b - 1, row)
 
-    fig = Figure(figsize=(max(7.0, 0.2 * (pb - pa) + 3.0), max(3.5, 0.22 * (b - a) + 2.2)), layout="constrained")
+    fig = TraceFigure(figsize=(max(7.0, 0.2 * (pb - pa) + 3.0), max(3.5, 0.22 * (b - a) + 2.2)), layout="constrained")
     ax = fig.add_subplot()
     finite = m[np.isfinite(m)]
     vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
@@ -531,7 +586,7 @@ def lens(trace: "Trace", step: int, row: int = 0, max_layers: int = 48) -> Figur
     keep = np.unique(np.linspace(0, n_layers - 1, min(n_layers, max_layers)).round().astype(int))
     prob, tokens, chosen, st = prob[keep], tokens[keep], chosen[keep], st.iloc[keep]
 
-    fig = Figure(figsize=(1.15 * k + 3.8, 0.27 * len(keep) + 1.8), layout="constrained")
+    fig = TraceFigure(figsize=(1.15 * k + 3.8, 0.27 * len(keep) + 1.8), layout="constrained")
     ax = fig.add_subplot()
     cmap = _heat_cmap("Greens")
     norm = Normalize(0.0, 1.0)

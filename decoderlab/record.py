@@ -65,23 +65,32 @@ def _rank(scores: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     return (scores > scores.gather(-1, token[:, None])).sum(-1)
 
 
+def distribution(ctx: StepContext, final: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scores, logsumexp, probabilities) of the raw or the final distribution, computed once per step.
+
+    With no processors the final scores are the raw logits (the same tensor): nothing is recomputed.
+    """
+    x = ctx.scores if final else ctx.logits
+    key = id(x)
+    if key not in ctx.memo:
+        lse = torch.logsumexp(x, dim=-1, keepdim=True)
+        ctx.memo[key] = (x, lse, torch.exp(x - lse))
+    return ctx.memo[key]
+
+
 @recorder("choice")
 def record_choice(ctx: StepContext, opts: Record) -> dict:
     """The chosen token, its logprob, rank and the entropy under the raw and the final distribution."""
     t = ctx.token[:, None]
-    raw_lp = torch.log_softmax(ctx.logits, dim=-1)
-    fin_lp = torch.log_softmax(ctx.scores, dim=-1)
-    return {
-        "token_id": ctx.token,
-        "forced": ctx.forced,
-        "finished": ctx.finished,
-        "logprob": raw_lp.gather(-1, t).squeeze(-1),
-        "rank": _rank(ctx.logits, ctx.token),
-        "entropy": torch.special.entr(raw_lp.exp()).sum(-1),
-        "final_logprob": fin_lp.gather(-1, t).squeeze(-1),
-        "final_rank": _rank(ctx.scores, ctx.token),
-        "final_entropy": torch.special.entr(fin_lp.exp()).sum(-1),
-    }
+    out = {"token_id": ctx.token, "forced": ctx.forced, "finished": ctx.finished}
+    for prefix, final in (("", False), ("final_", True)):
+        x, lse, p = distribution(ctx, final)
+        stats = ctx.memo.get(("choice", id(x)))
+        if stats is None:
+            stats = ctx.memo[("choice", id(x))] = (
+                (x.gather(-1, t) - lse).squeeze(-1), _rank(x, ctx.token), torch.special.entr(p).sum(-1))
+        out[prefix + "logprob"], out[prefix + "rank"], out[prefix + "entropy"] = stats
+    return out
 
 
 @recorder("candidates")
@@ -89,8 +98,8 @@ def record_candidates(ctx: StepContext, opts: Record) -> dict:
     """The top-k tokens by raw logit, with raw and final probabilities."""
     k = min(opts.top_k, ctx.logits.shape[-1])
     top = torch.topk(ctx.logits, k, dim=-1)
-    raw_p = torch.softmax(ctx.logits, dim=-1).gather(-1, top.indices)
-    fin_p = torch.softmax(ctx.scores, dim=-1).gather(-1, top.indices)
+    raw_p = distribution(ctx, False)[2].gather(-1, top.indices)
+    fin_p = distribution(ctx, True)[2].gather(-1, top.indices)
     return {"cand_id": top.indices, "cand_logit": top.values, "cand_prob": raw_p, "cand_final_prob": fin_p}
 
 

@@ -108,6 +108,13 @@ class Strategy:
     max_new_tokens: int
     words: dict[str, Any] = field(default_factory=dict)
 
+    def eos_tensor(self, device) -> torch.Tensor:
+        """The EOS ids as a tensor on `device` (built once)."""
+        cached = getattr(self, "_eos_tensor", None)
+        if cached is None or cached.device != torch.device(device):
+            cached = self._eos_tensor = torch.tensor(self.eos_token_ids, device=device)
+        return cached
+
     @property
     def do_sample(self) -> bool:
         return bool(self.config.do_sample)

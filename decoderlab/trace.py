@@ -367,7 +367,7 @@ class Trace:
     def _repr_html_(self) -> str:
         from .html import coloured_text
 
-        return f"<div><b>{_escape(self.model_name)}</b> · {self.num_steps} steps · stop: {self.stop_reason}</div>" + coloured_text(self)
+        return f"<div><b>{_escape(self.model_name)}</b> · {self.num_steps} steps · stop: {_escape(self.stop_reason)}</div>" + coloured_text(self)
 
 
 def _escape(s: str) -> str:

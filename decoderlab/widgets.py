@@ -1,0 +1,567 @@
+"""Jupyter widgets over a trace (`show`) or a live session (`explore`).
+
+Why this module: the frames hold everything, but "which token was unsure, and why?" is answered
+fastest by clicking a token and seeing that step's candidates, what each processor did, where the
+new token looked and what each layer was about to say. And a session invites the next question
+("what if it had said X?"), so the explorer adds next-token, force-a-candidate, rewind and fork.
+
+Why only stock ipywidgets 8: they render in JupyterLab, Notebook 7, VS Code and Voilà with no
+front-end code of ours and nothing fetched from a CDN. The figures come from `decoderlab.plots`,
+rendered once to PNG bytes (cached per step/layer/head) and swapped into `ipywidgets.Image.value`,
+so moving through steps redraws in place: no flicker, no output area that keeps growing.
+
+Every part a user or a browser test needs to find carries a CSS class (`dl-...`, see `CSS_CLASSES`).
+"""
+from __future__ import annotations
+
+import html
+import io
+import warnings
+from typing import TYPE_CHECKING, Any, Callable
+
+import ipywidgets as W
+
+if TYPE_CHECKING:
+    from .session import Session
+    from .trace import Trace
+
+__all__ = ["show", "explore", "TraceView", "SessionExplorer", "CSS_CLASSES", "figure_png", "prob_color"]
+
+# The stable selectors, for notebooks that restyle and for browser tests.
+CSS_CLASSES = {
+    "dl-trace-view": "the whole trace view (show)",
+    "dl-explorer": "the whole session explorer (explore)",
+    "dl-header": "model, strategy and stop reason",
+    "dl-text": "the generated text: one dl-token button per token",
+    "dl-token": "a token of the text; click to select its step (dl-selected marks the current one)",
+    "dl-step-slider": "the step slider",
+    "dl-step-label": "the selected step's number, token and how it was chosen, as text",
+    "dl-distribution": "the selected step's top candidates (PNG)",
+    "dl-processors": "what each logits processor did at the selected step (HTML table)",
+    "dl-attention": "the selected step's attention (PNG)",
+    "dl-layer": "attention layer picker",
+    "dl-head": "attention head picker",
+    "dl-lens": "the selected step's logit lens (PNG)",
+    "dl-next": "explorer: decode the next token",
+    "dl-next-10": "explorer: decode ten tokens",
+    "dl-candidates": "explorer: the next step's candidates",
+    "dl-candidate": "explorer: a candidate; click to force it as the next token",
+    "dl-rewind-to": "explorer: the step to rewind to",
+    "dl-rewind": "explorer: rewind",
+    "dl-fork": "explorer: fork a new branch here",
+    "dl-branches": "explorer: the branch shown",
+    "dl-status": "explorer: what the last action did (dl-error when it failed)",
+}
+
+DPI = 100
+PANEL_WIDTH_PX = 620  # half a JupyterLab notebook; figures are squeezed to at most this width
+WIDE_WIDTH_PX = 1200  # full-width panels (attention)
+MAX_HEIGHT_IN = 5.5  # and to at most this height (inches at DPI): a panel stays on one screen
+PROB_COLORS = ("#ef8a62", "#f7f7f7", "#67a9cf")  # low -> high; the same scale as plots and the HTML export
+
+
+# ---- small helpers -------------------------------------------------------------------------------------
+def prob_color(p: float) -> str:
+    """A background colour for probability p: red (unlikely) through white to blue (likely)."""
+    p = min(max(float(p), 0.0), 1.0)
+    lo, mid, hi = (tuple(int(c[i : i + 2], 16) for i in (1, 3, 5)) for c in PROB_COLORS)
+    a, b, t = (lo, mid, p / 0.5) if p < 0.5 else (mid, hi, (p - 0.5) / 0.5)
+    rgb = (round(x + (y - x) * t) for x, y in zip(a, b))
+    return "#" + "".join(f"{v:02x}" for v in rgb)
+
+
+def figure_png(fig, width_px: int | None = None, max_height_in: float | None = None, dpi: int = DPI) -> bytes:
+    """A matplotlib Figure as PNG bytes, squeezed to at most `width_px` wide and `max_height_in` tall
+    (text keeps its size; the axes give way); the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        w, h = fig.get_size_inches()
+        if width_px is not None and w * dpi > width_px:
+            scale = width_px / (w * dpi)
+            w, h = w * scale, max(h * scale ** 0.5, 2.4)
+        if max_height_in is not None:
+            h = min(h, max_height_in)
+        if (w, h) != tuple(fig.get_size_inches()):
+            fig.set_size_inches(w, h)
+        buf = io.BytesIO()
+        with warnings.catch_warnings():  # a missing glyph must not print into the notebook from a callback
+            warnings.simplefilter("ignore")
+            fig.savefig(buf, format="png", dpi=dpi, facecolor="white")
+        return buf.getvalue()
+    finally:
+        plt.close(fig)  # harmless for figures built without pyplot
+
+
+def _label(text: str, max_len: int = 20) -> str:
+    from .plots import token_label
+
+    return token_label(text, max_len)
+
+
+def _fmt_p(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 or p == 0 else f"{p:.1e}"
+
+
+def _esc(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _short_processor(name: str) -> str:
+    for suffix in ("LogitsWarper", "LogitsProcessor", "Processor", "Warper"):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _image_layout() -> W.Layout:
+    """Natural size, shrunk (never stretched) to its column: a flex column would stretch an <img>."""
+    return W.Layout(max_width="100%", height="auto", align_self="flex-start")
+
+
+def _classed(widget: W.Widget, *classes: str) -> W.Widget:
+    for c in classes:
+        widget.add_class(c)
+    return widget
+
+
+def _message(text: str, kind: str = "info") -> str:
+    colour = {"info": "#555", "error": "#b00020"}[kind]
+    return f"<span style='color:{colour}'>{_esc(text)}</span>"
+
+
+TABLE_STYLE = ("border-collapse:collapse;font-size:12px;font-family:var(--jp-code-font-family, monospace);"
+               "line-height:1.5")
+CELL = "padding:1px 8px;border-bottom:1px solid #ddd;text-align:{align}"
+
+
+def _table(header: list[str], rows: list[list[str]], aligns: str) -> str:
+    """A small HTML table (cells already escaped)."""
+    def cells(values, tag):
+        return "".join(f"<{tag} style='{CELL.format(align='left' if a == 'l' else 'right')}'>{v}</{tag}>"
+                       for v, a in zip(values, aligns))
+    body = "".join(f"<tr>{cells(r, 'td')}</tr>" for r in rows)
+    return f"<table style='{TABLE_STYLE}'><tr>{cells(header, 'th')}</tr>{body}</table>"
+
+
+# ---- the trace view --------------------------------------------------------------------------------------
+class TraceView(W.VBox):
+    """A trace, one step at a time: the text (click a token), a step slider, and that step's panels.
+
+    `view.select(step)` moves it from code; `view.set_trace(trace)` swaps in a new trace in place.
+    """
+
+    def __init__(self, trace: "Trace", *, k: int = 12, window: int = 40, lens_layers: int = 16,
+                 step: int | None = None, on_step: Callable[[int], None] | None = None):
+        self.k = k
+        self.window = window
+        self.lens_layers = lens_layers
+        self.on_step = on_step
+        self._trace: Trace | None = None
+        self._cache: dict[tuple, bytes] = {}
+        self._busy = False
+        self._token_buttons: list[W.Button] = []
+
+        self.header = _classed(W.HTML(), "dl-header")
+        self.text = _classed(W.Box(layout=W.Layout(display="flex", flex_flow="row wrap", align_items="center",
+                                                     width="100%", max_height="220px", overflow="auto",
+                                                     padding="2px", border="1px solid #e0e0e0")), "dl-text")
+        self.slider = _classed(W.IntSlider(value=0, min=0, max=0, description="step", continuous_update=False,
+                                           layout=W.Layout(width="420px")), "dl-step-slider")
+        self.step_label = _classed(W.HTML(layout=W.Layout(margin="0 0 0 12px", flex="1 1 auto")), "dl-step-label")
+        self.distribution = _classed(W.Image(format="png", layout=_image_layout()),
+                                     "dl-distribution")
+        self.processors = _classed(W.HTML(), "dl-processors")
+        self.layer = _classed(W.Dropdown(description="layer", layout=W.Layout(width="200px")), "dl-layer")
+        self.head = _classed(W.Dropdown(description="head", layout=W.Layout(width="200px")), "dl-head")
+        self.attention = _classed(W.Image(format="png", layout=_image_layout()),
+                                  "dl-attention")
+        self.lens = _classed(W.Image(format="png", layout=_image_layout()), "dl-lens")
+
+        title = lambda text: W.HTML(f"<b>{_esc(text)}</b>")  # noqa: E731
+        self.distribution_panel = W.VBox([title("candidates at this step"), self.distribution,
+                                          title("what each processor did"), self.processors],
+                                         layout=W.Layout(flex="1 1 500px", min_width="360px", margin="0 12px 8px 0"))
+        self.lens_panel = W.VBox([title("logit lens: what each layer would have said"), self.lens],
+                                 layout=W.Layout(flex="1 1 500px", min_width="360px", margin="0 0 8px 0"))
+        self.attention_panel = W.VBox([W.HBox([title("attention of this step's query"), self.layer, self.head],
+                                              layout=W.Layout(align_items="center")), self.attention],
+                                      layout=W.Layout(width="100%"))
+        self.panels = W.VBox([
+            W.Box([self.distribution_panel, self.lens_panel],
+                  layout=W.Layout(display="flex", flex_flow="row wrap", width="100%", align_items="flex-start")),
+            self.attention_panel,
+        ], layout=W.Layout(width="100%"))
+        controls = W.HBox([self.slider, self.step_label], layout=W.Layout(align_items="center", width="100%"))
+        super().__init__([self.header, self.text, controls, self.panels],
+                         layout=W.Layout(width="100%"))
+        self.add_class("dl-trace-view")
+
+        self.slider.observe(self._on_slider, names="value")
+        self.layer.observe(self._on_layer, names="value")
+        self.head.observe(self._on_head, names="value")
+        self.set_trace(trace, step=step)
+
+    # ---- public -------------------------------------------------------------------------------------
+    @property
+    def trace(self) -> "Trace":
+        return self._trace  # type: ignore[return-value]
+
+    @property
+    def step(self) -> int:
+        """The selected step."""
+        return int(self.slider.value)
+
+    def select(self, step: int) -> None:
+        """Show step `step` (negative counts from the end)."""
+        n = self.trace.num_steps
+        if n == 0:
+            return
+        step = step + n if step < 0 else step
+        if not 0 <= step < n:
+            raise IndexError(f"step {step} is outside this trace's {n} steps")
+        if step == self.slider.value:
+            self._redraw()
+        else:
+            self.slider.value = step  # -> _on_slider -> _redraw
+
+    def set_trace(self, trace: "Trace", step: int | None = None) -> None:
+        """Show another trace (a session's newer state) in place; select `step` (default: the last)."""
+        self._trace = trace
+        self._cache.clear()
+        n = trace.num_steps
+        self._busy = True
+        try:
+            self.slider.max = max(n - 1, 0)
+            self.slider.disabled = n == 0
+            target = (n - 1 if step is None else (step + n if step < 0 else step)) if n else 0
+            self.slider.value = min(max(target, 0), max(n - 1, 0))
+            self._set_pickers()
+        finally:
+            self._busy = False
+        self._draw_header()
+        self._draw_text()
+        self._redraw()
+
+    # ---- building -------------------------------------------------------------------------------------
+    def _draw_header(self) -> None:
+        tr = self.trace
+        st = tr.strategy or {}
+        words = [f"{w}={st[w]}" for w in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+                 if w in st and st[w] not in (None, 1.0, 0, 0.0)]
+        how = st.get("chooser", tr.chooser)
+        procs = ", ".join(_short_processor(p) for p in tr.processor_names) or "none"
+        branch = f" · branch {tr.branch}" + (f" (from {tr.parent} at step {tr.fork_step})" if tr.parent is not None else "")
+        prompt = tr.prompt if len(tr.prompt) <= 2000 else "…" + tr.prompt[-2000:]
+        self.header.value = (
+            f"<div style='font-size:13px;line-height:1.5'><b>{_esc(tr.model_name or 'trace')}</b>"
+            f" · {tr.num_steps} steps · {_esc(how)} {_esc(' '.join(words))} · processors: {_esc(procs)}"
+            f"{' · stop: ' + _esc(tr.stop_reason) if tr.stop_reason else ''}{_esc(branch)}"
+            f"<details><summary style='cursor:pointer;color:#555'>prompt</summary>"
+            f"<pre style='white-space:pre-wrap;font-size:12px;margin:2px 0'>{_esc(prompt)}</pre></details></div>")
+
+    def _draw_text(self) -> None:
+        tr = self.trace
+        n = tr.num_steps
+        rows = tr.steps[tr.steps["row"] == 0] if n else None
+        while len(self._token_buttons) < n:  # reuse buttons: a session adds tokens one at a time
+            b = _classed(W.Button(layout=W.Layout(width="auto", height="24px", margin="1px", padding="0 3px")),
+                         "dl-token")
+            b.style.font_size = "13px"
+            b.on_click(self._on_token)
+            self._token_buttons.append(b)
+        for i in range(n):
+            r = rows.iloc[i]
+            b = self._token_buttons[i]
+            b._dl_step = i
+            forced = bool(r["forced"])
+            b.description = _label(r["token"], 24)
+            b.tooltip = (f"step {i}: {r['token']!r} · p={_fmt_p(r['prob'])} (rank {int(r['rank'])})"
+                         f" · final p={_fmt_p(r['final_prob'])} · {'forced' if forced else r['choice']}")
+            b.style.button_color = prob_color(r["prob"])
+            b.style.font_weight = "bold" if forced else "normal"
+            b.style.text_decoration = "underline" if forced else "none"
+        shown = self._token_buttons[:n]
+        if list(self.text.children) != shown:
+            self.text.children = shown if shown else [W.HTML(_message("no tokens yet"))]
+
+    def _set_pickers(self) -> None:
+        tr = self.trace
+        layers = list(tr.attention_layers) if tr.has_attention else []
+        opts = [("every layer", "every")] + [(str(x), str(x)) for x in layers]
+        if [o[1] for o in self.layer.options] != [o[1] for o in opts]:
+            self.layer.options = opts
+            self.layer.value = "every"
+        self._set_head_options()
+
+    def _set_head_options(self) -> None:
+        tr = self.trace
+        heads = list(tr.attention_heads) if tr.has_attention else []
+        opts = [("mean", "mean")] + ([("every head", "all")] if self.layer.value not in (None, "every") else [])
+        opts += [(str(h), str(h)) for h in heads]
+        if [o[1] for o in self.head.options] != [o[1] for o in opts]:
+            keep = self.head.value if self.head.value in [o[1] for o in opts] else "mean"
+            self.head.options = opts
+            self.head.value = keep
+
+    # ---- drawing ---------------------------------------------------------------------------------------
+    def _png(self, key: tuple, make: Callable[[], Any], width: int, max_height_in: float | None = None) -> bytes:
+        if key not in self._cache:
+            self._cache[key] = figure_png(make(), width, max_height_in)
+        return self._cache[key]
+
+    def _attention_args(self) -> tuple[int | None, int | str | None]:
+        layer = None if self.layer.value in (None, "every") else int(self.layer.value)
+        head: int | str | None = self.head.value
+        if head in (None, "mean"):
+            head = None
+        elif head != "all":
+            head = int(head)
+        return layer, head
+
+    def _redraw(self) -> None:
+        from . import plots
+
+        tr, n = self.trace, self.trace.num_steps
+        for i, b in enumerate(self._token_buttons[:n]):
+            selected = i == self.slider.value
+            b.layout.border = "2px solid #222" if selected else "1px solid #ccc"
+            if selected:
+                b.add_class("dl-selected")
+            else:
+                b.remove_class("dl-selected")
+        if n == 0:
+            self.step_label.value = "step –: nothing decoded yet"
+            self.panels.layout.display = "none"
+            return
+        self.panels.layout.display = None
+        s = self.step
+        r = tr.steps[(tr.steps["step"] == s) & (tr.steps["row"] == 0)].iloc[0]
+        forced = bool(r["forced"])
+        how = "forced" if forced else str(r["choice"])
+        self.step_label.value = (
+            f"<span style='font-size:14px'><b>step {s}</b> of 0–{n - 1}: <code>{_esc(_label(r['token'], 32))}</code>"
+            f" · {how} · p={_fmt_p(r['prob'])} (rank {int(r['rank'])}) · final p={_fmt_p(r['final_prob'])}"
+            f" · entropy {float(r['entropy']):.2f}</span>")
+        self.distribution.value = self._png(("dist", s), lambda: plots.distribution(tr, s, k=self.k), PANEL_WIDTH_PX)
+        self.processors.value = self._processor_table(s)
+        if tr.has_attention:
+            self.attention_panel.layout.display = None
+            layer, head = self._attention_args()
+            self.attention.value = self._png(
+                ("att", s, layer, head),
+                lambda: plots.attention(tr, s, layer=layer, head=head, window=self.window), WIDE_WIDTH_PX,
+                MAX_HEIGHT_IN)
+        else:
+            self.attention_panel.layout.display = "none"
+        if tr.has_lens:
+            self.lens_panel.layout.display = None
+            self.lens.value = self._png(("lens", s), lambda: plots.lens(tr, s, max_layers=self.lens_layers),
+                                        PANEL_WIDTH_PX)
+        else:
+            self.lens_panel.layout.display = "none"
+        if self.on_step is not None:
+            self.on_step(s)
+
+    def _processor_table(self, step: int) -> str:
+        tr = self.trace
+        p = tr.processors
+        p = p[(p["step"] == step) & (p["row"] == 0)].sort_values("order") if len(p) else p
+        if not len(p):
+            return _message("no logits processors ran: the choice was made on the raw logits")
+        rows = [[_esc(_short_processor(x["processor"])), f"{100 * x['mass_removed']:.2f}%",
+                 f"{int(x['rank_before'])} → {int(x['rank_after'])}", _fmt_p(x["prob_after"])]
+                for _, x in p.iterrows()]
+        return _table(["processor", "mass removed", "chosen rank", "chosen p after"], rows, "lrrr")
+
+    # ---- events ----------------------------------------------------------------------------------------
+    def _on_slider(self, change) -> None:
+        if not self._busy:
+            self._redraw()
+
+    def _on_layer(self, change) -> None:
+        if self._busy:
+            return
+        self._busy = True
+        try:
+            self._set_head_options()
+        finally:
+            self._busy = False
+        self._redraw()
+
+    def _on_head(self, change) -> None:
+        if not self._busy:
+            self._redraw()
+
+    def _on_token(self, button: W.Button) -> None:
+        self.select(button._dl_step)
+
+
+# ---- the session explorer ----------------------------------------------------------------------------------
+class SessionExplorer(W.VBox):
+    """A live session: the trace view of the shown branch, plus next token, force a candidate,
+    rewind, fork and a branch picker. Every action updates the view in place.
+
+    The same actions are methods (`next`, `force`, `rewind`, `fork`, `show_branch`) for code and tests.
+    """
+
+    def __init__(self, session: "Session", *, k: int = 8, window: int = 40, lens_layers: int = 16):
+        self.session = session  # the branch shown
+        self.k = k
+        self._busy = False
+
+        self.next_button = _classed(W.Button(description="next token", icon="step-forward",
+                                             tooltip="decode one token with the strategy",
+                                             layout=W.Layout(width="130px")), "dl-next")
+        self.next10_button = _classed(W.Button(description="+10 tokens", icon="fast-forward",
+                                               tooltip="decode ten tokens (stops at EOS)",
+                                               layout=W.Layout(width="120px")), "dl-next-10")
+        self.rewind_to = _classed(W.BoundedIntText(value=0, min=0, max=0, description="to step",
+                                                   layout=W.Layout(width="150px")), "dl-rewind-to")
+        self.rewind_button = _classed(W.Button(description="rewind", icon="undo",
+                                               tooltip="keep the tokens before this step, drop the rest",
+                                               layout=W.Layout(width="100px")), "dl-rewind")
+        self.fork_button = _classed(W.Button(description="fork", icon="code-fork",
+                                             tooltip="start a new branch from here (this one is kept)",
+                                             layout=W.Layout(width="90px")), "dl-fork")
+        self.branches = _classed(W.Dropdown(description="branch", layout=W.Layout(width="360px")), "dl-branches")
+        self.candidates = _classed(W.Box(layout=W.Layout(display="flex", flex_flow="row wrap", align_items="center",
+                                                         width="100%")), "dl-candidates")
+        self.status = _classed(W.HTML(), "dl-status")
+        self.view = TraceView(session.trace, k=max(k, 10), window=window, lens_layers=lens_layers)
+
+        self.next_button.on_click(lambda _: self._act(self.next))
+        self.next10_button.on_click(lambda _: self._act(lambda: self.next(10)))
+        self.rewind_button.on_click(lambda _: self._act(lambda: self.rewind(int(self.rewind_to.value))))
+        self.fork_button.on_click(lambda _: self._act(self.fork))
+        self.branches.observe(self._on_branch, names="value")
+
+        toolbar = W.HBox([self.next_button, self.next10_button, self.rewind_to, self.rewind_button,
+                          self.fork_button, self.branches],
+                         layout=W.Layout(flex_flow="row wrap", align_items="center"))
+        force = W.HBox([W.HTML("<b style='white-space:nowrap'>force the next token:</b>",
+                               layout=W.Layout(margin="0 6px 0 0", flex="0 0 auto")),
+                        self.candidates], layout=W.Layout(align_items="center", width="100%"))
+        super().__init__([toolbar, force, self.status, self.view], layout=W.Layout(width="100%"))
+        self.add_class("dl-explorer")
+        self._refresh(message="ready: press “next token”, or click a candidate to force it")
+
+    # ---- actions (also callable from code) -------------------------------------------------------------
+    def next(self, n: int = 1) -> None:
+        """Decode `n` tokens on the shown branch."""
+        if self.session.done:
+            self._refresh(message="this branch ended at EOS: rewind or fork to go on", kind="error")
+            return
+        rows = self.session.step(n)
+        got = " ".join(repr(t) for t in rows["token"]) if len(rows) else "nothing"
+        self._refresh(message=f"decoded {got}")
+
+    def force(self, token_id: int) -> None:
+        """Force `token_id` as the next token of the shown branch."""
+        rows = self.session.choose(token=int(token_id))
+        r = rows.iloc[0]
+        self._refresh(message=f"forced {r['token']!r} at step {int(r['step'])} (the model gave it p={_fmt_p(r['prob'])})")
+
+    def rewind(self, to: int) -> None:
+        """Rewind the shown branch to just before step `to`."""
+        self.session.rewind(to=int(to))
+        self._refresh(message=f"rewound to step {int(to)}")
+
+    def fork(self) -> None:
+        """Start a new branch from the shown branch's current step and show it."""
+        parent = self.session
+        self.session = parent.fork()
+        self._refresh(message=f"branch {self.session.branch} forked from branch {parent.branch} at step {parent.steps}")
+
+    def show_branch(self, branch: int) -> None:
+        """Show branch number `branch`."""
+        self.session = self.session.branch_of(int(branch))
+        self._refresh(message=f"showing branch {self.session.branch}")
+
+    # ---- internals -----------------------------------------------------------------------------------------
+    def _act(self, action: Callable[[], None]) -> None:
+        """Run a button's action with the controls disabled; show an error in the status line."""
+        buttons = [self.next_button, self.next10_button, self.rewind_button, self.fork_button]
+        for b in buttons:
+            b.disabled = True
+        self.status.value = _message("working…")
+        try:
+            action()
+        except Exception as err:  # shown, not lost in the kernel log
+            self.status.value = _message(f"{type(err).__name__}: {err}", "error")
+            self.status.add_class("dl-error")
+        finally:
+            for b in buttons:
+                b.disabled = False
+            self._set_done_state()
+
+    def _set_done_state(self) -> None:
+        done = self.session.done
+        self.next_button.disabled = done
+        self.next10_button.disabled = done
+
+    def _refresh(self, message: str = "", kind: str = "info") -> None:
+        s = self.session
+        self.view.set_trace(s.trace)
+        self.rewind_to.max = s.steps
+        self.rewind_to.value = max(s.steps - 1, 0)
+        self._busy = True
+        try:
+            opts = []
+            for b in s.branches:
+                where = f" from {b.parent} at step {b.fork_step}" if b.parent is not None else ""
+                opts.append((f"{b.branch}{where} · {b.steps} steps", b.branch))
+            self.branches.options = opts
+            self.branches.value = s.branch
+        finally:
+            self._busy = False
+        self._draw_candidates()
+        self._set_done_state()
+        self.status.remove_class("dl-error")
+        if kind == "error":
+            self.status.add_class("dl-error")
+        self.status.value = _message(message, kind)
+
+    def _draw_candidates(self) -> None:
+        s = self.session
+        if s.done:
+            self.candidates.children = [W.HTML(_message("ended at EOS: rewind or fork to continue"))]
+            return
+        cands = s.candidates(k=self.k)
+        buttons = []
+        for _, c in cands.iterrows():
+            b = _classed(W.Button(description=f"{_label(c['token'], 16)}  {c['final_prob']:.2f}",
+                                  tooltip=(f"force {c['token']!r} (id {int(c['token_id'])}): raw p={_fmt_p(c['prob'])},"
+                                           f" final p={_fmt_p(c['final_prob'])}, rank {int(c['rank'])}"),
+                                  layout=W.Layout(width="auto", height="26px", margin="1px", padding="0 6px")),
+                         "dl-candidate")
+            b.style.button_color = prob_color(c["final_prob"])
+            b._dl_token_id = int(c["token_id"])
+            b.on_click(lambda btn: self._act(lambda: self.force(btn._dl_token_id)))
+            buttons.append(b)
+        old = self.candidates.children
+        self.candidates.children = buttons
+        for w in old:  # free the front-end models of the previous step's buttons
+            w.close()
+
+    def _on_branch(self, change) -> None:
+        if self._busy or change["new"] is None or change["new"] == self.session.branch:
+            return
+        self._act(lambda: self.show_branch(change["new"]))
+
+
+# ---- entry points ----------------------------------------------------------------------------------------
+def show(trace: "Trace", *, step: int | None = None, k: int = 12, window: int = 40,
+         lens_layers: int = 16) -> TraceView:
+    """The trace explorer: click a token or slide through steps to see that step's candidates,
+    processors, attention (layer/head pickers) and logit lens, where the trace recorded them.
+
+    `step`: the step shown first (default: the last); `k`: candidates plotted; `window`: context
+    positions in the attention plot; `lens_layers`: at most this many layers in the lens plot."""
+    return TraceView(trace, k=k, window=window, lens_layers=lens_layers, step=step)
+
+
+def explore(session: "Session", *, k: int = 8, window: int = 40, lens_layers: int = 16) -> SessionExplorer:
+    """Step through a live `Session`: next token, force a candidate (`k` are offered), rewind, fork,
+    pick a branch; below, the `show` view of the branch shown."""
+    return SessionExplorer(session, k=k, window=window, lens_layers=lens_layers)

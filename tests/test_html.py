@@ -1,0 +1,180 @@
+"""HTML export: self-contained, script-free, and every piece of model text escaped."""
+from __future__ import annotations
+
+import base64
+import html
+import re
+from html.parser import HTMLParser
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+
+import decoderlab as dl
+from decoderlab.html import coloured_text, prob_colour, trace_html
+from decoderlab.trace import Trace
+
+NASTY = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", ' "quoted"', " 'single'", " שלום", " مرحبا",
+         "\n", " a&b", "</span></div>"]
+
+
+def text_trace(tokens, probs=None, forced=(), k=4, model_name="hand-made", prompt="Say something:") -> Trace:
+    """A trace with the given tokens (and raw probabilities); candidates are the token plus fillers."""
+    n = len(tokens)
+    probs = np.linspace(0.95, 0.05, n) if probs is None else np.asarray(probs, float)
+    ids: dict[str, int] = {}
+
+    def tid(t: str) -> int:
+        return ids.setdefault(t, len(ids))
+
+    prompt_ids = np.array([tid(prompt)])
+    token_id = np.array([[tid(t)] for t in tokens])
+    cand_id = np.array([[[token_id[s, 0]] + [tid(f"alt{j}<b>") for j in range(k - 1)]] for s in range(n)])
+    cand_prob = np.concatenate([probs[:, None, None], np.full((n, 1, k - 1), 0.01)], -1).astype(np.float32)
+    arrays = {
+        "token_id": token_id, "forced": np.array([[s in forced] for s in range(n)]),
+        "logprob": np.log(probs)[:, None].astype(np.float32), "rank": np.zeros((n, 1), np.int64),
+        "entropy": np.ones((n, 1), np.float32), "final_logprob": np.log(probs)[:, None].astype(np.float32),
+        "final_rank": np.zeros((n, 1), np.int64), "final_entropy": np.ones((n, 1), np.float32),
+        "cand_id": cand_id, "cand_logit": np.log(cand_prob), "cand_prob": cand_prob, "cand_final_prob": cand_prob,
+    }
+    return Trace(prompt=prompt, prompt_ids=prompt_ids, arrays=arrays, token_text={v: t for t, v in ids.items()},
+                 model_name=model_name, strategy={"do_sample": True, "temperature": 0.7, "top_p": 1.0},
+                 stop_reason="length", chooser="sample")
+
+
+class Collect(HTMLParser):
+    """Every tag and attribute of a page, and its text."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def parse(page: str) -> Collect:
+    c = Collect()
+    c.feed(page)
+    c.close()
+    return c
+
+
+def test_page_escapes_hostile_tokens_and_runs_nothing():
+    tr = text_trace(NASTY, model_name="<script>evil()</script>", prompt='<b onclick="x()">hi</b>')
+    page = trace_html(tr)
+    assert page.startswith("<!DOCTYPE html>")
+    assert "<script" not in page.lower()
+    assert "http://" not in page and "https://" not in page
+    assert "<img src=x" not in page and "<b onclick" not in page
+    for raw in ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", "</span></div>", "<b onclick=", "alt0<b>"]:
+        assert html.escape(raw, quote=True) in page
+    assert "&lt;script&gt;evil()&lt;/script&gt;" in page  # the model name, escaped too
+    assert "&quot;quoted&quot;" in page and "&#x27;single&#x27;" in page
+    assert "שלום" in page and "مرحبا" in page  # right-to-left text kept as text
+    assert " a&amp;b" in page
+
+    doc = parse(page)
+    tags = {t for t, _ in doc.tags}
+    assert not tags & {"script", "iframe", "object", "embed", "link", "base", "form", "input", "svg", "math"}
+    for tag, attrs in doc.tags:
+        assert not [a for a in attrs if a.lower().startswith("on")], (tag, attrs)
+        if tag == "img":
+            assert attrs["src"].startswith("data:image/png;base64,")
+    csp = [a["content"] for t, a in doc.tags if t == "meta" and a.get("http-equiv") == "Content-Security-Policy"]
+    assert csp and "default-src 'none'" in csp[0]
+    text = "".join(doc.text)  # what a reader sees: the hostile strings, as text
+    assert "<script>alert(1)</script>" in text and "<img src=x onerror=alert(1)>" in text
+
+
+def test_page_has_no_unescaped_token_markup():
+    tr = text_trace(NASTY)
+    body = coloured_text(tr, style=False, legend=False)
+    doc = parse(body)
+    # one token span per step, and only our own tags inside
+    assert [a["data-step"] for t, a in doc.tags if t == "span" and "dlh-tok" in a.get("class", "")] == \
+        [str(s) for s in range(len(NASTY))]
+    assert {t for t, _ in doc.tags} <= {"div", "span", "br", "bdi", "b"}
+
+
+def test_coloured_text_colours_by_probability_and_marks_forced():
+    tr = text_trace([" low", " high", " mid"], probs=[0.02, 0.99, 0.5], forced=(2,))
+    frag = coloured_text(tr)
+    assert frag.startswith("<style>")
+    spans = [a for t, a in parse(frag).tags if t == "span" and "dlh-tok" in a.get("class", "")]
+    colours = [re.search(r"background:(#[0-9a-f]{6})", a["style"]).group(1) for a in spans]
+    assert colours == [prob_colour(0.02), prob_colour(0.99), prob_colour(0.5)]
+    assert prob_colour(0.0) == "#ef8a62" and prob_colour(0.5) == "#f7f7f7" and prob_colour(1.0) == "#67a9cf"
+    assert ["dlh-forced" in a["class"] for a in spans] == [False, False, True]
+    # hover details: hidden inline, with the numbers and the top alternatives
+    assert frag.count('class="dlh-tip" dir="ltr" style="display:none"') == 3
+    assert "p = 0.020 (rank 0)" in frag and "p = 0.990" in frag
+    assert frag.count('class="dlh-row dlh-chosen"') == 3
+    assert "alt0&lt;b&gt;" in frag and "<b>forced</b>" in frag
+    assert "final_prob" not in frag
+    with pytest.raises(ValueError):
+        coloured_text(tr, value="logit")
+    marked = [a["data-step"] for t, a in parse(coloured_text(tr, selected=1)).tags if "dlh-selected" in a.get("class", "")]
+    assert marked == ["1"]
+
+
+def test_fragment_css_only_styles_its_own_classes():
+    # a <style> in a notebook output is global: it must not touch the widgets' dl- classes or bare tags
+    from decoderlab.html import CSS
+
+    selectors = [sel.strip() for rule in re.findall(r"([^{}]+)\{", CSS) for sel in rule.split(",")]
+    assert selectors and all(sel.startswith(".dlh-") for sel in selectors), selectors
+
+
+def test_whitespace_and_newlines_are_visible():
+    tr = text_trace(["Hi", "\n", "\tthere", "\x1b", ""])
+    frag = coloured_text(tr, style=False, legend=False)
+    assert '<span class="dlh-mark">↵</span><br>' in frag
+    assert '<span class="dlh-mark">⇥</span>\tthere' in frag
+    assert '<span class="dlh-mark">\\x1b</span>' in frag
+    assert '<span class="dlh-mark">∅</span>' in frag  # an empty token still has a box to hover
+    assert "<bdi>↵</bdi>" in frag and "<bdi>⇥there</bdi>" in frag  # the tip shows the token as a label
+
+
+def test_page_header_prompt_and_embedded_figure():
+    tr = text_trace([" a", " b", " c"])
+    page = trace_html(tr)
+    assert "hand-made" in page and "stop reason" in page and "length" in page
+    assert "temperature=0.7" in page and "top_p" not in page  # neutral settings left out
+    assert "Say something:" in page
+    png = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page).group(1)
+    assert base64.b64decode(png)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<img" not in trace_html(tr, figure=False)
+
+
+def test_repr_html_and_empty_trace():
+    tr = text_trace(["<script>x</script>"])
+    rep = tr._repr_html_()
+    assert "<script" not in rep.lower() and "&lt;script&gt;x&lt;/script&gt;" in rep
+    empty = Trace(prompt="p", prompt_ids=np.array([0]), arrays={}, token_text={0: "p"}, model_name="m")
+    page = trace_html(empty)
+    assert "(no tokens generated)" in page and "<img" not in page
+
+
+def test_tiny_model_page(tiny_lms, tmp_path):
+    lm = tiny_lms["qwen2"]
+    tr = lm.generate("Write <b>bold</b> & more", max_new_tokens=8, do_sample=True, seed=3, progress=False)
+    path = tmp_path / "trace.html"
+    page = tr.to_html(path)
+    assert path.read_text(encoding="utf-8") == page
+    doc = parse(page)
+    assert len([a for t, a in doc.tags if t == "span" and "dlh-tok" in a.get("class", "")]) == tr.num_steps
+    assert "<script" not in page.lower() and "http://" not in page and "https://" not in page
+    assert "Write &lt;b&gt;bold&lt;/b&gt; &amp; more" in page
+    printable = [t for t in tr.tokens if t.isprintable()]
+    assert printable
+    for token in printable:
+        assert html.escape(token, quote=True) in page
