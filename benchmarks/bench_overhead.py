@@ -29,10 +29,22 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--random-weights", default=None, metavar="DIR",
+                    help="build the model from DIR's config.json with random weights (same shapes and cost; "
+                         "for machines that lack the weights) and use DIR's tokenizer")
+    ap.add_argument("--lens-read", action="store_true", help="also time reading trace.lens (the lazy lens pass)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = dl.load(args.model, device=args.device, dtype=args.dtype)
+    if args.random_weights:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        cfg = AutoConfig.from_pretrained(args.random_weights)
+        dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(args.device or "cpu").eval()
+        lm = dl.LM(model, AutoTokenizer.from_pretrained(args.random_weights), name=cfg.name_or_path or "random")
+    else:
+        lm = dl.load(args.model, device=args.device, dtype=args.dtype)
     prompt = "Write a long story about a lighthouse keeper who finds a message in a bottle."
     ids, _ = lm.encode(prompt, chat=True)
     n = args.tokens
@@ -42,10 +54,12 @@ def main() -> None:
         lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                           do_sample=False, eos_token_id=None)
 
-    def recorded(record):
+    def recorded(record, read_lens=False):
         def run():
             t = lm.generate(prompt, chat=True, max_new_tokens=n, eos_token_id=[], progress=False, record=record)
             assert t.num_steps == n
+            if read_lens:
+                t.lens
         return run
 
     variants = {
@@ -53,6 +67,8 @@ def main() -> None:
         "Record()": recorded(dl.Record()),
         "Record(attention, lens, logits)": recorded(dl.Record(attention=True, lens=True, logits=True)),
     }
+    if args.lens_read:
+        variants["... and reading trace.lens"] = recorded(dl.Record(attention=True, lens=True, logits=True), True)
     for fn in variants.values():  # warm up
         fn()
     times: dict[str, list[float]] = {k: [] for k in variants}

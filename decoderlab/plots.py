@@ -574,15 +574,15 @@ def lens(trace: "Trace", step: int, row: int = 0, max_layers: int = 48) -> Figur
     """Logit lens at one step: layers × top tokens, cells coloured by probability with the token text,
     the finally chosen token outlined; the right axis gives the chosen token's rank at each layer."""
     step, row = _check_step(trace, step), _check_row(trace, row)
-    lf = trace.lens
-    sel = lf[(lf["step"] == step) & (lf["row"] == row)].sort_values(["layer", "rank"])
+    lf = trace.lens_for([step])  # only this step's layers are unembedded
+    sel = lf[lf["row"] == row].sort_values(["layer", "rank"])
     n_layers = int(sel["layer"].max()) + 1
     k = int(sel["rank"].max()) + 1
     prob = sel["prob"].to_numpy(np.float64).reshape(n_layers, k)
     tokens = sel["token"].to_numpy(object).reshape(n_layers, k)
     chosen = sel["chosen"].to_numpy(bool).reshape(n_layers, k)
-    stats = trace.lens_stats
-    st = stats[(stats["step"] == step) & (stats["row"] == row)].sort_values("layer")
+    stats = trace.lens_stats_for([step])
+    st = stats[stats["row"] == row].sort_values("layer")
     keep = np.unique(np.linspace(0, n_layers - 1, min(n_layers, max_layers)).round().astype(int))
     prob, tokens, chosen, st = prob[keep], tokens[keep], chosen[keep], st.iloc[keep]
 

@@ -224,43 +224,75 @@ class Trace:
     def has_lens(self) -> bool:
         return "lens_id" in self.arrays or ("residual" in self.arrays and self.lens_object is not None)
 
-    def _ensure_lens(self) -> None:
-        """Apply final norm + unembedding to every recorded residual, in one batched pass, once."""
-        if "lens_id" in self.arrays:
-            return
+    def _ensure_lens(self, steps: Sequence[int] | None = None) -> None:
+        """Apply final norm + unembedding to the recorded residuals of `steps` (default: all), batched, once each."""
         if "residual" not in self.arrays or self.lens_object is None:
+            if "lens_id" in self.arrays:
+                return
             raise ValueError("this trace has no logit lens: record it with Record(lens=True)")
         import torch
 
-        res = torch.from_numpy(self.arrays["residual"])  # [S, B, L, D]
-        s, b, l, d = res.shape
-        chosen = torch.from_numpy(self.arrays["token_id"].reshape(-1))
-        ids, probs, entropy, rank, chosen_prob = self.lens_object.top(res.reshape(s * b, l, d), self.lens_top_k, chosen)
+        res = self.arrays["residual"]  # [S, B, L, D]
+        s, b, l, _ = res.shape
+        if "lens_id" not in self.arrays:
+            k = min(self.lens_top_k, self.lens_object.unembed.weight.shape[0])
+            self.arrays.update(lens_id=np.zeros((s, b, l, k), np.int64), lens_prob=np.zeros((s, b, l, k), np.float32),
+                               lens_entropy=np.zeros((s, b, l), np.float32),
+                               lens_chosen_rank=np.zeros((s, b, l), np.int64),
+                               lens_chosen_prob=np.zeros((s, b, l), np.float32))
+            self._lens_done = np.zeros(s, dtype=bool)
+        wanted = np.arange(s) if steps is None else np.asarray(list(steps), dtype=np.int64)
+        todo = wanted[~self._lens_done[wanted]]
+        if len(todo) == 0:
+            return
+        flat = torch.from_numpy(res[todo]).reshape(len(todo) * b, l, -1)
+        chosen = torch.from_numpy(self.arrays["token_id"][todo].reshape(-1))
+        ids, probs, entropy, rank, chosen_prob = self.lens_object.top(flat, self.lens_top_k, chosen)
         k = ids.shape[-1]
-        self.arrays["lens_id"] = ids.numpy().reshape(s, b, l, k)
-        self.arrays["lens_prob"] = probs.numpy().reshape(s, b, l, k)
-        self.arrays["lens_entropy"] = entropy.numpy().reshape(s, b, l)
-        self.arrays["lens_chosen_rank"] = rank.numpy().reshape(s, b, l)
-        self.arrays["lens_chosen_prob"] = chosen_prob.numpy().reshape(s, b, l)
-        missing = {int(i) for i in np.unique(self.arrays["lens_id"])} - set(self.token_text)
-        if missing and self.lens_object is not None and getattr(self.lens_object, "token_text", None) is not None:
+        self.arrays["lens_id"][todo] = ids.numpy().reshape(len(todo), b, l, k)
+        self.arrays["lens_prob"][todo] = probs.numpy().reshape(len(todo), b, l, k)
+        self.arrays["lens_entropy"][todo] = entropy.numpy().reshape(len(todo), b, l)
+        self.arrays["lens_chosen_rank"][todo] = rank.numpy().reshape(len(todo), b, l)
+        self.arrays["lens_chosen_prob"][todo] = chosen_prob.numpy().reshape(len(todo), b, l)
+        self._lens_done[todo] = True
+        missing = {int(i) for i in np.unique(ids.numpy())} - set(self.token_text)
+        if missing and getattr(self.lens_object, "token_text", None) is not None:
             for i in missing:
                 self.token_text[i] = self.lens_object.token_text(i)
+
+    def lens_for(self, steps: Sequence[int] | None = None) -> pd.DataFrame:
+        """The logit lens frame for some steps only (computing just those): what `trace.lens` holds for them."""
+        self._ensure_lens(steps)
+        sel = np.arange(self.num_steps) if steps is None else np.asarray(list(steps), dtype=np.int64)
+        ids = self.arrays["lens_id"][sel]
+        s, b, l, k = ids.shape
+        return pd.DataFrame({
+            "step": np.repeat(sel, b * l * k), "row": np.tile(np.repeat(np.arange(b), l * k), s),
+            "branch": self.branch, "layer": np.tile(np.repeat(np.arange(l), k), s * b),
+            "rank": np.tile(np.arange(k), s * b * l),
+            "token_id": ids.reshape(-1).astype(np.int64), "token": self._tok(ids.reshape(-1)),
+            "prob": self.arrays["lens_prob"][sel].reshape(-1).astype(np.float64),
+            "chosen": (ids == self.arrays["token_id"][sel][:, :, None, None]).reshape(-1),
+        })
+
+    def lens_stats_for(self, steps: Sequence[int] | None = None) -> pd.DataFrame:
+        """Per (step, row, layer): the lens entropy and the chosen token's rank and prob, for some steps."""
+        self._ensure_lens(steps)
+        sel = np.arange(self.num_steps) if steps is None else np.asarray(list(steps), dtype=np.int64)
+        e = self.arrays["lens_entropy"][sel]
+        s, b, l = e.shape
+        return pd.DataFrame({
+            "step": np.repeat(sel, b * l), "row": np.tile(np.repeat(np.arange(b), l), s),
+            "branch": self.branch, "layer": np.tile(np.arange(l), s * b),
+            "entropy": e.reshape(-1).astype(np.float64),
+            "chosen_rank": self.arrays["lens_chosen_rank"][sel].reshape(-1).astype(np.int64),
+            "chosen_prob": self.arrays["lens_chosen_prob"][sel].reshape(-1).astype(np.float64),
+        })
 
     @cached_property
     def lens_frame(self) -> pd.DataFrame:
         """The logit lens frame (`trace.lens`)."""
-        self._ensure_lens()
-        ids = self.arrays["lens_id"]
-        s, b, l, k = ids.shape
-        return pd.DataFrame({
-            "step": np.repeat(np.arange(s), b * l * k), "row": np.tile(np.repeat(np.arange(b), l * k), s),
-            "branch": self.branch, "layer": np.tile(np.repeat(np.arange(l), k), s * b),
-            "rank": np.tile(np.arange(k), s * b * l),
-            "token_id": ids.reshape(-1).astype(np.int64), "token": self._tok(ids.reshape(-1)),
-            "prob": self.arrays["lens_prob"].reshape(-1).astype(np.float64),
-            "chosen": (ids == self.arrays["token_id"][:, :, None, None]).reshape(-1),
-        })
+        return self.lens_for(None)
 
     @property
     def lens(self) -> pd.DataFrame:
@@ -270,16 +302,7 @@ class Trace:
     @cached_property
     def lens_stats(self) -> pd.DataFrame:
         """One row per (step, row, layer): the lens distribution's entropy, and the chosen token's rank and prob."""
-        self._ensure_lens()
-        e = self.arrays["lens_entropy"]
-        s, b, l = e.shape
-        return pd.DataFrame({
-            "step": np.repeat(np.arange(s), b * l), "row": np.tile(np.repeat(np.arange(b), l), s),
-            "branch": self.branch, "layer": np.tile(np.arange(l), s * b),
-            "entropy": e.reshape(-1).astype(np.float64),
-            "chosen_rank": self.arrays["lens_chosen_rank"].reshape(-1).astype(np.int64),
-            "chosen_prob": self.arrays["lens_chosen_prob"].reshape(-1).astype(np.float64),
-        })
+        return self.lens_stats_for(None)
 
     # ---- save / load -------------------------------------------------------------------------
     def _meta(self) -> dict:
@@ -294,6 +317,7 @@ class Trace:
         }
 
     def _saved_arrays(self) -> dict[str, np.ndarray]:
+        """What `save` writes: the computed lens instead of the residuals it came from."""
         if "residual" in self.arrays and self.lens_object is not None:
             self._ensure_lens()
         return {k: v for k, v in self.arrays.items() if k != "residual" or "lens_id" not in self.arrays}

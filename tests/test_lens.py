@@ -80,3 +80,15 @@ def test_smollm2_lens_last_layer(smol):
     last = trace.lens_stats[trace.lens_stats.layer == 29].reset_index(drop=True)
     np.testing.assert_allclose(last.chosen_prob.values, trace.steps.prob.values, rtol=1e-4)
     assert (last.chosen_rank.values == trace.steps["rank"].values).all()
+
+
+def test_lens_for_one_step_computes_only_that_step(tiny_lms):
+    lm = tiny_lms["llama"]
+    trace = lm.generate("Lazy lens", max_new_tokens=5, eos_token_id=[], progress=False, record=dl.Record(lens=True))
+    one = trace.lens_for([3])
+    assert set(one.step) == {3}
+    assert trace._lens_done.tolist() == [False, False, False, True, False]
+    full = trace.lens
+    assert trace._lens_done.all()
+    np.testing.assert_array_equal(one.token_id.values, full[full.step == 3].token_id.values)
+    np.testing.assert_allclose(one.prob.values, full[full.step == 3].prob.values)
