@@ -32,7 +32,7 @@ class LM:
     def __init__(self, model, tokenizer, name: str = ""):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        self.name = name or _model_name(model)
         self.token_text = TokenText(tokenizer)
         self._lens = None
 
@@ -253,6 +253,17 @@ class LM:
                 gen = gen[:i]
                 break
         return self.tokenizer.decode(gen, skip_special_tokens=True)
+
+
+def _model_name(model) -> str:
+    """A readable name: the folder's name, the bundled model's own name for its cache folder."""
+    from pathlib import Path
+
+    from .models import DEFAULT_NAME
+
+    source = str(getattr(model.config, "_name_or_path", "") or "")
+    name = Path(source).name if source else type(model).__name__
+    return DEFAULT_NAME if name.startswith(DEFAULT_NAME + "-") else name
 
 
 def _stack_filled(items: list) -> torch.Tensor:

@@ -105,8 +105,9 @@ class Session:
     @property
     def tree(self) -> pd.DataFrame:
         """One row per branch: (branch, parent, fork_step, steps, text)."""
-        return pd.DataFrame([{"branch": b.branch, "parent": b.parent, "fork_step": b.fork_step,
-                              "steps": b.steps, "text": b.text} for b in self.branches])
+        frame = pd.DataFrame([{"branch": b.branch, "parent": b.parent, "fork_step": b.fork_step,
+                               "steps": b.steps, "text": b.text} for b in self.branches])
+        return frame.astype({"parent": "Int64", "fork_step": "Int64"})  # the root has none: <NA>, not NaN
 
     def candidates(self, k: int | None = None) -> pd.DataFrame:
         """The next step's top-k tokens (raw and final probabilities), before anything is chosen."""

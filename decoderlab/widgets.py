@@ -50,6 +50,7 @@ CSS_CLASSES = {
     "dl-rewind": "explorer: rewind",
     "dl-fork": "explorer: fork a new branch here",
     "dl-branches": "explorer: the branch shown",
+    "dl-problems": "a panel that could not be drawn, and why (empty when all is well)",
     "dl-status": "explorer: what the last action did (dl-error when it failed)",
 }
 
@@ -57,17 +58,15 @@ DPI = 100
 PANEL_WIDTH_PX = 620  # half a JupyterLab notebook; figures are squeezed to at most this width
 WIDE_WIDTH_PX = 1200  # full-width panels (attention)
 MAX_HEIGHT_IN = 5.5  # and to at most this height (inches at DPI): a panel stays on one screen
-PROB_COLORS = ("#ef8a62", "#f7f7f7", "#67a9cf")  # low -> high; the same scale as plots and the HTML export
 
 
 # ---- small helpers -------------------------------------------------------------------------------------
 def prob_color(p: float) -> str:
-    """A background colour for probability p: red (unlikely) through white to blue (likely)."""
-    p = min(max(float(p), 0.0), 1.0)
-    lo, mid, hi = (tuple(int(c[i : i + 2], 16) for i in (1, 3, 5)) for c in PROB_COLORS)
-    a, b, t = (lo, mid, p / 0.5) if p < 0.5 else (mid, hi, (p - 0.5) / 0.5)
-    rgb = (round(x + (y - x) * t) for x, y in zip(a, b))
-    return "#" + "".join(f"{v:02x}" for v in rgb)
+    """A background colour for probability p: red (unlikely) through white to blue (likely), the scale
+    of the plots and the HTML export (one definition, in `decoderlab.html`)."""
+    from .html import prob_colour
+
+    return prob_colour(p)
 
 
 def figure_png(fig, width_px: int | None = None, max_height_in: float | None = None, dpi: int = DPI) -> bytes:
@@ -87,7 +86,7 @@ def figure_png(fig, width_px: int | None = None, max_height_in: float | None = N
         buf = io.BytesIO()
         with warnings.catch_warnings():  # a missing glyph must not print into the notebook from a callback
             warnings.simplefilter("ignore")
-            fig.savefig(buf, format="png", dpi=dpi, facecolor="white")
+            fig.savefig(buf, format="png", dpi=dpi, facecolor="white", bbox_inches="tight", pad_inches=0.08)
         return buf.getvalue()
     finally:
         plt.close(fig)  # harmless for figures built without pyplot
@@ -148,7 +147,8 @@ def _table(header: list[str], rows: list[list[str]], aligns: str) -> str:
 class TraceView(W.VBox):
     """A trace, one step at a time: the text (click a token), a step slider, and that step's panels.
 
-    `view.select(step)` moves it from code; `view.set_trace(trace)` swaps in a new trace in place.
+    `view.select(step)` moves it from code; `view.set_trace(trace)` swaps in a new trace in place;
+    `on_step(step)`, if given, is called after each redraw.
     """
 
     def __init__(self, trace: "Trace", *, k: int = 12, window: int = 40, lens_layers: int = 16,
@@ -177,6 +177,8 @@ class TraceView(W.VBox):
         self.attention = _classed(W.Image(format="png", layout=_image_layout()),
                                   "dl-attention")
         self.lens = _classed(W.Image(format="png", layout=_image_layout()), "dl-lens")
+        self.problems = _classed(W.HTML(), "dl-problems")
+        self._no_tokens = W.HTML(_message("no tokens yet"))
 
         title = lambda text: W.HTML(f"<b>{_esc(text)}</b>")  # noqa: E731
         self.distribution_panel = W.VBox([title("candidates at this step"), self.distribution,
@@ -193,7 +195,7 @@ class TraceView(W.VBox):
             self.attention_panel,
         ], layout=W.Layout(width="100%"))
         controls = W.HBox([self.slider, self.step_label], layout=W.Layout(align_items="center", width="100%"))
-        super().__init__([self.header, self.text, controls, self.panels],
+        super().__init__([self.header, self.text, controls, self.problems, self.panels],
                          layout=W.Layout(width="100%"))
         self.add_class("dl-trace-view")
 
@@ -281,9 +283,9 @@ class TraceView(W.VBox):
             b.style.button_color = prob_color(r["prob"])
             b.style.font_weight = "bold" if forced else "normal"
             b.style.text_decoration = "underline" if forced else "none"
-        shown = self._token_buttons[:n]
+        shown = self._token_buttons[:n] or [self._no_tokens]
         if list(self.text.children) != shown:
-            self.text.children = shown if shown else [W.HTML(_message("no tokens yet"))]
+            self.text.children = shown
 
     def _set_pickers(self) -> None:
         tr = self.trace
@@ -320,48 +322,59 @@ class TraceView(W.VBox):
         return layer, head
 
     def _redraw(self) -> None:
+        """Draw the selected step's panels, then the tokens' selection and the step label, last: once the
+        label names a step, every panel shows that step."""
         from . import plots
 
         tr, n = self.trace, self.trace.num_steps
-        for i, b in enumerate(self._token_buttons[:n]):
-            selected = i == self.slider.value
-            b.layout.border = "2px solid #222" if selected else "1px solid #ccc"
-            if selected:
-                b.add_class("dl-selected")
-            else:
-                b.remove_class("dl-selected")
         if n == 0:
+            self._mark_selected(None)
             self.step_label.value = "step –: nothing decoded yet"
             self.panels.layout.display = "none"
             return
         self.panels.layout.display = None
         s = self.step
+        problems = []
+
+        def panel(name: str, draw: Callable[[], None]) -> None:
+            try:
+                draw()
+            except Exception as err:  # one broken panel must not blank the others
+                problems.append(f"{name}: {type(err).__name__}: {err}")
+
+        panel("candidates", lambda: setattr(self.distribution, "value", self._png(
+            ("dist", s), lambda: plots.distribution(tr, s, k=self.k), PANEL_WIDTH_PX)))
+        panel("processors", lambda: setattr(self.processors, "value", self._processor_table(s)))
+        self.attention_panel.layout.display = None if tr.has_attention else "none"
+        if tr.has_attention:
+            layer, head = self._attention_args()
+            panel("attention", lambda: setattr(self.attention, "value", self._png(
+                ("att", s, layer, head), lambda: plots.attention(tr, s, layer=layer, head=head, window=self.window),
+                WIDE_WIDTH_PX, MAX_HEIGHT_IN)))
+        self.lens_panel.layout.display = None if tr.has_lens else "none"
+        if tr.has_lens:
+            panel("lens", lambda: setattr(self.lens, "value", self._png(
+                ("lens", s), lambda: plots.lens(tr, s, max_layers=self.lens_layers), PANEL_WIDTH_PX)))
+        self.problems.value = "<br>".join(_message(p, "error") for p in problems)
+
         r = tr.steps[(tr.steps["step"] == s) & (tr.steps["row"] == 0)].iloc[0]
-        forced = bool(r["forced"])
-        how = "forced" if forced else str(r["choice"])
+        how = "forced" if bool(r["forced"]) else str(r["choice"])
+        self._mark_selected(s)
         self.step_label.value = (
             f"<span style='font-size:14px'><b>step {s}</b> of 0–{n - 1}: <code>{_esc(_label(r['token'], 32))}</code>"
             f" · {how} · p={_fmt_p(r['prob'])} (rank {int(r['rank'])}) · final p={_fmt_p(r['final_prob'])}"
             f" · entropy {float(r['entropy']):.2f}</span>")
-        self.distribution.value = self._png(("dist", s), lambda: plots.distribution(tr, s, k=self.k), PANEL_WIDTH_PX)
-        self.processors.value = self._processor_table(s)
-        if tr.has_attention:
-            self.attention_panel.layout.display = None
-            layer, head = self._attention_args()
-            self.attention.value = self._png(
-                ("att", s, layer, head),
-                lambda: plots.attention(tr, s, layer=layer, head=head, window=self.window), WIDE_WIDTH_PX,
-                MAX_HEIGHT_IN)
-        else:
-            self.attention_panel.layout.display = "none"
-        if tr.has_lens:
-            self.lens_panel.layout.display = None
-            self.lens.value = self._png(("lens", s), lambda: plots.lens(tr, s, max_layers=self.lens_layers),
-                                        PANEL_WIDTH_PX)
-        else:
-            self.lens_panel.layout.display = "none"
         if self.on_step is not None:
             self.on_step(s)
+
+    def _mark_selected(self, step: int | None) -> None:
+        for i, b in enumerate(self._token_buttons[: self.trace.num_steps]):
+            if i == step:
+                b.layout.border = "2px solid #222"
+                b.add_class("dl-selected")
+            else:
+                b.layout.border = "1px solid #ccc"
+                b.remove_class("dl-selected")
 
     def _processor_table(self, step: int) -> str:
         tr = self.trace

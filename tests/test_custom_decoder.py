@@ -57,3 +57,13 @@ def test_verbose_prints_tokens(tiny_lms, tokenizer, capsys):
     decoder.generate(ids, max_length=ids.shape[1] + 5, do_sample=False, verbose=True)
     printed = capsys.readouterr().out
     assert printed.strip() and printed.rstrip("\n") == "".join(decoder.trace.tokens)
+
+
+def test_trace_names_the_model_not_its_cache_path(smol_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smol_dir)
+    decoder = CustomDecoder(model, tokenizer)
+    ids = tokenizer("Hi", return_tensors="pt").input_ids
+    decoder.generate(ids, max_length=ids.shape[1] + 2, do_sample=False)
+    assert decoder.trace.model_name == "SmolLM2-135M-Instruct"

@@ -148,3 +148,12 @@ def test_smollm2_session_and_score(smol):
     assert row.token[0] == " Lyon" and bool(row.forced[0])
     s.run()
     assert "Lyon" in s.text
+
+
+def test_tree_columns_are_integers(lm):
+    s = lm.session("Tree dtypes", max_new_tokens=4)
+    s.step(2)
+    s.fork()
+    tree = s.tree
+    assert str(tree.parent.dtype) == "Int64" and str(tree.fork_step.dtype) == "Int64"
+    assert tree.parent.isna().tolist() == [True, False] and tree.fork_step.tolist()[1] == 2

@@ -1,0 +1,243 @@
+"""The widgets, driven from Python on tiny-model traces: every control changes the view, in place.
+
+Why without a browser: the callbacks are plain Python, so setting a slider's value or calling
+`button.click()` runs exactly what a click in Jupyter runs, in milliseconds. test_browser.py checks
+that the same widgets render and reach the kernel in a real front end.
+"""
+from __future__ import annotations
+
+import ipywidgets as W
+import numpy as np
+import pytest
+
+import decoderlab as dl
+from decoderlab import widgets
+from decoderlab.widgets import SessionExplorer, TraceView
+
+PNG = b"\x89PNG\r\n\x1a\n"
+FULL = dl.Record(attention=True, lens=True)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_lms):
+    return tiny_lms["llama"]
+
+
+@pytest.fixture(scope="module")
+def trace(lm):
+    return lm.generate("Once upon a time", max_new_tokens=8, do_sample=True, top_k=20, top_p=0.9, seed=0,
+                       eos_token_id=[], record=FULL, progress=False)
+
+
+def classes(widget: W.Widget) -> set[str]:
+    return set(widget._dom_classes)
+
+
+def label_step(view: TraceView) -> int:
+    import re
+
+    return int(re.search(r"step (\d+)</b>", view.step_label.value).group(1))
+
+
+def test_show_builds_every_panel_for_a_full_trace(trace):
+    view = dl.show(trace)
+    assert isinstance(view, TraceView) and isinstance(view, W.VBox)
+    assert "dl-trace-view" in classes(view)
+    assert view.step == trace.num_steps - 1 == label_step(view)  # opens on the last step
+    for img in (view.distribution, view.attention, view.lens):
+        assert bytes(img.value).startswith(PNG)
+    assert view.attention_panel.layout.display is None and view.lens_panel.layout.display is None
+    assert len([b for b in view.text.children if "dl-token" in classes(b)]) == trace.num_steps
+    assert "TopK" in view.processors.value and "TopP" in view.processors.value
+    assert view.problems.value == ""
+    for widget, css in [(view.slider, "dl-step-slider"), (view.step_label, "dl-step-label"), (view.text, "dl-text"),
+                        (view.distribution, "dl-distribution"), (view.attention, "dl-attention"),
+                        (view.lens, "dl-lens"), (view.layer, "dl-layer"), (view.head, "dl-head"),
+                        (view.processors, "dl-processors")]:
+        assert css in classes(widget) and css in widgets.CSS_CLASSES
+
+
+def test_sliding_redraws_in_place(trace):
+    view = dl.show(trace, step=0)
+    assert label_step(view) == 0
+    images = (view.distribution, view.attention, view.lens)
+    before = [bytes(img.value) for img in images]
+    children = list(view.children)
+    view.slider.value = 3
+    assert label_step(view) == 3
+    token = trace.steps.token[3]
+    assert widgets._label(token, 32) in view.step_label.value.replace("&#x27;", "'").replace("&quot;", '"') \
+        or token.strip() == ""
+    after = [bytes(img.value) for img in images]
+    assert all(a != b for a, b in zip(after, before))  # every panel is the new step's
+    assert list(view.children) == children  # same widgets, new values: nothing appended
+    view.slider.value = 0
+    assert [bytes(img.value) for img in images] == before  # cached bytes, identical figures
+
+
+def test_clicking_a_token_selects_its_step(trace):
+    view = dl.show(trace, step=0)
+    tokens = [b for b in view.text.children if "dl-token" in classes(b)]
+    tokens[5].click()
+    assert view.step == 5 and label_step(view) == 5
+    assert "dl-selected" in classes(tokens[5]) and "dl-selected" not in classes(tokens[0])
+    assert sum("dl-selected" in classes(b) for b in tokens) == 1
+    assert "step 5" in tokens[5].tooltip
+
+
+def test_token_buttons_are_coloured_by_probability(trace):
+    view = dl.show(trace)
+    tokens = [b for b in view.text.children if "dl-token" in classes(b)]
+    for b, p in zip(tokens, trace.steps.prob):
+        assert b.style.button_color == widgets.prob_color(p)
+    assert widgets.prob_color(0.0) == "#ef8a62" and widgets.prob_color(1.0) == "#67a9cf"
+    assert widgets.prob_color(0.5) == "#f7f7f7" and widgets.prob_color(7) == "#67a9cf"
+
+
+def test_layer_and_head_pickers_change_the_attention_plot(trace):
+    view = dl.show(trace, step=2)
+    layers = [v for _, v in view.layer.options]
+    assert layers == ["every", *[str(x) for x in trace.attention_layers]]
+    heads = [v for _, v in view.head.options]
+    assert heads == ["mean", *[str(h) for h in trace.attention_heads]]  # no "every head" without a layer
+    seen = {bytes(view.attention.value)}
+    view.layer.value = "1"
+    assert "all" in [v for _, v in view.head.options]
+    seen.add(bytes(view.attention.value))
+    view.head.value = "all"
+    seen.add(bytes(view.attention.value))
+    view.head.value = "2"
+    seen.add(bytes(view.attention.value))
+    assert len(seen) == 4
+    view.layer.value = "every"  # the head stays if it still exists
+    assert view.head.value == "2" and "all" not in [v for _, v in view.head.options]
+    assert view.problems.value == ""
+
+
+def test_panels_only_where_the_trace_has_data(lm):
+    tr = lm.generate("Once upon a time", max_new_tokens=4, do_sample=False, eos_token_id=[], progress=False)
+    view = dl.show(tr)
+    assert view.attention_panel.layout.display == "none"
+    assert view.lens_panel.layout.display == "none"
+    assert bytes(view.distribution.value).startswith(PNG)
+    assert "no logits processors ran" in view.processors.value
+
+
+def test_show_a_saved_trace(trace, tmp_path):
+    loaded = dl.Trace.load(trace.save(tmp_path / "t.parquet"))
+    view = dl.show(loaded, step=1)
+    assert view.lens_panel.layout.display is None and bytes(view.lens.value).startswith(PNG)
+    assert bytes(view.attention.value).startswith(PNG) and view.problems.value == ""
+
+
+def test_a_broken_panel_is_reported_not_fatal(trace, monkeypatch):
+    from decoderlab import plots
+
+    def broken(*a, **k):
+        raise RuntimeError("no lens today")
+
+    monkeypatch.setattr(plots, "lens", broken)
+    view = dl.show(trace, step=1)
+    assert "no lens today" in view.problems.value
+    assert bytes(view.distribution.value).startswith(PNG) and label_step(view) == 1
+
+
+def test_figure_png_closes_and_squeezes():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(12, 9))
+    ax.plot([0, 1], [0, 1])
+    png = widgets.figure_png(fig, width_px=600, max_height_in=4)
+    assert png.startswith(PNG)
+    assert not plt.fignum_exists(fig.number)
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert width <= 620 and height <= 420
+
+
+# ---- explore ------------------------------------------------------------------------------------------------
+def make_session(lm, **kw):
+    words = dict(do_sample=True, top_k=20, seed=1, eos_token_id=[], max_new_tokens=40, record=FULL)
+    words.update(kw)
+    return lm.session("Once upon a time", **words)
+
+
+def test_explore_starts_empty_then_steps(lm):
+    s = make_session(lm)
+    ex = dl.explore(s)
+    assert isinstance(ex, SessionExplorer) and "dl-explorer" in classes(ex)
+    assert "nothing decoded yet" in ex.view.step_label.value
+    assert ex.view.panels.layout.display == "none"
+    cands = [b for b in ex.candidates.children if "dl-candidate" in classes(b)]
+    assert len(cands) == 8
+    ex.next_button.click()
+    assert s.steps == 1 and label_step(ex.view) == 0
+    assert ex.view.panels.layout.display is None and bytes(ex.view.distribution.value).startswith(PNG)
+    assert "decoded" in ex.status.value
+    ex.next10_button.click()
+    assert s.steps == 11 and label_step(ex.view) == 10 and ex.view.slider.max == 10
+
+
+def test_explore_candidate_click_forces_that_token(lm):
+    s = make_session(lm)
+    s.step(3)
+    ex = dl.explore(s)
+    cands = [b for b in ex.candidates.children if "dl-candidate" in classes(b)]
+    expected = s.candidates(k=8)
+    pick = cands[4]
+    assert pick._dl_token_id == int(expected.token_id[4])
+    pick.click()
+    assert s.steps == 4
+    row = s.trace.steps.iloc[3]
+    assert bool(row.forced) and row.choice == "forced" and int(row.token_id) == int(expected.token_id[4])
+    assert "forced" in ex.view.step_label.value and label_step(ex.view) == 3
+    assert "forced" in ex.status.value
+    last = [b for b in ex.view.text.children if "dl-token" in classes(b)][-1]
+    assert last.style.font_weight == "bold" and "forced" in last.tooltip
+    new = [b for b in ex.candidates.children if "dl-candidate" in classes(b)]
+    assert new and all(b is not old for b in new for old in cands)  # the next step's candidates
+
+
+def test_explore_rewind_fork_and_branches(lm):
+    s = make_session(lm)
+    ex = dl.explore(s)
+    ex.next10_button.click()
+    text10 = s.trace.token_ids
+    ex.rewind_to.value = 4
+    ex.rewind_button.click()
+    assert s.steps == 4 and ex.view.slider.max == 3 and "rewound" in ex.status.value
+    assert s.trace.token_ids == text10[:4]
+    ex.fork_button.click()
+    assert len(s.branches) == 2 and ex.session is s.branches[1] and ex.session.fork_step == 4
+    assert [v for _, v in ex.branches.options] == [0, 1] and ex.branches.value == 1
+    ex.candidates.children[1].click()  # the new branch goes its own way
+    ex.next_button.click()
+    assert ex.session.steps == 6 and s.steps == 4
+    assert ex.session.trace.token_ids[:4] == s.trace.token_ids
+    ex.branches.value = 0
+    assert ex.session is s and ex.view.trace.num_steps == 4 and label_step(ex.view) == 3
+    assert len(s.tree) == 2 and list(s.tree.steps) == [4, 6]
+    ex.branches.value = 1
+    assert ex.session.branch == 1 and ex.view.trace.num_steps == 6
+
+
+def test_explore_end_of_sequence_and_errors(lm):
+    s = make_session(lm, eos_token_id=[2])
+    ex = dl.explore(s)
+    ex.force(2)  # EOS
+    assert s.done and ex.next_button.disabled and ex.next10_button.disabled
+    assert "ended at EOS" in ex.candidates.children[0].value
+    ex._act(lambda: ex.session.choose(rank=0))  # what a stale candidate button would do
+    assert "dl-error" in classes(ex.status) and "SessionError" in ex.status.value
+    ex.rewind_to.value = 0
+    ex.rewind_button.click()
+    assert not s.done and not ex.next_button.disabled and "dl-error" not in classes(ex.status)
+
+
+def test_explore_forwarded_from_the_package(lm):
+    ex = dl.explore(make_session(lm), k=3)
+    assert len(ex.candidates.children) == 3
+    assert set(widgets.__all__) >= {"show", "explore", "TraceView", "SessionExplorer"}
+    cands = ex.session.candidates(k=3)
+    for b, (_, c) in zip(ex.candidates.children, cands.iterrows()):
+        assert b.description.startswith(widgets._label(c.token, 16))
+        assert np.isclose(float(b.description.split()[-1]), c.final_prob, atol=0.006)
