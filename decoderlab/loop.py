@@ -100,12 +100,17 @@ def prefill(
     strategy: Strategy,
     observers: Sequence[Observer] = (),
     seeds: Sequence[int | None] | None = None,
+    cache: DynamicCache | None = None,
 ) -> State:
-    """Forward the prompt once and return a state whose next logits are step 0's."""
+    """Forward the prompt once and return a state whose next logits are step 0's.
+
+    The default cache is the one `generate` builds (sliding-window layers keep only their window).
+    A plain `DynamicCache()` keeps every position in every layer, so it can be cropped anywhere.
+    """
     rows = prompt_ids.shape[0]
     state = State(
         ids=prompt_ids,
-        cache=DynamicCache(config=model.config),
+        cache=DynamicCache(config=model.config) if cache is None else cache,
         prompt_length=prompt_ids.shape[1],
         generators=strategy.generators(rows, prompt_ids.device, seeds),
         finished=torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device),

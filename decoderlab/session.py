@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
+from transformers import DynamicCache
 
 from . import loop
 from .record import Record, Recording
@@ -45,7 +46,9 @@ class Session:
         self.branch, self.parent, self.fork_step = 0, None, None
         self._rng_states: list = []
         with self.recording.attached(lm.model):
-            self.state = loop.prefill(lm.model, prompt_ids, self.strategy, [self.recording])
+            # A cache that keeps every position (sliding-window layers masked, not trimmed), so that
+            # rewind can always crop it instead of recomputing the prefix.
+            self.state = loop.prefill(lm.model, prompt_ids, self.strategy, [self.recording], cache=DynamicCache())
         self._trace: Trace | None = None
 
     def _copy_from(self, other: "Session") -> None:

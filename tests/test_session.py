@@ -157,3 +157,23 @@ def test_tree_columns_are_integers(lm):
     tree = s.tree
     assert str(tree.parent.dtype) == "Int64" and str(tree.fork_step.dtype) == "Int64"
     assert tree.parent.isna().tolist() == [True, False] and tree.fork_step.tolist()[1] == 2
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+def test_rewind_past_a_sliding_window(tiny_lms, arch):
+    """Sliding-window layers (window 8) overflowed before the rewind: cropping must still be exact."""
+    lm = tiny_lms[arch]
+    ref = lm.generate("one two three four five six", max_new_tokens=14, eos_token_id=[], progress=False,
+                      record=dl.Record(attention=True))
+    s = lm.session("one two three four five six", max_new_tokens=14, eos_token_id=[],
+                   record=dl.Record(attention=True))
+    s.step(14)
+    assert s.trace.token_ids == ref.token_ids
+    s.rewind(to=3)
+    s.step(11)
+    s.rewind(to=9)
+    s.step(5)
+    assert s.trace.token_ids == ref.token_ids
+    np.testing.assert_allclose(s.trace.steps.logprob, ref.steps.logprob, atol=1e-4)
+    for step in (3, 12):
+        np.testing.assert_allclose(s.trace.attention_weights(step), ref.attention_weights(step), atol=2e-3)
