@@ -39,8 +39,9 @@ browser-deps:
 model: venv
 	$(PY) -c "import decoderlab; decoderlab.load()"
 
+# As root (containers), Jupyter refuses to start without --allow-root.
 lab: venv model
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 test: venv browser-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
