@@ -125,10 +125,12 @@ def supported(model) -> bool:
 
 
 def _set_implementation(model, name: str) -> None:
-    try:
-        model.set_attn_implementation(name)
-    except Exception:  # noqa: BLE001 - older releases: set the config directly
-        model.config._attn_implementation = name
+    """Switch the model's attention function (through transformers where the model allows it)."""
+    if supported(model):
+        try:
+            model.set_attn_implementation(name)
+        except Exception:  # noqa: BLE001 - older releases: set the config directly
+            model.config._attn_implementation = name
     for cfg in (model.config, getattr(model.config, "text_config", None)):
         if cfg is not None and getattr(cfg, "_attn_implementation", None) != name:
             cfg._attn_implementation = name

@@ -31,16 +31,15 @@ def decoder_layers(model) -> nn.ModuleList:
 
 
 def final_norm(model) -> nn.Module:
-    """The norm applied after the last block, before the unembedding."""
-    base = model.base_model if hasattr(model, "base_model") else model
-    for owner in (base, getattr(base, "model", None), getattr(model, "model", None)):
-        if owner is None:
-            continue
-        for name in _NORM_NAMES:
-            module = getattr(owner, name, None)
-            if isinstance(module, nn.Module):
-                return module
-    raise NotImplementedError(f"cannot find the final norm of {type(model).__name__}")
+    """The norm applied after the last block, before the unembedding: the shallowest module named
+    like one (`norm`, `ln_f`, `final_layernorm`, ...) outside the decoder blocks."""
+    blocks = decoder_layers(model)
+    inside = {id(m) for m in blocks.modules()}
+    found = [(name.count("."), name, module) for name, module in model.named_modules()
+             if name.rsplit(".", 1)[-1] in _NORM_NAMES and id(module) not in inside]
+    if not found:
+        raise NotImplementedError(f"cannot find the final norm of {type(model).__name__}")
+    return min(found, key=lambda t: (t[0], t[1]))[2]
 
 
 class Lens:

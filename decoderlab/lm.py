@@ -82,7 +82,8 @@ class LM:
                     f"{self.name} has no chat template, so chat=True (or a messages list) cannot be applied: "
                     "pass chat=False with a plain prompt, or set tokenizer.chat_template"
                 )
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self._apply_template(messages, dropped_default_system=(
+                isinstance(prompt, str) and system == DEFAULT_SYSTEM))
             ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
         else:
             text = prompt
@@ -96,6 +97,20 @@ class LM:
                 "shorten the prompt so at least one token can be generated"
             )
         return ids.to(self.device), text
+
+    def _apply_template(self, messages: list[dict], dropped_default_system: bool) -> str:
+        """The chat template's text; templates that refuse a system role (Gemma) get the user turn alone
+        when the system message was only decoderlab's default."""
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as err:  # jinja raises TemplateError (or others) from inside the template
+            if dropped_default_system and messages and messages[0]["role"] == "system":
+                import warnings
+
+                warnings.warn(f"{self.name}'s chat template refused the default system message ({err}); "
+                              "sending the user message alone", stacklevel=3)
+                return self._apply_template(messages[1:], dropped_default_system=False)
+            raise PromptError(f"{self.name}'s chat template failed on these messages: {err}") from err
 
     def strategy(self, prompt_length: int, **words: Any) -> Strategy:
         """Resolve generate's words for this model (see `decoderlab.strategy.resolve`)."""

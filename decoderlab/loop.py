@@ -86,7 +86,8 @@ def _cache_word(model) -> str:
 def forward(model, input_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
     """Run the model over new positions with the cache; return the last position's logits as float32."""
     out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{_cache_word(model): cache})
-    return out.logits[:, -1].to(dtype=torch.float32, copy=True)
+    # on the ids' device, as generate does (a model sharded with device_map may end on another one)
+    return out.logits[:, -1].to(dtype=torch.float32, device=input_ids.device, copy=True)
 
 
 def _notify_forward(observers: Sequence[Observer], state: State, step: int) -> None:

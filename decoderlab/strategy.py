@@ -181,6 +181,8 @@ def resolve(
             raise StrategyError(f"invalid strategy: {err}") from err
     _check_range(config, words)
     device = model.device
+    if isinstance(config.eos_token_id, (list, tuple)) and len(config.eos_token_id) == 0:
+        config.eos_token_id = None  # eos_token_id=[]: no EOS stop (None would fall back to the model's EOS)
     model._prepare_special_tokens(config, None, device=device)
     if config.max_new_tokens is None and not has_default_max_length and config.max_length is not None:
         max_new = max(int(config.max_length) - prompt_length, 0)

@@ -146,3 +146,14 @@ def test_capital_of_france(smol):
     trace = smol.generate("What is the capital of France?", chat=True, max_new_tokens=20, progress=False)
     assert trace.text == "The capital of France is Paris."
     assert trace.stop_reason == "eos"
+
+
+def test_no_eos_on_a_model_without_pad_token(tokenizer):
+    """eos_token_id=[] turns EOS stops off, also where the model has no pad token (GPT-2 style)."""
+    from tests.conftest import make_tiny
+
+    model = make_tiny("gpt2", tokenizer, pad_token_id=None)
+    model.generation_config.pad_token_id = None
+    lm = dl.LM(model, tokenizer)
+    trace = lm.generate("no stop", max_new_tokens=6, eos_token_id=[], progress=False)
+    assert trace.num_steps == 6 and trace.stop_reason == "max_new_tokens"

@@ -89,3 +89,20 @@ def test_messages_list_and_system(tiny_lms):
 def test_bad_record_options():
     with pytest.raises(ValueError, match="top_k"):
         dl.Record(top_k=0)
+
+
+def test_template_without_system_role(tiny_lms, tokenizer):
+    """A Gemma-style template that raises on a system message: the default system is dropped, an explicit one is an error."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('System role not supported') }}{% endif %}"
+                         "<start>{{ m['role'] }}\n{{ m['content'] }}<end>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<start>model\n{% endif %}")
+    lm = dl.LM(tiny_lms["llama"].model, tok, name="gemma-like")
+    with pytest.warns(UserWarning, match="system"):
+        trace = lm.generate("Hi", chat=True, max_new_tokens=2, progress=False)
+    assert trace.prompt == "<start>user\nHi<end>\n<start>model\n"
+    with pytest.raises(dl.PromptError, match="System role not supported"):
+        lm.generate("Hi", chat=True, system="Be brief.", max_new_tokens=2, progress=False)
