@@ -18,7 +18,12 @@ ARCHS = ["llama", "qwen2", "mistral", "gemma2", "gpt2", "phi3"]
 
 @pytest.fixture(scope="session")
 def smol_dir():
-    return default_model_dir()
+    """The converted default model; DECODERLAB_TEST_TOKENIZER names a folder with just its tokenizer
+    (for machines without the model package, e.g. a lent GPU running tests/test_cuda.py)."""
+    from pathlib import Path
+
+    override = os.environ.get("DECODERLAB_TEST_TOKENIZER")
+    return Path(override) if override else default_model_dir()
 
 
 @pytest.fixture(scope="session")
