@@ -67,7 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n\n[{trace.num_steps} tokens, stopped: {trace.stop_reason}]\n")
     print(table(trace, args.alternatives))
     if args.save:
-        print(f"\nsaved to {trace.save(args.save)}")
+        try:
+            print(f"\nsaved to {trace.save(args.save)}")
+        except OSError as err:
+            print(f"decoderlab: error: cannot save the trace to {args.save}: {err}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -149,6 +149,7 @@ class LM:
             raise PromptError(f"the prompt is {ids.shape[1]} tokens, but {self.name}'s context window is {window}")
         text = prompt_text
         strat = self.strategy(ids.shape[1], **strategy)
+        record.check(self.model)
         recording = Recording(record)
         observers: list = [recording]
         bar = _progress_bar(strat.max_new_tokens, progress)
@@ -206,6 +207,10 @@ class LM:
             cont = torch.as_tensor(list(continuation), dtype=torch.long)
         if cont.numel() == 0:
             raise PromptError("the continuation encodes to no tokens")
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        bad = cont[(cont < 0) | (cont >= vocab)]
+        if bad.numel():
+            raise PromptError(f"token ids {bad.tolist()} are outside the vocabulary [0, {vocab})")
         cont = cont.to(self.device)
         full = torch.cat([ids[0], cont])[None]
         window = self.context_window

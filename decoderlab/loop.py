@@ -130,16 +130,22 @@ def ensure_logits(model, state: State, observers: Sequence[Observer] = ()) -> to
     return state.next_logits
 
 
+@torch.inference_mode()
 def process(strategy: Strategy, ids: torch.Tensor, logits: torch.Tensor, keep_stages: bool):
-    """Apply the processors in order; return the final scores and, if asked, each stage's scores."""
+    """Apply the processors in order; return the final scores and, if asked, each stage's scores.
+
+    The raw logits are never handed to a processor (one may work in place); with `keep_stages`
+    every processor gets its own copy, so each stage stays as that processor left it.
+    """
     scores, stages = logits, []
-    for processor in strategy.processors:
-        scores = processor(ids, scores.clone() if keep_stages else scores)
+    for i, processor in enumerate(strategy.processors):
+        scores = processor(ids, scores.clone() if keep_stages or i == 0 else scores)
         if keep_stages:
             stages.append(scores)
     return scores, stages
 
 
+@torch.inference_mode()
 def step(
     model,
     state: State,

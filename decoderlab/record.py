@@ -17,6 +17,7 @@ from . import attention as attention_mod
 from . import lens as lens_mod
 from .loop import State, StepContext
 
+# A recorder takes the step's context and the run's Record, and returns named tensors [B, ...].
 StepRecorder = Callable[[StepContext, "Record"], dict]
 STEP_RECORDERS: dict[str, StepRecorder] = {}
 
@@ -44,20 +45,48 @@ class Record:
     prefill_attention: bool = False  # also the prompt's full N×N matrices
     lens: bool = False  # logit lens: each layer's residual at the new position
     lens_top_k: int = 5
+    extra: Sequence[str] = ()  # names of your own recorders (registered with @decoderlab.recorder)
 
     def __post_init__(self):
         for word in ("top_k", "lens_top_k"):
             v = getattr(self, word)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"Record({word}={v!r}): must be a whole number >= 1")
+        for word in ("processors", "logits", "attention", "prefill_attention", "lens"):
+            if not isinstance(getattr(self, word), bool):
+                raise ValueError(f"Record({word}={getattr(self, word)!r}): must be True or False")
+        for word in ("attention_layers", "attention_heads"):
+            v = getattr(self, word)
+            if v is None:
+                continue
+            if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__") or not v or \
+                    not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v):
+                raise ValueError(f"Record({word}={v!r}): must be a non-empty list of indices >= 0, or None for all")
+            object.__setattr__(self, word, tuple(v))
+        extra = (self.extra,) if isinstance(self.extra, str) else tuple(self.extra)
+        unknown = [n for n in extra if n not in STEP_RECORDERS]
+        if unknown:
+            raise ValueError(f"Record(extra={list(extra)!r}): no recorder registered as {unknown}; "
+                             f"known: {sorted(STEP_RECORDERS)}")
+        object.__setattr__(self, "extra", extra)
 
-    def recorders(self) -> list[str]:
+    def names(self) -> list[str]:
+        """The per-step recorders this record runs, in order."""
         names = ["choice", "candidates"]
         if self.processors:
             names.append("processors")
         if self.logits:
             names.append("logits")
-        return names
+        return names + [n for n in self.extra if n not in names]
+
+    def check(self, model) -> None:
+        """Layer and head indices against the model they will be recorded from."""
+        cfg = model.config.get_text_config()
+        for word, size, what in (("attention_layers", getattr(cfg, "num_hidden_layers", None), "layers"),
+                                 ("attention_heads", getattr(cfg, "num_attention_heads", None), "heads")):
+            wanted = getattr(self, word)
+            if wanted is not None and size is not None and max(wanted) >= size:
+                raise ValueError(f"Record({word}={list(wanted)}): the model has {size} {what} (0..{size - 1})")
 
 
 def _rank(scores: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
@@ -151,7 +180,7 @@ class Recording:
 
     def __init__(self, opts: Record, num_layers: int | None = None):
         self.opts = opts
-        self.names = opts.recorders()
+        self.names = opts.names()
         self.keep_stages = opts.processors
         self.columns: dict[str, list[torch.Tensor]] = {}
         self.attention: list[torch.Tensor | None] = []  # per step: [B, L', H', K]

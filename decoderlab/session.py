@@ -38,9 +38,11 @@ class Session:
         if _parent is not None:
             self._copy_from(_parent)
             return
-        if self.words.get("do_sample") and self.words.get("seed") is None:
-            self.words["seed"] = random.randrange(2**31)  # so that rewinds reproduce the draws
         self.strategy = lm.strategy(prompt_ids.shape[1], **self.words)
+        if self.strategy.do_sample and self.strategy.seed is None:
+            # sampling (asked for, or the model's default) with no seed: pick one, so that rewinds reproduce the draws
+            self.words["seed"] = self.strategy.seed = random.randrange(2**31)
+        record.check(lm.model)
         self.recording = Recording(record)
         self.branches: list[Session] = [self]
         self.branch, self.parent, self.fork_step = 0, None, None
@@ -130,10 +132,26 @@ class Session:
         with self.recording.attached(self.lm.model):
             return loop.ensure_logits(self.lm.model, self.state, [self.recording])
 
+    def _window_full(self) -> bool:
+        window = self.lm.context_window
+        return window is not None and self.state.ids.shape[1] >= window
+
     def _step(self, force: torch.Tensor | None = None) -> None:
-        self._rng_states.append([None if g is None else g.get_state() for g in self.state.generators])
-        with self.recording.attached(self.lm.model):
-            loop.step(self.lm.model, self.state, self.strategy, [self.recording], force=force)
+        """One step; if it fails, the session is as it was before it (generators included)."""
+        saved = [None if g is None else g.get_state() for g in self.state.generators]
+        steps = self.steps
+        try:
+            with self.recording.attached(self.lm.model):
+                loop.step(self.lm.model, self.state, self.strategy, [self.recording], force=force)
+        except BaseException:
+            for g, st in zip(self.state.generators, saved):
+                if g is not None:
+                    g.set_state(st)
+            for col in self.recording.columns.values():  # a recorder may have failed half-way
+                del col[steps:]
+            self._trace = None
+            raise
+        self._rng_states.append(saved)
         self._trace = None
 
     def _new_rows(self, since: int) -> pd.DataFrame:
@@ -141,36 +159,48 @@ class Session:
         return steps[steps.step >= since].reset_index(drop=True)
 
     def step(self, n: int = 1) -> pd.DataFrame:
-        """Decode `n` tokens with the strategy (stopping early at EOS); return their rows of `trace.steps`."""
+        """Decode `n` tokens with the strategy; return their rows of `trace.steps`.
+
+        Stops early at EOS or a full context window. An explicit step is not limited by the strategy's
+        `max_new_tokens` (that limit is `run()`'s).
+        """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise SessionError(f"step(n={n!r}): n must be a whole number >= 1")
         since = self.steps
+        self.state.stop_reason = None
         for _ in range(n):
             if self.done:
+                self.state.stop_reason = "eos"
+                break
+            if self._window_full():
+                self.state.stop_reason = "context_window"
                 break
             self._step()
-        self.state.stop_reason = "eos" if self.done else None
+        if self.done:
+            self.state.stop_reason = "eos"
         return self._new_rows(since)
 
     def run(self) -> pd.DataFrame:
         """Decode until EOS or the strategy's max_new_tokens; return the new rows."""
         since = self.steps
-        while not self.done and self.steps < self.strategy.max_new_tokens:
-            window = self.lm.context_window
-            if window is not None and self.state.ids.shape[1] >= window:
-                self.state.stop_reason = "context_window"
-                break
+        while not self.done and self.steps < self.strategy.max_new_tokens and not self._window_full():
             self._step()
         self.state.stop_reason = loop.should_stop(self.state, self.strategy, self.lm.context_window)
         return self._new_rows(since)
 
     def choose(self, rank: int | None = None, token: str | int | None = None) -> pd.DataFrame:
-        """Force the next token: the candidate at `rank` (0 = the model's favourite), or any `token`
-        (a vocabulary id, or text that is one token). Recorded as forced, with the model's probability."""
+        """Force the next token: the candidate at `rank` (0 = the model's favourite), or any `token`.
+
+        `token` is a vocabulary id, or text: a likely candidate (top 50) with exactly that text, or, for
+        text without a leading space, with a leading space (the word as it would continue the text);
+        otherwise text that is exactly one token. Recorded as forced, with the model's probability.
+        """
         if (rank is None) == (token is None):
             raise SessionError("choose() takes exactly one of rank= or token=")
         if self.done:
             raise SessionError("this branch already ended at EOS: rewind() or fork() first")
+        if self._window_full():
+            raise SessionError(f"the context window ({self.lm.context_window} tokens) is full: rewind() first")
         if rank is not None:
             vocab = self._next_logits().shape[-1]
             if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < vocab:
@@ -192,7 +222,11 @@ class Session:
         if not isinstance(token, str) or not token:
             raise SessionError(f"token={token!r}: give a non-empty string or a token id")
         cands = self.candidates(k=max(self.record.top_k, 50))
-        for match in (cands.token == token, cands.token.str.strip() == token.strip()):
+        # the exact text among the likely tokens; else, for a bare word, the word as it would continue the text
+        matches = [cands.token == token]
+        if not token[0].isspace():
+            matches.append(cands.token == " " + token)
+        for match in matches:
             if match.any():
                 return int(cands.token_id[match].iloc[0])
         ids = self.lm.tokenizer(token, add_special_tokens=False).input_ids
@@ -218,6 +252,8 @@ class Session:
 
     def fork(self, at: int | None = None) -> "Session":
         """An independent branch sharing this branch's prefix (up to step `at`, default: now)."""
+        if at is not None and (isinstance(at, bool) or not isinstance(at, int) or not 0 <= at <= self.steps):
+            raise SessionError(f"fork(at={at!r}): must be a step in [0, {self.steps}]")
         child = Session(self.lm, self.state.ids[:, : self.state.prompt_length], self.prompt_text, self.record,
                         self.words, _parent=self)
         if at is not None:

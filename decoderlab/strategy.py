@@ -89,9 +89,20 @@ def _check_range(cfg: GenerationConfig, user: dict[str, Any], only_given: bool =
     mnt = getattr(cfg, "max_new_tokens", None)
     if mnt is not None and (isinstance(mnt, bool) or not isinstance(mnt, int) or mnt < 1):
         raise bad("max_new_tokens", "must be a whole number >= 1")
+    for word in ("epsilon_cutoff", "eta_cutoff"):
+        v = num(word)
+        if v is not None and not 0 <= v < 1:
+            raise bad(word, "must be in [0, 1) (0 turns it off)")
     nb = getattr(cfg, "num_beams", None)
     if nb is not None and nb != 1:
         raise StrategyError(f"num_beams={nb}: beam search is not supported yet; decoderlab records num_beams=1")
+    nr = getattr(cfg, "num_return_sequences", None)
+    if nr is not None and nr != 1:
+        raise StrategyError(f"num_return_sequences={nr}: one run records one sequence; call generate once per seed")
+    gs = getattr(cfg, "guidance_scale", None)
+    if gs is not None and gs != 1:
+        raise StrategyError(f"guidance_scale={gs}: classifier-free guidance runs a second model forward inside a "
+                            "processor, which decoderlab cannot record faithfully yet")
 
 
 @dataclass
@@ -126,13 +137,15 @@ class Strategy:
     def describe(self) -> dict[str, Any]:
         """The strategy as resolved (the model's defaults and transformers' global defaults filled in)."""
         cfg = self.config
-        sampling = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
-        always = ("repetition_penalty", "no_repeat_ngram_size", "min_new_tokens", "bad_words_ids",
-                  "suppress_tokens", "eos_token_id", "pad_token_id")
+        sampling = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h")
+        always = ("repetition_penalty", "no_repeat_ngram_size", "min_length", "min_new_tokens", "bad_words_ids",
+                  "sequence_bias", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
+                  "forced_eos_token_id", "exponential_decay_length_penalty", "renormalize_logits",
+                  "remove_invalid_values", "eos_token_id", "pad_token_id")
         out: dict[str, Any] = {"do_sample": self.do_sample}
         for word in (sampling if self.do_sample else ()) + always:
             value = getattr(cfg, word, None)
-            if value is not None:
+            if value is not None and value is not False:
                 out[word] = value
         out.update(max_new_tokens=self.max_new_tokens, seed=self.seed, chooser=self.chooser_name,
                    processors=self.processor_names)
@@ -171,6 +184,12 @@ def resolve(
         )
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise StrategyError(f"seed={seed!r}: must be a whole number or None")
+    if logits_processor is not None and (not isinstance(logits_processor, (list, tuple, LogitsProcessorList))
+                                         or not all(callable(p) for p in logits_processor)):
+        raise StrategyError("logits_processor must be a list of LogitsProcessor objects (callables taking "
+                            "input_ids and scores)")
+    if chooser is not None and not callable(chooser):
+        raise StrategyError("chooser must be a function (scores [B, V], generators) -> token ids [B]")
     has_default_max_length = words.get("max_length") is None and model.generation_config.max_length is None
     _check_range(GenerationConfig(), words, only_given=True)
     with warnings.catch_warnings():
@@ -185,7 +204,10 @@ def resolve(
         config.eos_token_id = None  # eos_token_id=[]: no EOS stop (None would fall back to the model's EOS)
     model._prepare_special_tokens(config, None, device=device)
     if config.max_new_tokens is None and not has_default_max_length and config.max_length is not None:
-        max_new = max(int(config.max_length) - prompt_length, 0)
+        max_new = int(config.max_length) - prompt_length
+        if max_new < 1:
+            raise StrategyError(f"max_length={config.max_length} leaves no room after the {prompt_length}-token "
+                                "prompt: use max_new_tokens, or a larger max_length")
     elif config.max_new_tokens is None:
         max_new = int(config.max_length) if config.max_length is not None else 20
     else:

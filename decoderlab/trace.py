@@ -185,6 +185,10 @@ class Trace:
         att = self.arrays["attention"]  # [S, B, L', H', K]
         layer_ids = np.array(self.attention_layers)
         head_ids = np.array(self.attention_heads)
+        for asked, have, what in ((layers, self.attention_layers, "layers"), (heads, self.attention_heads, "heads")):
+            missing = [x for x in (asked or []) if x not in have]
+            if missing:
+                raise ValueError(f"{what} {missing} were not recorded; this trace has {what} {list(have)}")
         li = np.arange(len(layer_ids)) if layers is None else np.array([self.attention_layers.index(x) for x in layers])
         hi = np.arange(len(head_ids)) if heads is None else np.array([self.attention_heads.index(x) for x in heads])
         step_list = range(self.num_steps) if steps is None else steps
@@ -247,7 +251,8 @@ class Trace:
             return
         flat = torch.from_numpy(res[todo]).reshape(len(todo) * b, l, -1)
         chosen = torch.from_numpy(self.arrays["token_id"][todo].reshape(-1))
-        ids, probs, entropy, rank, chosen_prob = self.lens_object.top(flat, self.lens_top_k, chosen)
+        k = self.arrays["lens_id"].shape[-1]
+        ids, probs, entropy, rank, chosen_prob = self.lens_object.top(flat, k, chosen)
         k = ids.shape[-1]
         self.arrays["lens_id"][todo] = ids.numpy().reshape(len(todo), b, l, k)
         self.arrays["lens_prob"][todo] = probs.numpy().reshape(len(todo), b, l, k)

@@ -49,3 +49,12 @@ def test_bad_input_is_a_clear_error():
     assert out.returncode == 2 and "top_p=1.5" in out.stderr and "Traceback" not in out.stderr
     out = run("hello", "--model", "/no/such/model")
     assert out.returncode == 2 and "/no/such/model" in out.stderr
+
+
+@pytest.mark.integration
+def test_unwritable_save_path_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    out = run("Hi", "--max-new-tokens", "2", "--save", str(blocker / "run.parquet"))
+    assert out.returncode == 2 and "cannot save" in out.stderr and "Traceback" not in out.stderr
+    assert "step" in out.stdout  # the table was printed before the save failed

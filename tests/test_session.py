@@ -177,3 +177,85 @@ def test_rewind_past_a_sliding_window(tiny_lms, arch):
     np.testing.assert_allclose(s.trace.steps.logprob, ref.steps.logprob, atol=1e-4)
     for step in (3, 12):
         np.testing.assert_allclose(s.trace.attention_weights(step), ref.attention_weights(step), atol=2e-3)
+
+
+def test_model_default_sampling_gets_a_seed(tokenizer):
+    from transformers import GenerationConfig
+
+    from tests.conftest import make_tiny
+
+    model = make_tiny("llama", tokenizer, seed=4)
+    model.generation_config = GenerationConfig(do_sample=True, temperature=0.9, top_p=0.9, bos_token_id=1,
+                                               eos_token_id=2, pad_token_id=2)
+    s = dl.LM(model, tokenizer).session("Sampling by default", eos_token_id=[])
+    assert s.strategy.do_sample and s.strategy.seed is not None
+    s.step(4)
+    first = s.trace.token_ids
+    s.rewind(to=0)
+    s.step(4)
+    assert s.trace.token_ids == first
+
+
+def test_failed_step_leaves_the_session_as_it_was(lm):
+    from transformers import LogitsProcessor
+
+    class Flaky(LogitsProcessor):
+        calls = 0
+
+        def __call__(self, ids, scores):
+            Flaky.calls += 1
+            if Flaky.calls == 3:
+                raise RuntimeError("flaky")
+            return scores
+
+    s = lm.session("Flaky processors", do_sample=True, seed=3, eos_token_id=[], logits_processor=[Flaky()],
+                   record=dl.Record(attention=True))
+    s.step(2)
+    with pytest.raises(RuntimeError, match="flaky"):
+        s.step()
+    assert s.steps == 2 and s.trace.num_steps == 2
+    s.step(4)
+    a = s.trace.token_ids
+    s.rewind(to=4)
+    s.step(2)
+    assert s.trace.token_ids == a
+    ref = lm.session("Flaky processors", do_sample=True, seed=3, eos_token_id=[], record=dl.Record(attention=True))
+    ref.step(6)
+    assert ref.trace.token_ids == a  # the failed step drew nothing
+    np.testing.assert_allclose(s.trace.attention_weights(2), ref.trace.attention_weights(2), atol=1e-3)
+
+
+def test_context_window_in_step_and_choose(tokenizer):
+    from tests.conftest import make_tiny
+
+    lm = dl.LM(make_tiny("llama", tokenizer, max_position_embeddings=12), tokenizer)
+    s = lm.session("one two three four five", eos_token_id=[])
+    room = 12 - s.state.prompt_length
+    rows = s.step(50)
+    assert len(rows) == room and s.state.stop_reason == "context_window"
+    with pytest.raises(SessionError, match="context window"):
+        s.choose(rank=0)
+    s.rewind(to=room - 1)
+    assert len(s.choose(rank=0)) == 1
+
+
+def test_choose_token_text_matching(lm):
+    s = lm.session("The list:", max_new_tokens=5)
+    cands = s.candidates(k=50)
+    spaced = cands[cands.token.str.startswith(" ") & (cands.token.str.len() > 2)].iloc[0]
+    bare = spaced.token[1:]
+    if not (cands.token == bare).any():  # the bare word continues the text with its leading space
+        assert s.choose(token=bare).token_id[0] == spaced.token_id
+        s.rewind(to=0)
+    space_id = lm.tokenizer(" ", add_special_tokens=False).input_ids
+    assert len(space_id) == 1
+    assert s.choose(token=" ").token_id[0] == space_id[0]  # exactly " ", never a longer run of spaces
+
+
+def test_failed_fork_adds_no_branch(lm):
+    s = lm.session("No phantom branches", max_new_tokens=5)
+    s.step(2)
+    for at in (99, -1):
+        with pytest.raises(SessionError, match="fork"):
+            s.fork(at=at)
+    assert len(s.branches) == 1 and len(s.tree) == 1

@@ -106,3 +106,22 @@ def test_template_without_system_role(tiny_lms, tokenizer):
     assert trace.prompt == "<start>user\nHi<end>\n<start>model\n"
     with pytest.raises(dl.PromptError, match="System role not supported"):
         lm.generate("Hi", chat=True, system="Be brief.", max_new_tokens=2, progress=False)
+
+
+@pytest.mark.parametrize("words,match", [
+    (dict(guidance_scale=1.5), "guidance_scale"),
+    (dict(num_return_sequences=2), "num_return_sequences"),
+    (dict(max_length=1), "max_length=1"),
+    (dict(epsilon_cutoff=2.0), "epsilon_cutoff"),
+    (dict(eta_cutoff=-1.0), "eta_cutoff"),
+    (dict(logits_processor=lambda ids, s: s), "list of LogitsProcessor"),
+    (dict(chooser="argmax"), "chooser"),
+])
+def test_more_refused_words(tiny_lms, words, match):
+    with pytest.raises(StrategyError, match=match):
+        tiny_lms["llama"].generate("Hello world", progress=False, **words)
+
+
+def test_score_rejects_ids_outside_the_vocabulary(tiny_lms):
+    with pytest.raises(dl.PromptError, match="outside the vocabulary"):
+        tiny_lms["llama"].score("x", [10**7])

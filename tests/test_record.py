@@ -1,0 +1,74 @@
+"""Record options are checked, and your own recorders run when a Record asks for them."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import decoderlab as dl
+
+
+@dl.recorder("margin")
+def margin(ctx, record):
+    top2 = ctx.logits.topk(2).values
+    return {"margin": top2[:, 0] - top2[:, 1]}
+
+
+def test_own_recorder_runs_and_survives_save(tiny_lms, tmp_path):
+    lm = tiny_lms["llama"]
+    trace = lm.generate("Hello", max_new_tokens=4, progress=False, record=dl.Record(extra=["margin"], logits=True))
+    logits = torch.from_numpy(trace.arrays["logits"][:, 0].astype(np.float32))
+    top2 = logits.topk(2).values
+    np.testing.assert_allclose(trace.arrays["margin"][:, 0], (top2[:, 0] - top2[:, 1]).numpy(), atol=1e-2)
+    back = dl.Trace.load(trace.save(tmp_path / "m.parquet"))
+    np.testing.assert_array_equal(back.arrays["margin"], trace.arrays["margin"])
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(top_k=0), "top_k"),
+    (dict(lens_top_k=-1), "lens_top_k"),
+    (dict(logits="yes"), "logits"),
+    (dict(attention_layers=5), "attention_layers"),
+    (dict(attention_heads=[]), "attention_heads"),
+    (dict(attention_heads=[-1]), "attention_heads"),
+    (dict(extra=["no-such-recorder"]), "no recorder registered"),
+])
+def test_bad_record_options(options, match):
+    with pytest.raises(ValueError, match=match):
+        dl.Record(**options)
+
+
+def test_layers_and_heads_checked_against_the_model(tiny_lms):
+    lm = tiny_lms["llama"]  # 2 layers, 4 heads
+    with pytest.raises(ValueError, match="2 layers"):
+        lm.generate("x", max_new_tokens=2, progress=False, record=dl.Record(attention=True, attention_layers=[5]))
+    with pytest.raises(ValueError, match="4 heads"):
+        lm.session("x", record=dl.Record(attention=True, attention_heads=[9]))
+    trace = lm.generate("x", max_new_tokens=2, progress=False, record=dl.Record(attention=True, attention_layers=[1]))
+    with pytest.raises(ValueError, match="were not recorded"):
+        trace.attention_frame(layers=[0])
+
+
+def test_lens_top_k_larger_than_vocabulary(tiny_lms):
+    lm = tiny_lms["qwen2"]
+    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    trace = lm.generate("x", max_new_tokens=1, progress=False, record=dl.Record(lens=True, lens_top_k=vocab + 10))
+    assert trace.lens.groupby(["step", "layer"]).size().max() == vocab
+
+
+def test_in_place_processor_works_everywhere(tiny_lms):
+    from transformers import LogitsProcessor
+
+    class Ban(LogitsProcessor):
+        def __call__(self, ids, scores):
+            scores[:, [13, 42]] = -float("inf")
+            return scores
+
+    lm = tiny_lms["llama"]
+    for record in (dl.Record(), dl.Record(processors=False)):
+        trace = lm.generate("ban", max_new_tokens=3, progress=False, logits_processor=[Ban()], record=record)
+        assert not {13, 42} & set(trace.token_ids)
+    s = lm.session("ban", logits_processor=[Ban()])
+    assert s.candidates().final_prob[s.candidates().token_id.isin([13, 42])].sum() == 0
+    s.choose(token=13)
+    assert s.trace.steps.final_prob[0] == 0 and s.trace.steps.prob[0] > 0  # raw logits kept intact
