@@ -19,7 +19,6 @@ from .tokens import TokenText
 from .trace import Trace
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
-Prompt = "str | list[dict[str, str]]"
 
 
 class PromptError(ValueError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -17,9 +17,6 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 # A chooser picks one token per row from the processed scores; rows may have their own generator.
 Chooser = Callable[[torch.Tensor, Sequence["torch.Generator | None"]], torch.Tensor]
-
-# Words decoderlab adds on top of GenerationConfig's.
-OWN_WORDS = {"seed", "logits_processor", "chooser"}
 
 
 class StrategyError(ValueError):
@@ -117,7 +114,6 @@ class Strategy:
     eos_token_ids: list[int]
     pad_token_id: int | None
     max_new_tokens: int
-    words: dict[str, Any] = field(default_factory=dict)
 
     def eos_tensor(self, device) -> torch.Tensor:
         """The EOS ids as a tensor on `device` (built once)."""
@@ -238,7 +234,6 @@ def resolve(
         pick, name = sample, "sample"
     else:
         pick, name = greedy, "greedy"
-    shown = dict(words, seed=seed)
     return Strategy(
         config=config,
         processors=processors,
@@ -248,5 +243,4 @@ def resolve(
         eos_token_ids=eos_ids,
         pad_token_id=pad_id,
         max_new_tokens=max_new,
-        words=shown,
     )
