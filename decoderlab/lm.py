@@ -146,7 +146,6 @@ class LM:
             raise PromptError("the prompt has no tokens")
         if window is not None and ids.shape[1] >= window:
             raise PromptError(f"the prompt is {ids.shape[1]} tokens, but {self.name}'s context window is {window}")
-        text = prompt_text
         strat = self.strategy(ids.shape[1], **strategy)
         record.check(self.model)
         recording = Recording(record)
@@ -171,12 +170,12 @@ class LM:
         except Exception as err:  # keep what was recorded
             if state is not None and recording.steps:
                 state.stop_reason = f"error: {type(err).__name__}"
-                err.trace = self.trace(recording, state, strat, text)  # type: ignore[attr-defined]
+                err.trace = self.trace(recording, state, strat, prompt_text)  # type: ignore[attr-defined]
             raise
         finally:
             if bar is not None:
                 bar.close()
-        return self.trace(recording, state, strat, text)
+        return self.trace(recording, state, strat, prompt_text)
 
     def session(self, prompt: Any, *, chat: bool = False, system: str | None = DEFAULT_SYSTEM,
                 record: Record | None = None, **strategy: Any):

@@ -203,9 +203,11 @@ class Recording:
         self._flush_forward()
         if ctx.step != self.steps:
             raise RuntimeError(f"recording out of order: step {ctx.step} after {self.steps} steps")
+        row: dict[str, torch.Tensor] = {}
         for name in self.names:
-            for key, value in STEP_RECORDERS[name](ctx, self.opts).items():
-                self.columns.setdefault(key, []).append(value)
+            row.update(STEP_RECORDERS[name](ctx, self.opts))
+        for key, value in row.items():  # all columns or none: an interrupted step leaves no ragged columns
+            self.columns.setdefault(key, []).append(value)
 
     @property
     def steps(self) -> int:
