@@ -40,25 +40,34 @@ def _causal(q_len: int, k_len: int, dtype: torch.dtype, device) -> torch.Tensor:
     return out[None, None]
 
 
-def last_row(module, query, key, attention_mask, scaling: float, softcap: float | None = None) -> torch.Tensor:
-    """softmax(q·Kᵀ·scale + mask) for the last query position: [B, H, K] in float32."""
-    q = query[:, :, -1:, :].float()
+def attention_weights(module, query, key, attention_mask, scaling: float, softcap: float | None = None) -> torch.Tensor:
+    """softmax(q·Kᵀ·scale + mask) for the given queries, the forward's last ones: [B, H, Q, K] in float32.
+
+    GQA keys are repeated to the query heads; the mask's last Q rows apply (none given: causal);
+    a learned sink logit per head (gpt-oss) takes its share of the mass and is dropped.
+    """
     groups = query.shape[1] // key.shape[1]
     k = repeat_kv(key, groups).float() if groups > 1 else key.float()
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [B, H, 1, K]
+    q_len, k_len = query.shape[2], k.shape[-2]
+    scores = torch.matmul(query.float(), k.transpose(-1, -2)) * scaling  # [B, H, Q, K]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    if attention_mask is not None:
-        row = attention_mask[:, :, -1:, : k.shape[-2]]
-        if row.dtype == torch.bool:
-            scores = scores.masked_fill(~row, float("-inf"))
-        else:
-            scores = scores + row.float()
+    mask = attention_mask
+    if mask is None and q_len > 1:
+        mask = _causal(q_len, k_len, torch.float32, query.device)
+    if mask is not None:
+        rows = mask[:, :, -q_len:, :k_len]
+        scores = scores.masked_fill(~rows, float("-inf")) if rows.dtype == torch.bool else scores + rows.float()
     sinks = getattr(module, "sinks", None)
-    if sinks is not None:  # gpt-oss style: a learned logit per head that takes mass, then is dropped
-        sink = sinks.float().reshape(1, -1, 1, 1).expand(scores.shape[0], -1, 1, 1)
-        return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1].squeeze(2)
-    return torch.softmax(scores, dim=-1).squeeze(2)
+    if sinks is not None:
+        sink = sinks.float().reshape(1, -1, 1, 1).expand(scores.shape[0], -1, q_len, 1)
+        return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return torch.softmax(scores, dim=-1)
+
+
+def last_row(module, query, key, attention_mask, scaling: float, softcap: float | None = None) -> torch.Tensor:
+    """The last query position's attention row: [B, H, K] in float32."""
+    return attention_weights(module, query[:, :, -1:, :], key, attention_mask, scaling, softcap).squeeze(2)
 
 
 def _eager_for(module) -> Callable | None:
@@ -87,28 +96,9 @@ def recording_attention(module, query, key, value, attention_mask, dropout=0.0, 
     if _sink is not None:
         full = None
         if query.shape[2] > 1 and getattr(_sink, "wants_full", False):
-            full = _full_matrix(module, query, key, attention_mask, scaling)
+            full = attention_weights(module, query, key, attention_mask, scaling)  # the prompt's whole matrix
         _sink(module.layer_idx, last_row(module, query, key, attention_mask, scaling), full)
     return out, None
-
-
-def _full_matrix(module, query, key, attention_mask, scaling) -> torch.Tensor:
-    """The prompt's whole attention matrix (only when prefill attention was asked for): [B, H, Q, K]."""
-    groups = query.shape[1] // key.shape[1]
-    k = repeat_kv(key, groups).float() if groups > 1 else key.float()
-    scores = torch.matmul(query.float(), k.transpose(-1, -2)) * scaling
-    mask = attention_mask
-    if mask is None:
-        mask = _causal(query.shape[2], key.shape[2], torch.float32, query.device)
-    if mask.dtype == torch.bool:
-        scores = scores.masked_fill(~mask[..., : k.shape[-2]], float("-inf"))
-    else:
-        scores = scores + mask[..., : k.shape[-2]].float()
-    sinks = getattr(module, "sinks", None)
-    if sinks is not None:
-        sink = sinks.float().reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
-        return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
-    return torch.softmax(scores, dim=-1)
 
 
 AttentionInterface.register(NAME, recording_attention)

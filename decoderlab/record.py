@@ -94,17 +94,22 @@ def _rank(scores: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     return (scores > scores.gather(-1, token[:, None])).sum(-1)
 
 
-def distribution(ctx: StepContext, final: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(scores, logsumexp, probabilities) of the raw or the final distribution, computed once per step.
+def scores_distribution(ctx: StepContext, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scores, logsumexp, probabilities) of one of the step's score tensors, computed once per step.
 
-    With no processors the final scores are the raw logits (the same tensor): nothing is recomputed.
+    The tensors a step holds (raw logits, each processor's output, final scores) live until the step
+    ends, so their ids key the memo; with no processors the final scores are the raw logits themselves.
     """
-    x = ctx.scores if final else ctx.logits
     key = id(x)
     if key not in ctx.memo:
         lse = torch.logsumexp(x, dim=-1, keepdim=True)
         ctx.memo[key] = (x, lse, torch.exp(x - lse))
     return ctx.memo[key]
+
+
+def distribution(ctx: StepContext, final: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The raw or the final distribution of the step (see `scores_distribution`)."""
+    return scores_distribution(ctx, ctx.scores if final else ctx.logits)
 
 
 @recorder("choice")
@@ -141,13 +146,13 @@ def record_processors(ctx: StepContext, opts: Record) -> dict:
                 "proc_prob_after": empty}
     before = [ctx.logits, *ctx.stages[:-1]]
     mass, rank_before, rank_after, prob_after = [], [], [], []
-    for prev, cur in zip(before, ctx.stages):
-        p_prev = torch.softmax(prev, dim=-1)
+    for prev, cur in zip(before, ctx.stages):  # each stage's softmax is computed once, shared with its neighbour
+        p_prev = scores_distribution(ctx, prev)[2]
         removed = torch.isneginf(cur) & ~torch.isneginf(prev)
         mass.append((p_prev * removed).sum(-1))
         rank_before.append(_rank(prev, ctx.token))
         rank_after.append(_rank(cur, ctx.token))
-        prob_after.append(torch.softmax(cur, dim=-1).gather(-1, ctx.token[:, None]).squeeze(-1))
+        prob_after.append(scores_distribution(ctx, cur)[2].gather(-1, ctx.token[:, None]).squeeze(-1))
     return {
         "proc_mass_removed": torch.stack(mass, -1),
         "proc_rank_before": torch.stack(rank_before, -1),

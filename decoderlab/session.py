@@ -202,10 +202,11 @@ class Session:
         if self._window_full():
             raise SessionError(f"the context window ({self.lm.context_window} tokens) is full: rewind() first")
         if rank is not None:
-            vocab = self._next_logits().shape[-1]
+            logits = self._next_logits()
+            vocab = logits.shape[-1]
             if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < vocab:
                 raise SessionError(f"rank={rank!r}: must be a whole number in [0, {vocab})")
-            order = torch.topk(self._next_logits()[0], rank + 1).indices
+            order = torch.topk(logits[0], rank + 1).indices
             token_id = int(order[rank])
         else:
             token_id = self._token_id(token)
