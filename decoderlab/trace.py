@@ -79,6 +79,23 @@ class Trace:
         return (f"Trace(model={self.model_name!r}, steps={self.num_steps}, stop={self.stop_reason!r}, "
                 f"text={self.text[:60]!r}{'...' if len(self.text) > 60 else ''})")
 
+    def array(self, name: str) -> np.ndarray:
+        """A recorded array by its schema name (step-major: [step, row, ...]); a clear error when this
+        trace's source did not record it. The public way for views to read what frames do not hold."""
+        arr = self.arrays.get(name)
+        if arr is None:
+            raise KeyError(f"this trace has no {name!r} array (recorded: {sorted(self.arrays)})")
+        return arr
+
+    def alive_steps(self, row: int = 0) -> np.ndarray:
+        """Steps at which `row` was still running (a row that finished emits padding after its EOS)."""
+        if not 0 <= row < self.rows:
+            raise IndexError(f"row {row} is outside this trace's {self.rows} rows")
+        finished = self.arrays.get("finished")
+        if finished is None:
+            return np.arange(self.num_steps)
+        return np.flatnonzero(~finished[:, row].astype(bool))
+
     def _tok(self, ids: np.ndarray) -> np.ndarray:
         lookup = self.token_text
         flat = [lookup.get(int(i), f"<{int(i)}>") for i in np.asarray(ids).ravel()]
