@@ -8,13 +8,14 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 
 from . import loop
+from .builder import ModelInfo, from_recording
 from .models import load_pretrained
 from .record import Record, Recording
-from .strategy import Strategy, resolve
+from .session import Session, SessionError
+from .strategy import Strategy, StrategyError, resolve
 from .tokens import TokenText
 from .trace import Trace
 
@@ -89,12 +90,7 @@ class LM:
             ids = self.tokenizer(prompt, return_tensors="pt").input_ids
         if ids.shape[1] == 0:
             raise PromptError("the prompt encodes to no tokens")
-        window = self.context_window
-        if window is not None and ids.shape[1] >= window:
-            raise PromptError(
-                f"the prompt is {ids.shape[1]} tokens, but {self.name}'s context window is {window}: "
-                "shorten the prompt so at least one token can be generated"
-            )
+        self._check_room(ids.shape[1])
         return ids.to(self.device), text
 
     def _apply_template(self, messages: list[dict], dropped_default_system: bool) -> str:
@@ -115,6 +111,22 @@ class LM:
         """Resolve generate's words for this model (see `decoderlab.strategy.resolve`)."""
         return resolve(self.model, prompt_length, **words)
 
+    def model_info(self, lens: bool = False) -> ModelInfo:
+        """What a trace needs of this model (its lens only when residuals are recorded)."""
+        cfg = self.model.config.get_text_config()
+        return ModelInfo(
+            name=self.name, token_text=self.token_text,
+            decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+            num_layers=getattr(cfg, "num_hidden_layers", 0) or 0, num_heads=getattr(cfg, "num_attention_heads", 0) or 0,
+            lens=self.lens if lens else None,
+        )
+
+    def _check_room(self, length: int, what: str = "the prompt") -> None:
+        """The one context-window check: a step needs fewer positions than the window holds."""
+        if loop.window_full(length, self.context_window):
+            raise PromptError(f"{what} is {length} tokens, but {self.name}'s context window is "
+                              f"{self.context_window}: shorten it so at least one token can be generated")
+
     # ---- generate ---------------------------------------------------------------------------------
     def generate(
         self,
@@ -125,43 +137,56 @@ class LM:
         record: Record | None = None,
         progress: bool | None = None,
         on_token: Callable[[int, str], None] | None = None,
+        seeds: Sequence[int] | None = None,
+        stream_row: int = 0,
         **strategy: Any,
     ) -> Trace:
         """Decode to a stop with everything recorded. Takes `model.generate`'s strategy words, plus
         `seed`, `logits_processor` (a list of transformers LogitsProcessors) and `chooser`.
 
+        `seeds=[s1, s2, ...]` runs one row per seed as one batch (each row draws what `seed=s` draws
+        alone, and stops at its own EOS); `on_token(step, text)` streams row `stream_row`.
         On Ctrl-C the trace so far is returned (stop_reason "interrupted"); on another error, the
         trace so far is attached to the exception as `err.trace`.
         """
         ids, text = self.encode(prompt, chat=chat, system=system)
-        return self.generate_ids(ids, text, record=record, progress=progress, on_token=on_token, **strategy)
+        return self.generate_ids(ids, text, record=record, progress=progress, on_token=on_token, seeds=seeds,
+                                 stream_row=stream_row, **strategy)
 
     def generate_ids(self, ids: torch.Tensor, prompt_text: str = "", *, record: Record | None = None,
                      progress: bool | None = None, on_token: Callable[[int, str], None] | None = None,
-                     **strategy: Any) -> Trace:
+                     seeds: Sequence[int] | None = None, stream_row: int = 0, **strategy: Any) -> Trace:
         """`generate` from token ids [1, P] already encoded (the prompt text is kept for the trace)."""
         record = record or Record()
-        window = self.context_window
         if ids.shape[1] == 0:
             raise PromptError("the prompt has no tokens")
-        if window is not None and ids.shape[1] >= window:
-            raise PromptError(f"the prompt is {ids.shape[1]} tokens, but {self.name}'s context window is {window}")
+        self._check_room(ids.shape[1])
+        rows = _check_seeds(seeds, strategy)
+        if isinstance(stream_row, bool) or not isinstance(stream_row, int) or not 0 <= stream_row < rows:
+            raise PromptError(f"stream_row={stream_row!r}: must be a row in [0, {rows})")
         strat = self.strategy(ids.shape[1], **strategy)
+        row_seeds = list(seeds) if seeds is not None else [strat.seed]
         record.check(self.model)
         recording = Recording(record)
         observers: list = [recording]
-        bar = _progress_bar(strat.max_new_tokens, progress)
+        bar = _progress_bar(strat.max_new_tokens, progress, rows)
         stream = None
         if on_token is not None or bar is not None:
-            def stream(step: int, token: torch.Tensor) -> None:
+            def stream(step: int, token: torch.Tensor, row_ids: torch.Tensor) -> None:
                 if bar is not None:
                     bar.update(1)
+                    if rows > 1:
+                        bar.set_postfix(rows_running=len(row_ids), refresh=False)
                 if on_token is not None:
-                    on_token(step, self.token_text(int(token[0])))
+                    hit = (row_ids == stream_row).nonzero()
+                    if len(hit):
+                        on_token(step, self.token_text(int(token[int(hit[0])])))
+        batch = ids.expand(rows, -1) if rows > 1 else ids
+        info = self.model_info(lens=record.lens)
         state = None
         try:
             with recording.attached(self.model):
-                state = loop.prefill(self.model, ids, strat, observers)
+                state = loop.prefill(self.model, batch, strat, observers, seeds=row_seeds)
                 loop.run(self.model, state, strat, observers, max_length=self.context_window, on_token=stream)
         except KeyboardInterrupt:
             if state is None:
@@ -170,20 +195,24 @@ class LM:
         except Exception as err:  # keep what was recorded
             if state is not None and recording.steps:
                 state.stop_reason = f"error: {type(err).__name__}"
-                err.trace = self.trace(recording, state, strat, prompt_text)  # type: ignore[attr-defined]
+                err.trace = from_recording(recording, state, strat, info, prompt_text,  # type: ignore[attr-defined]
+                                           seeds=row_seeds)
             raise
         finally:
             if bar is not None:
                 bar.close()
-        return self.trace(recording, state, strat, prompt_text)
+        return from_recording(recording, state, strat, info, prompt_text, seeds=row_seeds)
 
     def session(self, prompt: Any, *, chat: bool = False, system: str | None = DEFAULT_SYSTEM,
-                record: Record | None = None, **strategy: Any):
-        """An interactive `Session`: step, choose, rewind and fork over one KV cache."""
-        from .session import Session
-
+                record: Record | None = None, **strategy: Any) -> Session:
+        """An interactive `Session`: step, choose, rewind and fork over one KV cache (one row)."""
+        if "seeds" in strategy:
+            raise SessionError("a session steps one sequence: give seed=, not seeds= (or use generate(seeds=...))")
         ids, text = self.encode(prompt, chat=chat, system=system)
-        return Session(self, ids, text, record or Record(), strategy)
+        record = record or Record()
+        return Session(self.model, ids, text, record, self.strategy(ids.shape[1], **strategy),
+                       self.model_info(lens=record.lens), context_window=self.context_window,
+                       encode_token=lambda t: self.tokenizer(t, add_special_tokens=False).input_ids)
 
     def score(self, prompt: Any, continuation: str | Sequence[int], *, chat: bool = False,
               system: str | None = DEFAULT_SYSTEM, record: Record | None = None, **strategy: Any) -> Trace:
@@ -210,67 +239,12 @@ class LM:
         if bad.numel():
             raise PromptError(f"token ids {bad.tolist()} are outside the vocabulary [0, {vocab})")
         cont = cont.to(self.device)
-        full = torch.cat([ids[0], cont])[None]
-        window = self.context_window
-        if window is not None and full.shape[1] > window:
-            raise PromptError(f"prompt + continuation is {full.shape[1]} tokens, past the context window of {window}")
+        self._check_room(ids.shape[1] + cont.numel() - 1, "prompt + continuation (less its last token)")
         strategy.setdefault("max_new_tokens", int(cont.numel()))
         strat = self.strategy(ids.shape[1], **strategy)
-        with torch.inference_mode():
-            logits = self.model(input_ids=full, use_cache=False).logits[0, ids.shape[1] - 1 : -1].float()
         recording = Recording(record)
-        for t in range(cont.numel()):
-            prefix = full[:, : ids.shape[1] + t]
-            scores, stages = loop.process(strat, prefix, logits[t : t + 1], recording.keep_stages)
-            token = cont[t : t + 1]
-            ctx = loop.StepContext(t, prefix, logits[t : t + 1], scores, stages, token,
-                                   torch.zeros(1, dtype=torch.bool, device=self.device),
-                                   torch.zeros(1, dtype=torch.bool, device=self.device))
-            recording.on_step(ctx)
-        state = loop.State(ids=full, cache=None, prompt_length=ids.shape[1], generators=[],
-                           finished=torch.zeros(1, dtype=torch.bool), stop_reason="given")
-        return self.trace(recording, state, strat, text, chooser="given")
-
-    # ---- recording -> trace -------------------------------------------------------------------------
-    def trace(self, recording: Recording, state: loop.State, strategy: Strategy, prompt_text: str,
-              chooser: str | None = None, branch: int = 0, parent: int | None = None,
-              fork_step: int | None = None) -> Trace:
-        """Build a `Trace` from what a run recorded (arrays to the host once, here)."""
-        arrays = {name: torch.stack(col).cpu().numpy() for name, col in recording.columns.items() if col}
-        steps = recording.steps
-        if recording.attention and any(a is not None for a in recording.attention[:steps]):
-            arrays["attention"] = _pad_attention(recording.attention[:steps], state.prompt_length)
-        if recording.residuals and any(r is not None for r in recording.residuals[:steps]):
-            arrays["residual"] = _stack_filled(recording.residuals[:steps]).numpy()
-        prompt_ids = state.ids[0, : state.prompt_length].cpu().numpy()
-        seen = {int(i) for i in prompt_ids}
-        for name in ("token_id", "cand_id"):
-            if name in arrays:
-                seen.update(int(i) for i in np.unique(arrays[name]))
-        token_text = {i: self.token_text(i) for i in sorted(seen)}
-        texts = [self._row_text(state, strategy, r) for r in range(state.rows)]
-        num_layers = getattr(self.model.config.get_text_config(), "num_hidden_layers", 0)
-        num_heads = getattr(self.model.config.get_text_config(), "num_attention_heads", 0)
-        opts = recording.opts
-        return Trace(
-            prompt=prompt_text, prompt_ids=prompt_ids, arrays=arrays, token_text=token_text,
-            model_name=self.name, strategy=strategy.describe(), processor_names=strategy.processor_names,
-            stop_reason=state.stop_reason, texts=texts, chooser=chooser or strategy.chooser_name,
-            attention_layers=list(opts.attention_layers) if opts.attention_layers is not None else list(range(num_layers)),
-            attention_heads=list(opts.attention_heads) if opts.attention_heads is not None else list(range(num_heads)),
-            prefill_attention={k: v.cpu().numpy() for k, v in recording.prefill_attention.items()},
-            branch=branch, parent=parent, fork_step=fork_step, lens_top_k=opts.lens_top_k,
-            lens_object=self.lens if "residual" in arrays else None,
-        )
-
-    def _row_text(self, state: loop.State, strategy: Strategy, row: int) -> str:
-        gen = state.ids[row, state.prompt_length :].tolist()
-        eos = set(strategy.eos_token_ids)
-        for i, t in enumerate(gen):
-            if t in eos:
-                gen = gen[:i]
-                break
-        return self.tokenizer.decode(gen, skip_special_tokens=True)
+        state = loop.teacher_force(self.model, ids, cont, strat, [recording])
+        return from_recording(recording, state, strat, self.model_info(), text, chooser="given")
 
 
 def _model_name(model) -> str:
@@ -284,30 +258,29 @@ def _model_name(model) -> str:
     return DEFAULT_NAME if name.startswith(DEFAULT_NAME + "-") else name
 
 
-def _stack_filled(items: list) -> torch.Tensor:
-    like = next(x for x in items if x is not None)
-    return torch.stack([x if x is not None else torch.zeros_like(like) for x in items]).cpu()
+def _check_seeds(seeds: Sequence[int] | None, words: dict) -> int:
+    """How many rows `seeds` asks for (1 without it); a clear error for a bad list."""
+    if seeds is None:
+        return 1
+    if "seed" in words:
+        raise StrategyError("give seed= (one run) or seeds= (one row per seed), not both")
+    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__"):
+        raise StrategyError(f"seeds={seeds!r}: must be a list of whole numbers, one per row")
+    seeds = list(seeds)
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise StrategyError(f"seeds={seeds!r}: must be a non-empty list of whole numbers, one per row")
+    return len(seeds)
 
 
-def _pad_attention(rows: list, prompt_length: int) -> np.ndarray:
-    """Per-step rows [B, L, H, K_t] -> one array [S, B, L, H, K_max], zero beyond each step's context."""
-    like = next(x for x in rows if x is not None)
-    k_max = prompt_length + len(rows) - 1
-    out = torch.zeros((len(rows), *like.shape[:-1], k_max), dtype=torch.float16)
-    for s, r in enumerate(rows):
-        if r is not None:
-            out[s, ..., : r.shape[-1]] = r.cpu()
-    return out.numpy()
-
-
-def _progress_bar(total: int, progress: bool | None):
-    """tqdm.auto (a notebook bar in Jupyter) with tokens/s; by default only for runs longer than 2 s."""
+def _progress_bar(total: int, progress: bool | None, rows: int = 1):
+    """tqdm.auto (a notebook bar in Jupyter) with steps/s; by default only for runs longer than 2 s."""
     if progress is False:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="tok", desc="decoding", delay=0 if progress else 2.0, leave=False,
-                file=sys.stderr)
+    desc = "decoding" if rows == 1 else f"decoding {rows} rows"
+    return tqdm(total=total, unit="tok" if rows == 1 else "step", desc=desc, delay=0 if progress else 2.0,
+                leave=False, file=sys.stderr)
 
 
 def load(

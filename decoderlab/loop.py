@@ -26,18 +26,35 @@ from .strategy import Strategy
 class State:
     """Everything a run needs to take its next step."""
 
-    ids: torch.Tensor  # [B, T]: prompt + generated tokens
-    cache: DynamicCache  # holds every position but the pending one
+    ids: torch.Tensor  # [B, T]: prompt + generated tokens of the rows still running
+    cache: DynamicCache | None  # holds every position but the pending one (None when teacher forcing)
     prompt_length: int
     generators: list  # one torch.Generator (or None) per row
     finished: torch.Tensor  # [B] bool
     next_logits: torch.Tensor | None = None  # [B, V] float32: the model's output for the next token
     pending: torch.Tensor | None = None  # [B] chosen but not yet forwarded
     stop_reason: str | None = None
+    row_ids: torch.Tensor | None = None  # [B] each running row's index in the run (rows retire at EOS)
+    retired: dict = field(default_factory=dict)  # run row index -> its ids [T'] when it finished
+
+    def __post_init__(self):
+        if self.row_ids is None:
+            self.row_ids = torch.arange(self.ids.shape[0], device=self.ids.device)
 
     @property
     def rows(self) -> int:
+        """Rows still in the batch."""
         return self.ids.shape[0]
+
+    @property
+    def total_rows(self) -> int:
+        """Rows the run started with, running or retired."""
+        return self.ids.shape[0] + len(self.retired)
+
+    def sequences(self) -> list[torch.Tensor]:
+        """Every row's ids (prompt + generated), in run order, the retired rows' as they ended."""
+        running = {int(r): self.ids[i] for i, r in enumerate(self.row_ids.tolist())}
+        return [running[r] if r in running else self.retired[r] for r in range(self.total_rows)]
 
     @property
     def steps(self) -> int:
@@ -57,6 +74,7 @@ class StepContext:
     token: torch.Tensor  # [B] the chosen token
     forced: torch.Tensor  # [B] bool: chosen by the user, not the chooser
     finished: torch.Tensor  # [B] bool: rows already done before this step (they emit padding)
+    rows: torch.Tensor | None = None  # [B] each row's index in the run (None: 0..B-1)
     memo: dict = field(default_factory=dict)  # work recorders share within one step
 
 
@@ -164,7 +182,7 @@ def step(
         token = torch.where(forced, force, token)
     if strategy.pad_token_id is not None:
         token = torch.where(state.finished, torch.full_like(token, strategy.pad_token_id), token)
-    ctx = StepContext(state.steps, state.ids, logits, scores, stages, token, forced, state.finished)
+    ctx = StepContext(state.steps, state.ids, logits, scores, stages, token, forced, state.finished, state.row_ids)
     for o in observers:
         o.on_step(ctx)
     state.ids = torch.cat([state.ids, token[:, None]], dim=-1)
@@ -174,15 +192,73 @@ def step(
     return token
 
 
+def retire_finished(state: State) -> None:
+    """Take rows that reached EOS out of the batch (cache, ids, generators), so they cost nothing more.
+
+    Only while other rows still run: a run of one row, or a session, keeps its row (and can rewind).
+    """
+    if state.rows < 2 or state.pending is None or not bool(state.finished.any()):
+        return
+    done = state.finished.tolist()
+    if all(done):
+        return
+    for i, (row, is_done) in enumerate(zip(state.row_ids.tolist(), done)):
+        if is_done:
+            state.retired[row] = state.ids[i]
+    keep = torch.tensor([i for i, d in enumerate(done) if not d], device=state.ids.device)
+    state.ids = state.ids[keep]
+    state.cache.batch_select_indices(keep)
+    state.generators = [state.generators[i] for i in keep.tolist()]
+    state.finished = state.finished[keep]
+    state.pending = state.pending[keep]
+    state.row_ids = state.row_ids[keep]
+
+
+def window_full(length: int, window: int | None) -> bool:
+    """The one context-window check: a step can be taken from `length` positions only if the model
+    has room for them (every position the next forward reads is < `window`)."""
+    return window is not None and length >= window
+
+
 def should_stop(state: State, strategy: Strategy, max_length: int | None = None) -> str | None:
     """The reason to stop now, or None. Checking `finished` is the step's one host synchronisation."""
     if strategy.eos_token_ids and bool(state.finished.all()):
         return "eos"
     if state.steps >= strategy.max_new_tokens:
         return "max_new_tokens"
-    if max_length is not None and state.ids.shape[1] >= max_length:
+    if window_full(state.ids.shape[1], max_length):
         return "context_window"
     return None
+
+
+def generator_states(state: State) -> list:
+    """Every row's random-generator state (None for an unseeded row), to restore later."""
+    return [None if g is None else g.get_state() for g in state.generators]
+
+
+def restore_generators(state: State, saved: list) -> None:
+    """Put the generators back as `generator_states` found them (a rewind, or a failed step)."""
+    for g, st in zip(state.generators, saved):
+        if g is not None:
+            g.set_state(st)
+
+
+def copy_state(state: State) -> State:
+    """An independent copy (a fork): ids, cache and generators are copied, nothing is shared."""
+    import copy
+
+    gens = []
+    for g in state.generators:
+        clone = None
+        if g is not None:
+            clone = torch.Generator(device=g.device)
+            clone.set_state(g.get_state())
+        gens.append(clone)
+    return State(ids=state.ids.clone(), cache=copy.deepcopy(state.cache), prompt_length=state.prompt_length,
+                 generators=gens, finished=state.finished.clone(),
+                 next_logits=None if state.next_logits is None else state.next_logits.clone(),
+                 pending=None if state.pending is None else state.pending.clone(), stop_reason=state.stop_reason,
+                 row_ids=state.row_ids.clone(), retired=dict(state.retired))
 
 
 def run(
@@ -191,23 +267,58 @@ def run(
     strategy: Strategy,
     observers: Sequence[Observer] = (),
     max_length: int | None = None,
-    on_token: Callable[[int, torch.Tensor], None] | None = None,
+    on_token: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     max_steps: int | None = None,
 ) -> State:
-    """Step until EOS, `max_new_tokens`, the context window, or `max_steps` more steps."""
+    """Step until EOS, `max_new_tokens`, the context window, or `max_steps` more steps.
+
+    `on_token(step, tokens, rows)` sees each step's tokens of the running rows and their run indices.
+    Rows that reach EOS leave the batch while others run on (`retire_finished`).
+    """
     taken = 0
     state.stop_reason = should_stop(state, strategy, max_length)
     while state.stop_reason is None and (max_steps is None or taken < max_steps):
         token = step(model, state, strategy, observers)
         taken += 1
         if on_token is not None:
-            on_token(state.steps - 1, token)
+            on_token(state.steps - 1, token, state.row_ids)
         state.stop_reason = should_stop(state, strategy, max_length)
+        if state.stop_reason is None:
+            retire_finished(state)
     return state
+
+
+@torch.inference_mode()
+def teacher_force(
+    model,
+    prompt_ids: torch.Tensor,
+    continuation: torch.Tensor,
+    strategy: Strategy,
+    observers: Sequence[Observer] = (),
+) -> State:
+    """Score given tokens: one forward over prompt + continuation, then each position as a step whose
+    token is the given one (what `step` would record had the chooser picked it). One row."""
+    full = torch.cat([prompt_ids[0], continuation])[None]
+    prompt_length = prompt_ids.shape[1]
+    out = model(input_ids=full, use_cache=False)
+    logits = out.logits[0, prompt_length - 1 : -1].to(dtype=torch.float32, device=full.device)
+    keep = any(o.keep_stages for o in observers)
+    no = torch.zeros(1, dtype=torch.bool, device=full.device)
+    rows = torch.zeros(1, dtype=torch.long, device=full.device)
+    for t in range(continuation.numel()):
+        prefix = full[:, : prompt_length + t]
+        scores, stages = process(strategy, prefix, logits[t : t + 1], keep)
+        ctx = StepContext(t, prefix, logits[t : t + 1], scores, stages, continuation[t : t + 1], no, no, rows)
+        for o in observers:
+            o.on_step(ctx)
+    return State(ids=full, cache=None, prompt_length=prompt_length, generators=[None], finished=no.clone(),
+                 stop_reason="given")
 
 
 def crop(state: State, steps: int, eos_token_ids: Sequence[int] = ()) -> None:
     """Go back to just before step `steps`: keep `steps` generated tokens; re-forward only the last one."""
+    if state.retired:
+        raise ValueError("cannot crop a run whose rows have retired from the batch (sessions hold one row)")
     keep = state.prompt_length + steps
     state.ids = state.ids[:, :keep]
     cache_len = state.cache.get_seq_length()

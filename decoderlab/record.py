@@ -16,16 +16,34 @@ import torch
 from . import attention as attention_mod
 from . import lens as lens_mod
 from .loop import State, StepContext
+from .schema import SCHEMA
 
 # A recorder takes the step's context and the run's Record, and returns named tensors [B, ...].
 StepRecorder = Callable[[StepContext, "Record"], dict]
 STEP_RECORDERS: dict[str, StepRecorder] = {}
+BUILT_IN = ("choice", "candidates", "processors", "logits")
 
 
-def recorder(name: str):
-    """Register a per-step recorder under `name`."""
+class RecorderError(ValueError):
+    """A recorder registered under a name that is taken."""
+
+
+def recorder(name: str, *, replace: bool = False):
+    """Register a per-step recorder under `name`.
+
+    A taken name (a built-in such as "choice", whose arrays `trace.steps` reads, or another of yours)
+    is refused unless `replace=True`, so a recorder cannot silently break the frames.
+    """
+    if not isinstance(name, str) or not name:
+        raise RecorderError(f"recorder({name!r}): the name must be a non-empty string")
+    if name in STEP_RECORDERS and not replace:
+        raise RecorderError(f"a recorder named {name!r} is already registered "
+                            f"({'built in' if name in BUILT_IN else 'by you'}): choose another name, "
+                            "or pass replace=True to replace it")
 
     def register(fn: StepRecorder) -> StepRecorder:
+        if not callable(fn):
+            raise RecorderError(f"recorder({name!r}) decorates a function (ctx, record) -> dict of tensors")
         STEP_RECORDERS[name] = fn
         return fn
 
@@ -127,14 +145,19 @@ def record_choice(ctx: StepContext, opts: Record) -> dict:
     return out
 
 
+def top_candidates(logits: torch.Tensor, raw_probs: torch.Tensor, final_probs: torch.Tensor, k: int) -> dict:
+    """The top-k tokens by raw logit [B, k], with their raw and final probabilities (recorded each step,
+    and shown by a session before it steps)."""
+    top = torch.topk(logits, k, dim=-1)
+    return {"cand_id": top.indices, "cand_logit": top.values, "cand_prob": raw_probs.gather(-1, top.indices),
+            "cand_final_prob": final_probs.gather(-1, top.indices)}
+
+
 @recorder("candidates")
 def record_candidates(ctx: StepContext, opts: Record) -> dict:
     """The top-k tokens by raw logit, with raw and final probabilities."""
     k = min(opts.top_k, ctx.logits.shape[-1])
-    top = torch.topk(ctx.logits, k, dim=-1)
-    raw_p = distribution(ctx, False)[2].gather(-1, top.indices)
-    fin_p = distribution(ctx, True)[2].gather(-1, top.indices)
-    return {"cand_id": top.indices, "cand_logit": top.values, "cand_prob": raw_p, "cand_final_prob": fin_p}
+    return top_candidates(ctx.logits, distribution(ctx, False)[2], distribution(ctx, True)[2], k)
 
 
 @recorder("processors")
@@ -191,6 +214,7 @@ class Recording:
         self.attention: list[torch.Tensor | None] = []  # per step: [B, L', H', K]
         self.prefill_attention: dict[int, torch.Tensor] = {}  # layer -> [B, H, N, N]
         self.residuals: list[torch.Tensor | None] = []  # per step: [B, L, D]
+        self.row_ids: list[torch.Tensor | None] = []  # per step: the run indices of its B rows
         self.num_layers = num_layers
         self._slot = 0
         self._context = 0
@@ -213,20 +237,37 @@ class Recording:
             row.update(STEP_RECORDERS[name](ctx, self.opts))
         for key, value in row.items():  # all columns or none: an interrupted step leaves no ragged columns
             self.columns.setdefault(key, []).append(value)
+        del self.row_ids[ctx.step:]
+        self.row_ids.append(ctx.rows)
 
     @property
     def steps(self) -> int:
         col = self.columns.get("token_id")
         return len(col) if col else 0
 
-    def truncate(self, steps: int) -> None:
-        """Forget everything from step `steps` on (a rewind)."""
+    def drop_steps(self, steps: int) -> None:
+        """Forget the per-step columns from step `steps` on (what the forwards captured stays)."""
         for col in self.columns.values():
             del col[steps:]
+        del self.row_ids[steps:]
+
+    def truncate(self, steps: int) -> None:
+        """Forget everything from step `steps` on (a rewind)."""
+        self.drop_steps(steps)
         del self.attention[steps:]
         del self.residuals[steps:]
         self._att_layers.clear()
         self._res_layers.clear()
+
+    def copy(self) -> "Recording":
+        """An independent recording with the same steps so far (a fork): lists copied, tensors shared."""
+        other = Recording(self.opts, self.num_layers)
+        other.columns = {name: list(col) for name, col in self.columns.items()}
+        other.attention = list(self.attention)
+        other.residuals = list(self.residuals)
+        other.row_ids = list(self.row_ids)
+        other.prefill_attention = dict(self.prefill_attention)
+        return other
 
     # ---- forward-time capture ---------------------------------------------------------------
     def _attention_sink(self, layer: int, row: torch.Tensor, full: torch.Tensor | None) -> None:
@@ -266,6 +307,39 @@ class Recording:
         else:
             buf[self._slot] = value
 
+    # ---- to arrays -----------------------------------------------------------------------------
+    def arrays(self, rows: int, prompt_length: int) -> dict:
+        """Everything recorded as step-major numpy arrays [S, rows, ...] (to the host once, here).
+
+        Steps at which some rows had retired (finished at EOS) hold fewer rows; those rows get the
+        schema's fill value and `finished` True. Attention rows are zero-padded to the longest context.
+        """
+        import numpy as np
+
+        steps = self.steps
+        ids = self.row_ids[:steps]
+        full = all(r is None or r.shape[0] == rows for r in ids)
+        out = {}
+        for name, col in self.columns.items():
+            if col:
+                out[name] = _stack_rows(col[:steps], ids, rows, full, name).cpu().numpy()
+        if "finished" in out and not full:
+            for s, r in enumerate(ids):
+                present = np.zeros(rows, dtype=bool)
+                present[r.cpu().numpy()] = True
+                out["finished"][s, ~present] = True
+        if any(a is not None for a in self.attention[:steps]):
+            k_max = prompt_length + steps - 1
+            padded = [None if a is None else torch.nn.functional.pad(a.cpu(), (0, k_max - a.shape[-1]))
+                      for a in self.attention[:steps]]
+            out["attention"] = _stack_rows(padded, ids, rows, full, "attention", zero=True).numpy()
+        if "token_id" not in out:  # nothing recorded yet: zero steps of `rows` rows
+            out["token_id"] = np.zeros((0, rows), dtype=np.int64)
+        if any(r is not None for r in self.residuals[:steps]):
+            out["residual"] = _stack_rows([None if r is None else r.cpu() for r in self.residuals[:steps]],
+                                          ids, rows, full, "residual", zero=True).numpy()
+        return out
+
     @contextmanager
     def attached(self, model) -> Iterator["Recording"]:
         """Install the forward-time capture the options ask for, for the duration of a run."""
@@ -279,3 +353,20 @@ class Recording:
                 yield self
             finally:
                 self._flush_forward()
+
+
+def _stack_rows(items: list, row_ids: list, rows: int, full: bool, name: str, zero: bool = False) -> torch.Tensor:
+    """Per-step tensors [B_t, ...] -> one [S, rows, ...], each step's B_t rows placed at their run indices.
+
+    Missing entries (a retired row; a step that recorded nothing) get the schema's fill value, or 0.
+    """
+    like = next(x for x in items if x is not None)
+    if full and all(x is not None for x in items):
+        return torch.stack(items)
+    field = SCHEMA.get(name)
+    fill = 0 if zero or field is None else field.fill
+    out = torch.full((len(items), rows, *like.shape[1:]), fill, dtype=like.dtype, device=like.device)
+    for s, (x, r) in enumerate(zip(items, row_ids)):
+        if x is not None:
+            out[s, r.to(out.device) if r is not None else slice(None)] = x.to(out.device)
+    return out

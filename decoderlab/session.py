@@ -6,20 +6,18 @@ rewound to step k and stepped again draws the same tokens.
 """
 from __future__ import annotations
 
-import copy
 import random
-from typing import TYPE_CHECKING, Any
+from typing import Callable
 
 import pandas as pd
 import torch
 from transformers import DynamicCache
 
 from . import loop
-from .record import Record, Recording
+from .builder import ModelInfo, from_recording
+from .record import Record, Recording, top_candidates
+from .strategy import Strategy
 from .trace import Trace
-
-if TYPE_CHECKING:
-    from .lm import LM
 
 
 class SessionError(ValueError):
@@ -27,53 +25,47 @@ class SessionError(ValueError):
 
 
 class Session:
-    """Step through a generation. Every branch of the tree is a `Session`; `session.tree` lists them."""
+    """Step through a generation. Every branch of the tree is a `Session`; `session.tree` lists them.
 
-    def __init__(self, lm: "LM", prompt_ids: torch.Tensor, prompt_text: str, record: Record,
-                 words: dict[str, Any], *, _parent: "Session | None" = None):
-        self.lm = lm
+    A session holds one row (one sequence); `generate(seeds=[...])` runs several. It needs the model,
+    the resolved strategy, what a trace needs of the model (`ModelInfo`), the context window, and a
+    way to turn text into token ids (for `choose(token="...")`); `LM.session` gives all of them.
+    """
+
+    def __init__(self, model, prompt_ids: torch.Tensor, prompt_text: str, record: Record, strategy: Strategy,
+                 info: ModelInfo, *, context_window: int | None = None,
+                 encode_token: Callable[[str], list[int]] | None = None, _parent: "Session | None" = None):
+        if prompt_ids.shape[0] != 1:
+            raise SessionError(f"a session holds one row, not {prompt_ids.shape[0]}: use generate(seeds=...) "
+                               "for several")
+        self.model = model
         self.prompt_text = prompt_text
         self.record = record
-        self.words = dict(words)
+        self.info = info
+        self.context_window = context_window
+        self.encode_token = encode_token
         if _parent is not None:
             self._copy_from(_parent)
             return
-        self.strategy = lm.strategy(prompt_ids.shape[1], **self.words)
-        if self.strategy.do_sample and self.strategy.seed is None:
+        self.strategy = strategy
+        if strategy.do_sample and strategy.seed is None:
             # sampling (asked for, or the model's default) with no seed: pick one, so that rewinds reproduce the draws
-            self.words["seed"] = self.strategy.seed = random.randrange(2**31)
-        record.check(lm.model)
+            strategy.seed = random.randrange(2**31)
+        record.check(model)
         self.recording = Recording(record)
         self.branches: list[Session] = [self]
         self.branch, self.parent, self.fork_step = 0, None, None
         self._rng_states: list = []
-        with self.recording.attached(lm.model):
+        with self.recording.attached(model):
             # A cache that keeps every position (sliding-window layers masked, not trimmed), so that
             # rewind can always crop it instead of recomputing the prefix.
-            self.state = loop.prefill(lm.model, prompt_ids, self.strategy, [self.recording], cache=DynamicCache())
+            self.state = loop.prefill(model, prompt_ids, strategy, [self.recording], cache=DynamicCache())
         self._trace: Trace | None = None
 
     def _copy_from(self, other: "Session") -> None:
         self.strategy = other.strategy
-        self.recording = Recording(other.record)
-        for name, col in other.recording.columns.items():
-            self.recording.columns[name] = list(col)
-        self.recording.attention = list(other.recording.attention)
-        self.recording.residuals = list(other.recording.residuals)
-        self.recording.prefill_attention = dict(other.recording.prefill_attention)
-        s = other.state
-        gens = []
-        for g in s.generators:
-            if g is None:
-                gens.append(None)
-            else:
-                clone = torch.Generator(device=g.device)
-                clone.set_state(g.get_state())
-                gens.append(clone)
-        self.state = loop.State(ids=s.ids.clone(), cache=copy.deepcopy(s.cache), prompt_length=s.prompt_length,
-                                generators=gens, finished=s.finished.clone(),
-                                next_logits=None if s.next_logits is None else s.next_logits.clone(),
-                                pending=None if s.pending is None else s.pending.clone(), stop_reason=s.stop_reason)
+        self.recording = other.recording.copy()
+        self.state = loop.copy_state(other.state)
         self._rng_states = list(other._rng_states)
         self.branches = other.branches
         self.branch = len(self.branches)
@@ -103,8 +95,8 @@ class Session:
     def trace(self) -> Trace:
         """This branch's trace so far (rebuilt only after it changes)."""
         if self._trace is None:
-            self._trace = self.lm.trace(self.recording, self.state, self.strategy, self.prompt_text,
-                                        branch=self.branch, parent=self.parent, fork_step=self.fork_step)
+            self._trace = from_recording(self.recording, self.state, self.strategy, self.info, self.prompt_text,
+                                         branch=self.branch, parent=self.parent, fork_step=self.fork_step)
         return self._trace
 
     @property
@@ -119,36 +111,30 @@ class Session:
         logits = self._next_logits()
         scores, _ = loop.process(self.strategy, self.state.ids, logits, keep_stages=False)
         k = min(k or self.record.top_k, logits.shape[-1])
-        top = torch.topk(logits[0], k)
-        raw = torch.softmax(logits[0], -1)[top.indices]
-        fin = torch.softmax(scores[0], -1)[top.indices]
-        ids = top.indices.tolist()
+        top = top_candidates(logits, torch.softmax(logits, -1), torch.softmax(scores, -1), k)
+        ids = top["cand_id"][0].tolist()
         return pd.DataFrame({"step": self.steps, "rank": range(k), "token_id": ids,
-                             "token": [self.lm.token_text(i) for i in ids], "logit": top.values.tolist(),
-                             "prob": raw.tolist(), "final_prob": fin.tolist()})
+                             "token": [self.info.token_text(i) for i in ids], "logit": top["cand_logit"][0].tolist(),
+                             "prob": top["cand_prob"][0].tolist(), "final_prob": top["cand_final_prob"][0].tolist()})
 
     # ---- moving -----------------------------------------------------------------------------------
     def _next_logits(self) -> torch.Tensor:
-        with self.recording.attached(self.lm.model):
-            return loop.ensure_logits(self.lm.model, self.state, [self.recording])
+        with self.recording.attached(self.model):
+            return loop.ensure_logits(self.model, self.state, [self.recording])
 
     def _window_full(self) -> bool:
-        window = self.lm.context_window
-        return window is not None and self.state.ids.shape[1] >= window
+        return loop.window_full(self.state.ids.shape[1], self.context_window)
 
     def _step(self, force: torch.Tensor | None = None) -> None:
         """One step; if it fails, the session is as it was before it (generators included)."""
-        saved = [None if g is None else g.get_state() for g in self.state.generators]
+        saved = loop.generator_states(self.state)
         steps = self.steps
         try:
-            with self.recording.attached(self.lm.model):
-                loop.step(self.lm.model, self.state, self.strategy, [self.recording], force=force)
+            with self.recording.attached(self.model):
+                loop.step(self.model, self.state, self.strategy, [self.recording], force=force)
         except BaseException:
-            for g, st in zip(self.state.generators, saved):
-                if g is not None:
-                    g.set_state(st)
-            for col in self.recording.columns.values():  # a recorder may have failed half-way
-                del col[steps:]
+            loop.restore_generators(self.state, saved)
+            self.recording.drop_steps(steps)  # a recorder may have failed half-way (the forward's capture stays)
             self._trace = None
             raise
         self._rng_states.append(saved)
@@ -185,7 +171,7 @@ class Session:
         since = self.steps
         while not self.done and self.steps < self.strategy.max_new_tokens and not self._window_full():
             self._step()
-        self.state.stop_reason = loop.should_stop(self.state, self.strategy, self.lm.context_window)
+        self.state.stop_reason = loop.should_stop(self.state, self.strategy, self.context_window)
         return self._new_rows(since)
 
     def choose(self, rank: int | None = None, token: str | int | None = None) -> pd.DataFrame:
@@ -200,7 +186,7 @@ class Session:
         if self.done:
             raise SessionError("this branch already ended at EOS: rewind() or fork() first")
         if self._window_full():
-            raise SessionError(f"the context window ({self.lm.context_window} tokens) is full: rewind() first")
+            raise SessionError(f"the context window ({self.context_window} tokens) is full: rewind() first")
         if rank is not None:
             logits = self._next_logits()
             vocab = logits.shape[-1]
@@ -230,9 +216,12 @@ class Session:
         for match in matches:
             if match.any():
                 return int(cands.token_id[match].iloc[0])
-        ids = self.lm.tokenizer(token, add_special_tokens=False).input_ids
+        if self.encode_token is None:
+            raise SessionError(f"{token!r} is not among the likely candidates, and this session has no tokenizer "
+                               "to encode it: pass a token id")
+        ids = self.encode_token(token)
         if len(ids) != 1:
-            pieces = [self.lm.token_text(i) for i in ids]
+            pieces = [self.info.token_text(i) for i in ids]
             raise SessionError(f"{token!r} is {len(ids)} tokens {pieces}, not one: choose one of them, or pass an id")
         return int(ids[0])
 
@@ -244,9 +233,7 @@ class Session:
             return self
         loop.crop(self.state, to, self.strategy.eos_token_ids)
         self.recording.truncate(to)
-        for g, st in zip(self.state.generators, self._rng_states[to]):
-            if g is not None:
-                g.set_state(st)
+        loop.restore_generators(self.state, self._rng_states[to])
         del self._rng_states[to:]
         self._trace = None
         return self
@@ -255,8 +242,9 @@ class Session:
         """An independent branch sharing this branch's prefix (up to step `at`, default: now)."""
         if at is not None and (isinstance(at, bool) or not isinstance(at, int) or not 0 <= at <= self.steps):
             raise SessionError(f"fork(at={at!r}): must be a step in [0, {self.steps}]")
-        child = Session(self.lm, self.state.ids[:, : self.state.prompt_length], self.prompt_text, self.record,
-                        self.words, _parent=self)
+        child = Session(self.model, self.state.ids[:, : self.state.prompt_length], self.prompt_text, self.record,
+                        self.strategy, self.info, context_window=self.context_window,
+                        encode_token=self.encode_token, _parent=self)
         if at is not None:
             child.rewind(at)
             child.fork_step = at

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,7 +16,13 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-FORMAT_VERSION = 1
+from .schema import SchemaError, check_arrays
+
+FORMAT_VERSION = 2  # 2: rows (per-row seeds and stop reasons; finished rows' steps hold fill values)
+
+
+class TraceFileError(ValueError):
+    """A file that is not a decoderlab trace, is damaged, or contradicts the trace schema."""
 
 
 @dataclass
@@ -42,6 +48,9 @@ class Trace:
     lens_top_k: int = 5
     lens_object: Any = field(default=None, repr=False, compare=False)  # decoderlab.lens.Lens, live runs only
 
+    row_stop_reasons: list = field(default_factory=list)  # per row: "eos", or the run's stop reason
+    seeds: list = field(default_factory=list)  # per row: the seed its draws came from (None: unseeded)
+
     # ---- basic facts ---------------------------------------------------------------------
     @property
     def num_steps(self) -> int:
@@ -58,8 +67,10 @@ class Trace:
 
     @property
     def token_ids(self) -> list[int]:
-        """Generated token ids of row 0."""
-        return [int(i) for i in self.arrays["token_id"][:, 0]] if self.num_steps else []
+        """Generated token ids of row 0 (`trace.row(i).token_ids` for another row)."""
+        if not self.num_steps:
+            return []
+        return [int(i) for i in self.arrays["token_id"][self.alive_steps(0), 0]]
 
     @property
     def tokens(self) -> list[str]:
@@ -68,7 +79,7 @@ class Trace:
 
     @property
     def text(self) -> str:
-        """The generated text of row 0 (special tokens skipped)."""
+        """The generated text of row 0 (special tokens skipped); `trace.texts` has every row's."""
         return self.texts[0] if self.texts else "".join(self.tokens)
 
     @property
@@ -76,8 +87,14 @@ class Trace:
         return [self.token_text[int(i)] for i in self.prompt_ids]
 
     def __repr__(self) -> str:
-        return (f"Trace(model={self.model_name!r}, steps={self.num_steps}, stop={self.stop_reason!r}, "
+        rows = f", rows={self.rows}" if self.rows > 1 else ""
+        return (f"Trace(model={self.model_name!r}, steps={self.num_steps}{rows}, stop={self.stop_reason!r}, "
                 f"text={self.text[:60]!r}{'...' if len(self.text) > 60 else ''})")
+
+    def _tok(self, ids: np.ndarray) -> np.ndarray:
+        lookup = self.token_text
+        flat = [lookup.get(int(i), f"<{int(i)}>") for i in np.asarray(ids).ravel()]
+        return np.array(flat, dtype=object).reshape(np.shape(ids))
 
     def array(self, name: str) -> np.ndarray:
         """A recorded array by its schema name (step-major: [step, row, ...]); a clear error when this
@@ -96,58 +113,103 @@ class Trace:
             return np.arange(self.num_steps)
         return np.flatnonzero(~finished[:, row].astype(bool))
 
-    def _tok(self, ids: np.ndarray) -> np.ndarray:
-        lookup = self.token_text
-        flat = [lookup.get(int(i), f"<{int(i)}>") for i in np.asarray(ids).ravel()]
-        return np.array(flat, dtype=object).reshape(np.shape(ids))
+    def _alive(self) -> np.ndarray:
+        """[S, B] bool: (step, row) pairs where the row was still running; frames hold only these."""
+        finished = self.arrays.get("finished")
+        if finished is None:
+            return np.ones(self.arrays["token_id"].shape, dtype=bool)
+        return ~finished.astype(bool)
 
-    def _base_index(self) -> tuple[np.ndarray, np.ndarray]:
-        s, b = self.arrays["token_id"].shape
-        return np.repeat(np.arange(s), b), np.tile(np.arange(b), s)
+    def _pick(self, name: str, mask: np.ndarray) -> np.ndarray | None:
+        """The (step, row) entries of an array where `mask` holds, as [n, ...]; None if not recorded."""
+        arr = self.arrays.get(name)
+        if arr is None:
+            return None
+        return arr.reshape(-1, *arr.shape[2:])[mask.reshape(-1)]
+
+    @property
+    def runs(self) -> pd.DataFrame:
+        """One row per row of the run: its seed, text, length (tokens, EOS included) and why it stopped."""
+        n = self.rows
+        alive = self._alive() if self.num_steps else np.zeros((0, n), bool)
+        return pd.DataFrame({
+            "row": np.arange(n), "seed": pd.array(_pad(self.seeds, n, None), dtype="Int64"),
+            "text": _pad(self.texts, n, ""), "length": alive.sum(axis=0).astype(np.int64),
+            "stop_reason": _pad(self.row_stop_reasons, n, self.stop_reason),
+        })
+
+    def row(self, i: int) -> "Trace":
+        """Row `i` as a one-row trace (every frame, plot and widget works on it)."""
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < self.rows:
+            raise IndexError(f"row {i!r} is outside this trace's {self.rows} rows")
+        i = int(i)
+        if self.rows == 1:
+            return self
+        length = int(self._alive()[:, i].sum()) if self.num_steps else 0
+        lazy_lens = "residual" in self.arrays and self.lens_object is not None
+        arrays = {k: np.ascontiguousarray(v[:length, i : i + 1]) for k, v in self.arrays.items()
+                  if not (lazy_lens and k.startswith("lens_"))}
+        strategy = dict(self.strategy)
+        if i < len(self.seeds):
+            strategy["seed"] = self.seeds[i]
+        stop = self.row_stop_reasons[i] if i < len(self.row_stop_reasons) else self.stop_reason
+        return replace(
+            self, arrays=arrays, token_text=self.token_text, strategy=strategy, stop_reason=stop,
+            texts=[self.texts[i]] if i < len(self.texts) else [], row_stop_reasons=[stop],
+            seeds=[self.seeds[i]] if i < len(self.seeds) else [],
+            prefill_attention={k: v[i : i + 1] for k, v in self.prefill_attention.items()},
+        )
 
     # ---- frames ----------------------------------------------------------------------------
     @cached_property
     def steps(self) -> pd.DataFrame:
-        """One row per (step, row): the chosen token, how likely it was, and how it was chosen."""
-        a = self.arrays
+        """One row per (step, row) of a running row: the chosen token, how likely it was, and how it was chosen.
+
+        Values a source did not record (an API gives no final distribution, say) are NA.
+        """
         if not self.num_steps:
             return pd.DataFrame(columns=STEP_COLUMNS)
-        step, row = self._base_index()
-        flat = {k: a[k].reshape(-1) for k in ("token_id", "logprob", "rank", "entropy", "final_logprob",
-                                               "final_rank", "final_entropy", "forced")}
-        forced = flat["forced"].astype(bool)
-        prob = np.exp(flat["logprob"].astype(np.float64))
-        final_prob = np.exp(flat["final_logprob"].astype(np.float64))
+        mask = self._alive()
+        step, row = np.nonzero(mask)
+        n = len(step)
+        token_id = self._pick("token_id", mask)
+        forced = self._pick("forced", mask)
+        forced = np.zeros(n, bool) if forced is None else forced.astype(bool)
+        cols = {name: _floats(self._pick(name, mask), n)
+                for name in ("logprob", "entropy", "final_logprob", "final_entropy")}
+        ranks = {name: _ints(self._pick(name, mask), n) for name in ("rank", "final_rank")}
+        prob, final_prob = np.exp(cols["logprob"]), np.exp(cols["final_logprob"])
         choice = np.where(forced, "forced", self.chooser)
-        why = [_why(c, p, fp, r, fr) for c, p, fp, r, fr in zip(choice, prob, final_prob, flat["rank"], flat["final_rank"])]
+        why = [_why(c, p, fp, r, fr) for c, p, fp, r, fr in
+               zip(choice, prob, final_prob, ranks["rank"], ranks["final_rank"])]
         return pd.DataFrame({
-            "step": step, "row": row, "branch": self.branch,
-            "token_id": flat["token_id"].astype(np.int64), "token": self._tok(flat["token_id"]),
-            "prob": prob, "logprob": flat["logprob"].astype(np.float64), "rank": flat["rank"].astype(np.int64),
-            "entropy": flat["entropy"].astype(np.float64),
-            "final_prob": final_prob, "final_logprob": flat["final_logprob"].astype(np.float64),
-            "final_rank": flat["final_rank"].astype(np.int64), "final_entropy": flat["final_entropy"].astype(np.float64),
-            "forced": forced, "choice": choice, "why": why,
+            "step": step.astype(np.int64), "row": row.astype(np.int64), "branch": self.branch,
+            "token_id": token_id.astype(np.int64), "token": self._tok(token_id),
+            "prob": prob, "logprob": cols["logprob"], "rank": ranks["rank"], "entropy": cols["entropy"],
+            "final_prob": final_prob, "final_logprob": cols["final_logprob"], "final_rank": ranks["final_rank"],
+            "final_entropy": cols["final_entropy"], "forced": forced, "choice": choice, "why": why,
         })
 
     @cached_property
     def candidates(self) -> pd.DataFrame:
         """One row per (step, row, rank): the top-k tokens by raw logit, raw and final probabilities."""
-        a = self.arrays
-        if not self.num_steps:
+        if not self.num_steps or "cand_id" not in self.arrays:
             return pd.DataFrame(columns=CANDIDATE_COLUMNS)
-        s, b, k = a["cand_id"].shape
-        ids = a["cand_id"].reshape(-1)
-        chosen = (a["cand_id"] == a["token_id"][:, :, None]).reshape(-1)
-        return pd.DataFrame({
-            "step": np.repeat(np.arange(s), b * k), "row": np.tile(np.repeat(np.arange(b), k), s),
-            "branch": self.branch, "rank": np.tile(np.arange(k), s * b),
-            "token_id": ids.astype(np.int64), "token": self._tok(ids),
-            "logit": a["cand_logit"].reshape(-1).astype(np.float64),
-            "prob": a["cand_prob"].reshape(-1).astype(np.float64),
-            "final_prob": a["cand_final_prob"].reshape(-1).astype(np.float64),
-            "chosen": chosen,
+        mask = self._alive()
+        step, row = np.nonzero(mask)
+        ids = self._pick("cand_id", mask)  # [n, k]
+        n, k = ids.shape
+        chosen = ids == self._pick("token_id", mask)[:, None]
+        frame = pd.DataFrame({
+            "step": np.repeat(step, k).astype(np.int64), "row": np.repeat(row, k).astype(np.int64),
+            "branch": self.branch, "rank": np.tile(np.arange(k), n),
+            "token_id": ids.reshape(-1).astype(np.int64), "token": self._tok(ids.reshape(-1)),
+            **{col: _floats(self._pick(name, mask), n * k) for col, name in
+               (("logit", "cand_logit"), ("prob", "cand_prob"), ("final_prob", "cand_final_prob"))},
+            "chosen": chosen.reshape(-1),
         })
+        present = ids.reshape(-1) >= 0  # a source may give fewer alternatives at some steps
+        return frame if present.all() else frame[present].reset_index(drop=True)
 
     @cached_property
     def processors(self) -> pd.DataFrame:
@@ -155,16 +217,19 @@ class Trace:
         a = self.arrays
         if not self.num_steps or "proc_mass_removed" not in a or a["proc_mass_removed"].shape[-1] == 0:
             return pd.DataFrame(columns=PROCESSOR_COLUMNS)
-        s, b, p = a["proc_mass_removed"].shape
-        before = a["proc_rank_before"].reshape(-1).astype(np.int64)
-        after = a["proc_rank_after"].reshape(-1).astype(np.int64)
+        mask = self._alive()
+        step, row = np.nonzero(mask)
+        mass = self._pick("proc_mass_removed", mask)
+        n, p = mass.shape
+        before = self._pick("proc_rank_before", mask).reshape(-1).astype(np.int64)
+        after = self._pick("proc_rank_after", mask).reshape(-1).astype(np.int64)
         return pd.DataFrame({
-            "step": np.repeat(np.arange(s), b * p), "row": np.tile(np.repeat(np.arange(b), p), s),
-            "branch": self.branch, "order": np.tile(np.arange(p), s * b),
-            "processor": np.tile(np.array(self.processor_names, dtype=object), s * b),
-            "mass_removed": a["proc_mass_removed"].reshape(-1).astype(np.float64),
+            "step": np.repeat(step, p).astype(np.int64), "row": np.repeat(row, p).astype(np.int64),
+            "branch": self.branch, "order": np.tile(np.arange(p), n),
+            "processor": np.tile(np.array(self.processor_names, dtype=object), n),
+            "mass_removed": mass.reshape(-1).astype(np.float64),
             "rank_before": before, "rank_after": after, "rank_changed": before != after,
-            "prob_after": a["proc_prob_after"].reshape(-1).astype(np.float64),
+            "prob_after": self._pick("proc_prob_after", mask).reshape(-1).astype(np.float64),
         })
 
     # ---- attention -------------------------------------------------------------------------
@@ -209,24 +274,26 @@ class Trace:
         li = np.arange(len(layer_ids)) if layers is None else np.array([self.attention_layers.index(x) for x in layers])
         hi = np.arange(len(head_ids)) if heads is None else np.array([self.attention_heads.index(x) for x in heads])
         step_list = range(self.num_steps) if steps is None else steps
+        alive = self._alive()
         frames = []
         for s in step_list:
             k = self.context_length(s)
-            w = att[s][:, li][:, :, hi][..., :k].astype(np.float32)  # [B, l, h, k]
-            names = ["row", "layer", "head"]
-            lv, hv = layer_ids[li], head_ids[hi]
-            if "head" in mean_over:
-                w = w.mean(axis=2, keepdims=True)
-                hv = np.array([-1])
-            if "layer" in mean_over:
-                w = w.mean(axis=1, keepdims=True)
-                lv = np.array([-1])
-            b, nl, nh, _ = w.shape
-            idx = pd.MultiIndex.from_product([range(b), lv, hv, range(k)], names=[*names, "position"]).to_frame(index=False)
-            idx.insert(0, "step", s)
-            idx["source_token"] = np.tile(np.array(self.context_tokens(s), dtype=object), b * nl * nh)
-            idx["weight"] = w.reshape(-1)
-            frames.append(idx)
+            for r in np.flatnonzero(alive[s]):
+                w = att[s, r][li][:, hi][..., :k].astype(np.float32)  # [l, h, k]
+                lv, hv = layer_ids[li], head_ids[hi]
+                if "head" in mean_over:
+                    w = w.mean(axis=1, keepdims=True)
+                    hv = np.array([-1])
+                if "layer" in mean_over:
+                    w = w.mean(axis=0, keepdims=True)
+                    lv = np.array([-1])
+                nl, nh, _ = w.shape
+                idx = pd.MultiIndex.from_product([[int(r)], lv, hv, range(k)],
+                                                 names=["row", "layer", "head", "position"]).to_frame(index=False)
+                idx.insert(0, "step", s)
+                idx["source_token"] = np.tile(np.array(self.context_tokens(s, int(r)), dtype=object), nl * nh)
+                idx["weight"] = w.reshape(-1)
+                frames.append(idx)
         if not frames:
             return pd.DataFrame(columns=ATTENTION_COLUMNS)
         out = pd.concat(frames, ignore_index=True)
@@ -267,7 +334,7 @@ class Trace:
         if len(todo) == 0:
             return
         flat = torch.from_numpy(res[todo]).reshape(len(todo) * b, l, -1)
-        chosen = torch.from_numpy(self.arrays["token_id"][todo].reshape(-1))
+        chosen = torch.from_numpy(np.maximum(self.arrays["token_id"][todo], 0).reshape(-1))  # -1: a finished row
         k = self.arrays["lens_id"].shape[-1]
         ids, probs, entropy, rank, chosen_prob = self.lens_object.top(flat, k, chosen)
         k = ids.shape[-1]
@@ -288,14 +355,19 @@ class Trace:
         sel = np.arange(self.num_steps) if steps is None else np.asarray(list(steps), dtype=np.int64)
         ids = self.arrays["lens_id"][sel]
         s, b, l, k = ids.shape
-        return pd.DataFrame({
+        return self._alive_only(sel, l * k, pd.DataFrame({
             "step": np.repeat(sel, b * l * k), "row": np.tile(np.repeat(np.arange(b), l * k), s),
             "branch": self.branch, "layer": np.tile(np.repeat(np.arange(l), k), s * b),
             "rank": np.tile(np.arange(k), s * b * l),
             "token_id": ids.reshape(-1).astype(np.int64), "token": self._tok(ids.reshape(-1)),
             "prob": self.arrays["lens_prob"][sel].reshape(-1).astype(np.float64),
             "chosen": (ids == self.arrays["token_id"][sel][:, :, None, None]).reshape(-1),
-        })
+        }))
+
+    def _alive_only(self, sel: np.ndarray, per: int, frame: pd.DataFrame) -> pd.DataFrame:
+        """Drop the rows of `frame` ([steps sel] x rows x `per`) that belong to finished rows."""
+        keep = np.repeat(self._alive()[sel].reshape(-1), per)
+        return frame if keep.all() else frame[keep].reset_index(drop=True)
 
     def lens_stats_for(self, steps: Sequence[int] | None = None) -> pd.DataFrame:
         """Per (step, row, layer): the lens entropy and the chosen token's rank and prob, for some steps."""
@@ -303,13 +375,13 @@ class Trace:
         sel = np.arange(self.num_steps) if steps is None else np.asarray(list(steps), dtype=np.int64)
         e = self.arrays["lens_entropy"][sel]
         s, b, l = e.shape
-        return pd.DataFrame({
+        return self._alive_only(sel, l, pd.DataFrame({
             "step": np.repeat(sel, b * l), "row": np.tile(np.repeat(np.arange(b), l), s),
             "branch": self.branch, "layer": np.tile(np.arange(l), s * b),
             "entropy": e.reshape(-1).astype(np.float64),
             "chosen_rank": self.arrays["lens_chosen_rank"][sel].reshape(-1).astype(np.int64),
             "chosen_prob": self.arrays["lens_chosen_prob"][sel].reshape(-1).astype(np.float64),
-        })
+        }))
 
     @cached_property
     def lens_frame(self) -> pd.DataFrame:
@@ -335,6 +407,7 @@ class Trace:
             "stop_reason": self.stop_reason, "texts": self.texts, "chooser": self.chooser,
             "attention_layers": self.attention_layers, "attention_heads": self.attention_heads,
             "branch": self.branch, "parent": self.parent, "fork_step": self.fork_step, "lens_top_k": self.lens_top_k,
+            "row_stop_reasons": self.row_stop_reasons, "seeds": self.seeds,
             "arrays": {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in self._saved_arrays().items()},
         }
 
@@ -374,19 +447,39 @@ class Trace:
         """Read a trace written by `save`."""
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except OSError as err:
+            raise TraceFileError(f"{path} cannot be read as a decoderlab trace: {err}") from err
         raw = table.schema.metadata or {}
         if b"decoderlab" not in raw:
-            raise ValueError(f"{path} is not a decoderlab trace (no decoderlab metadata)")
-        meta = json.loads(raw[b"decoderlab"])
+            raise TraceFileError(f"{path} is not a decoderlab trace (no decoderlab metadata)")
+        try:
+            meta = json.loads(raw[b"decoderlab"])
+        except ValueError as err:
+            raise TraceFileError(f"{path}: its decoderlab metadata is damaged ({err})") from err
+        version = meta.get("format")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise TraceFileError(f"{path} was written in trace format {version!r}; this decoderlab reads formats "
+                                 f"up to {FORMAT_VERSION}: upgrade decoderlab to open it")
         arrays = {}
         for name, spec in meta["arrays"].items():
             shape, dtype = tuple(spec["shape"]), np.dtype(spec["dtype"])
+            if name not in table.column_names:
+                raise TraceFileError(f"{path}: the array {name!r} its metadata lists is missing")
             col = table.column(name).combine_chunks()
             if int(np.prod(shape)) == 0:
                 arrays[name] = np.zeros(shape, dtype=dtype)
             else:
-                arrays[name] = col.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(shape)
+                flat = col.flatten().to_numpy(zero_copy_only=False)
+                if flat.size != int(np.prod(shape)):
+                    raise TraceFileError(f"{path}: array {name!r} holds {flat.size} values, its shape {shape} "
+                                         f"needs {int(np.prod(shape))}")
+                arrays[name] = flat.astype(dtype, copy=False).reshape(shape)
+        try:
+            check_arrays(arrays, where=str(path))
+        except SchemaError as err:
+            raise TraceFileError(str(err)) from err
         prefill = {}
         for key, value in raw.items():
             if key.startswith(b"decoderlab.prefill_attention."):
@@ -398,6 +491,8 @@ class Trace:
             texts=meta["texts"], chooser=meta["chooser"], attention_layers=meta["attention_layers"],
             attention_heads=meta["attention_heads"], prefill_attention=prefill, branch=meta["branch"],
             parent=meta["parent"], fork_step=meta["fork_step"], lens_top_k=meta["lens_top_k"],
+            row_stop_reasons=meta.get("row_stop_reasons", [meta["stop_reason"]] * len(meta["texts"])),
+            seeds=meta.get("seeds", [meta["strategy"].get("seed")] * len(meta["texts"])),
         )
 
     # ---- rendering (thin forwards to other modules) ------------------------------------------
@@ -422,16 +517,45 @@ def _escape(s: str) -> str:
     return html.escape(str(s), quote=True)
 
 
-def _why(choice: str, prob: float, final_prob: float, rank: int, final_rank: int) -> str:
+def _floats(values: np.ndarray | None, n: int) -> np.ndarray:
+    """float64 values, or NaN where a source did not record them."""
+    return np.full(n, np.nan) if values is None else values.reshape(-1).astype(np.float64)
+
+
+def _ints(values: np.ndarray | None, n: int):
+    """int64 values; a nullable Int64 array when some (or all) were not recorded (stored as -1)."""
+    if values is None:
+        return pd.array([pd.NA] * n, dtype="Int64")
+    values = values.reshape(-1).astype(np.int64)
+    if (values < 0).any():
+        return pd.arrays.IntegerArray(values, values < 0)
+    return values
+
+
+def _pad(values: Sequence, n: int, fill: Any) -> list:
+    return list(values)[:n] + [fill] * (n - len(values))
+
+
+def _p(x: Any) -> str:
+    return "?" if x is None or x is pd.NA or (isinstance(x, float) and np.isnan(x)) else f"{x:.3g}"
+
+
+def _r(x: Any) -> str:
+    return "?" if x is None or x is pd.NA else str(int(x))
+
+
+def _why(choice: str, prob: float, final_prob: float, rank: Any, final_rank: Any) -> str:
+    """How the token was chosen, in words (a number a source did not record shows as '?')."""
+    prob, final_prob, rank, final_rank = _p(prob), _p(final_prob), _r(rank), _r(final_rank)
     if choice == "forced":
-        return f"forced by the user; the model gave it p={prob:.3g} (rank {rank})"
+        return f"forced by the user; the model gave it p={prob} (rank {rank})"
     if choice == "greedy":
-        return f"highest final score (p={final_prob:.3g}; raw rank {rank})"
+        return f"highest final score (p={final_prob}; raw rank {rank})"
     if choice == "given":
-        return f"the given text's token; the model gave it p={prob:.3g} (rank {rank})"
+        return f"the given text's token; the model gave it p={prob} (rank {rank})"
     if choice == "sample":
-        return f"drawn at p={final_prob:.3g} from the final distribution (final rank {final_rank})"
-    return f"chosen by {choice} (p={final_prob:.3g}, final rank {final_rank})"
+        return f"drawn at p={final_prob} from the final distribution (final rank {final_rank})"
+    return f"chosen by {choice} (p={final_prob if final_prob != '?' else prob}, rank {rank})"
 
 
 def _jsonable(value: Any) -> Any:

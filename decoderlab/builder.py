@@ -1,0 +1,213 @@
+"""Building a `Trace`, in one place, from any source: a local run's recording, or token strings and logprobs.
+
+Why a module of its own: a trace needs to know little about where it came from (a model's name,
+how to show a token id as text, the EOS ids, which layers and heads were recorded, and a lens if
+residuals were kept), and nothing of a model. Keeping that to a small `ModelInfo` lets a local
+model, a session, teacher forcing, a comparison of many runs, and a server reached over HTTP all
+make the same `Trace` the same way; `from_tokens` serves sources that only have text and logprobs
+(and the tests' hand-made traces).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from .schema import check_arrays, conform
+from .trace import Trace
+
+if TYPE_CHECKING:
+    from .loop import State
+    from .record import Recording
+    from .strategy import Strategy
+
+__all__ = ["ModelInfo", "RunInfo", "build_trace", "from_recording", "from_tokens"]
+
+
+@dataclass
+class ModelInfo:
+    """What a trace needs of the model that made it. No model object: a server's model fits too."""
+
+    name: str = ""
+    token_text: Callable[[int], str] | None = None  # id -> the text a reader should see
+    decode: Callable[[list[int]], str] | None = None  # ids -> text with special tokens skipped
+    num_layers: int = 0
+    num_heads: int = 0
+    lens: Any = None  # a decoderlab.lens.Lens, for traces that keep residuals
+
+
+@dataclass
+class RunInfo:
+    """What a trace needs of the run: the prompt, the strategy as resolved, how it stopped."""
+
+    prompt: str = ""
+    prompt_ids: Sequence[int] = ()
+    strategy: dict = field(default_factory=dict)
+    processor_names: list[str] = field(default_factory=list)
+    chooser: str = "greedy"
+    eos_token_ids: Sequence[int] = ()
+    stop_reason: str | None = None
+    seeds: Sequence[int | None] | None = None  # per row
+    attention_layers: Sequence[int] | None = None  # None: every layer of the model
+    attention_heads: Sequence[int] | None = None
+    prefill_attention: dict = field(default_factory=dict)
+    lens_top_k: int = 5
+    branch: int = 0
+    parent: int | None = None
+    fork_step: int | None = None
+    token_text: Mapping[int, str] | None = None  # a source with no tokenizer names its ids' text here
+
+
+def build_trace(arrays: Mapping[str, Any], model: ModelInfo, run: RunInfo) -> Trace:
+    """The one way a `Trace` is made: arrays checked against the schema, token text, per-row facts."""
+    arrays = conform(arrays)
+    check_arrays(arrays, where="build_trace")
+    prompt_ids = np.asarray(list(run.prompt_ids), dtype=np.int64)
+    steps, rows = arrays["token_id"].shape
+    token_text = dict(run.token_text or {})
+    seen = {int(i) for i in prompt_ids}
+    for name in ("token_id", "cand_id"):
+        if name in arrays:
+            seen.update(int(i) for i in np.unique(arrays[name]) if i >= 0)
+    missing = sorted(seen - set(token_text))
+    if missing:
+        if model.token_text is None:
+            raise ValueError(f"build_trace: no text for token ids {missing[:10]} (give ModelInfo.token_text "
+                             "or RunInfo.token_text)")
+        token_text.update((i, model.token_text(i)) for i in missing)
+    finished = arrays.get("finished")
+    eos = set(int(e) for e in run.eos_token_ids)
+    texts, stops = [], []
+    for r in range(rows):
+        alive = np.arange(steps) if finished is None else np.flatnonzero(~finished[:, r])
+        ids = [int(i) for i in arrays["token_id"][alive, r]]
+        ended = bool(ids) and ids[-1] in eos
+        kept = ids[:-1] if ended else ids
+        texts.append(model.decode(kept) if model.decode is not None else "".join(token_text[i] for i in kept))
+        stops.append("eos" if ended else run.stop_reason)
+    seeds = list(run.seeds) if run.seeds is not None else [run.strategy.get("seed")] * rows
+    if len(seeds) != rows:
+        raise ValueError(f"build_trace: {len(seeds)} seeds for {rows} rows")
+    layers = run.attention_layers if run.attention_layers is not None else range(model.num_layers)
+    heads = run.attention_heads if run.attention_heads is not None else range(model.num_heads)
+    return Trace(
+        prompt=run.prompt, prompt_ids=prompt_ids, arrays=arrays, token_text=token_text, model_name=model.name,
+        strategy=dict(run.strategy), processor_names=list(run.processor_names), stop_reason=run.stop_reason,
+        texts=texts, chooser=run.chooser, attention_layers=list(layers), attention_heads=list(heads),
+        prefill_attention=dict(run.prefill_attention), branch=run.branch, parent=run.parent,
+        fork_step=run.fork_step, lens_top_k=run.lens_top_k,
+        lens_object=model.lens if "residual" in arrays else None,
+        row_stop_reasons=stops, seeds=seeds,
+    )
+
+
+def from_recording(recording: "Recording", state: "State", strategy: "Strategy", model: ModelInfo,
+                   prompt_text: str, *, chooser: str | None = None, seeds: Sequence[int | None] | None = None,
+                   branch: int = 0, parent: int | None = None, fork_step: int | None = None) -> Trace:
+    """The trace of a local run (generate, a session's branch, teacher forcing)."""
+    rows = state.total_rows
+    arrays = recording.arrays(rows, state.prompt_length)
+    opts = recording.opts
+    if seeds is None:
+        seeds = [strategy.seed] * rows
+    run = RunInfo(
+        prompt=prompt_text, prompt_ids=state.sequences()[0][: state.prompt_length].tolist(),
+        strategy=strategy.describe(), processor_names=strategy.processor_names,
+        chooser=chooser or strategy.chooser_name, eos_token_ids=strategy.eos_token_ids,
+        stop_reason=state.stop_reason, seeds=seeds, attention_layers=opts.attention_layers,
+        attention_heads=opts.attention_heads,
+        prefill_attention={k: v.cpu().numpy() for k, v in recording.prefill_attention.items()},
+        lens_top_k=opts.lens_top_k, branch=branch, parent=parent, fork_step=fork_step,
+    )
+    return build_trace(arrays, model, run)
+
+
+def from_tokens(
+    tokens: Sequence[str] | Sequence[Sequence[str]],
+    logprobs: Sequence[float] | Sequence[Sequence[float]] | None = None,
+    top_logprobs: Sequence[Sequence[tuple[str, float]]] | Sequence[Sequence[Sequence[tuple[str, float]]]] | None = None,
+    *,
+    prompt: str = "",
+    prompt_tokens: Sequence[str] = (),
+    model_name: str = "",
+    chooser: str = "unknown",
+    strategy: Mapping[str, Any] | None = None,
+    stop_reason: str | None = None,
+    eos_tokens: Sequence[str] = (),
+    forced: Sequence[int] = (),
+    arrays: Mapping[str, Any] | None = None,
+    processor_names: Sequence[str] = (),
+    attention_layers: Sequence[int] | None = None,
+    attention_heads: Sequence[int] | None = None,
+    lens_top_k: int = 5,
+) -> Trace:
+    """A trace from token strings and (optionally) their logprobs and top alternatives: no model, no tokenizer.
+
+    `tokens` is one row's token texts, or a list of rows (rows of unequal length end at their last
+    token). `logprobs[s]` is the chosen token's log probability; `top_logprobs[s]` a list of
+    (text, logprob) alternatives, most likely first. Texts are interned to ids (equal text, one id).
+    What was not given is NA in the frames. `arrays` adds other schema arrays (attention, ...) as is.
+    """
+    rows_tokens = [list(tokens)] if not tokens or isinstance(tokens[0], str) else [list(r) for r in tokens]
+    multi = len(rows_tokens) > 1 or (bool(tokens) and not isinstance(tokens[0], str))
+
+    def per_row(value):
+        if value is None:
+            return [None] * len(rows_tokens)
+        return [list(v) for v in value] if multi else [list(value)]
+
+    lp_rows, top_rows = per_row(logprobs), per_row(top_logprobs)
+    ids: dict[str, int] = {}
+
+    def intern(text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"from_tokens: tokens must be strings, got {type(text).__name__}")
+        return ids.setdefault(text, len(ids))
+
+    prompt_ids = [intern(t) for t in prompt_tokens]
+    steps, rows = max((len(r) for r in rows_tokens), default=0), len(rows_tokens)
+    out: dict[str, np.ndarray] = {
+        "token_id": np.full((steps, rows), -1, np.int64),
+        "forced": np.zeros((steps, rows), bool),
+        "finished": np.zeros((steps, rows), bool),
+    }
+    if any(lp is not None for lp in lp_rows):
+        out["logprob"] = np.full((steps, rows), np.nan, np.float32)
+    k = max((len(alts) for top in top_rows if top is not None for alts in top), default=0)
+    if k:
+        out["cand_id"] = np.full((steps, rows, k), -1, np.int64)
+        out["cand_prob"] = np.full((steps, rows, k), np.nan, np.float32)
+    for r, row in enumerate(rows_tokens):
+        out["finished"][len(row):, r] = True
+        for s, text in enumerate(row):
+            out["token_id"][s, r] = intern(text)
+        if lp_rows[r] is not None:
+            if len(lp_rows[r]) != len(row):
+                raise ValueError(f"from_tokens: row {r} has {len(row)} tokens but {len(lp_rows[r])} logprobs")
+            out["logprob"][: len(row), r] = lp_rows[r]
+        if top_rows[r] is not None:
+            if len(top_rows[r]) != len(row):
+                raise ValueError(f"from_tokens: row {r} has {len(row)} tokens but {len(top_rows[r])} top_logprobs")
+            for s, alts in enumerate(top_rows[r]):
+                for j, (text, lp) in enumerate(alts):
+                    out["cand_id"][s, r, j] = intern(text)
+                    out["cand_prob"][s, r, j] = np.exp(lp)
+    for s in forced:
+        out["forced"][s, :] = True
+    if "logprob" in out and "cand_id" in out:  # the chosen token's rank, where it is among the alternatives
+        rank = np.full((steps, rows), -1, np.int64)
+        for s in range(steps):
+            for r in range(rows):
+                hit = np.flatnonzero(out["cand_id"][s, r] == out["token_id"][s, r])
+                if len(hit):
+                    rank[s, r] = hit[0]
+        out["rank"] = rank
+    out.update(arrays or {})
+    info = RunInfo(prompt=prompt, prompt_ids=prompt_ids, strategy=dict(strategy or {}),
+                   processor_names=list(processor_names), chooser=chooser,
+                   eos_token_ids=[ids[t] for t in eos_tokens if t in ids], stop_reason=stop_reason,
+                   attention_layers=attention_layers, attention_heads=attention_heads, lens_top_k=lens_top_k,
+                   token_text={i: t for t, i in ids.items()})
+    model = ModelInfo(name=model_name)
+    return build_trace(out, model, info)

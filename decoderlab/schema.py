@@ -1,0 +1,135 @@
+"""The trace schema: every array a trace may hold, declared once.
+
+Why a table: the recorder that writes an array, the trace that reads it, the builder that makes a
+trace from another source (an HTTP API gives token strings and logprobs, nothing else), and
+`Trace.load` that checks a file all need to agree on names, dimensions and dtypes. Written down
+here, that agreement is checked instead of assumed. Every array is step-major: its first two
+dimensions are (step, row). Only `token_id` is required; frames show NA where a source did not
+record an array.
+
+A row that has finished (EOS) emits no more tokens: at its later steps `finished` is True and every
+other array holds its field's `fill` value. Frames leave those (step, row) pairs out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+__all__ = ["Field", "SCHEMA", "SchemaError", "check_arrays", "schema_frame"]
+
+
+class SchemaError(ValueError):
+    """Arrays that contradict the trace schema (a wrong dtype, dimension count or length)."""
+
+
+@dataclass(frozen=True)
+class Field:
+    """One array of a trace: its dimensions (step and row first), dtype, and what it means."""
+
+    name: str
+    dims: tuple[str, ...]
+    dtype: str
+    required: bool
+    meaning: str
+    recorded_by: str  # the Record option or recorder that writes it
+
+    @property
+    def fill(self) -> Any:
+        """The value a finished row holds at later steps (and a source's missing entries)."""
+        kind = np.dtype(self.dtype).kind
+        return {"f": np.nan, "b": False}.get(kind, -1)
+
+
+def _f(name: str, dims: str, dtype: str, meaning: str, by: str, required: bool = False) -> Field:
+    return Field(name, tuple(dims.split()), dtype, required, meaning, by)
+
+
+_FIELDS = [
+    _f("token_id", "step row", "int64", "the chosen token (padding after the row finished)", "choice", True),
+    _f("forced", "step row", "bool", "chosen by the user (session choose), not the strategy", "choice"),
+    _f("finished", "step row", "bool", "the row had already ended (EOS) before this step", "choice"),
+    _f("logprob", "step row", "float32", "log p of the chosen token under the raw distribution", "choice"),
+    _f("rank", "step row", "int64", "0-based rank of the chosen token by raw logit", "choice"),
+    _f("entropy", "step row", "float32", "entropy (nats) of the raw distribution", "choice"),
+    _f("final_logprob", "step row", "float32", "log p of the chosen token after every processor", "choice"),
+    _f("final_rank", "step row", "int64", "rank of the chosen token after every processor", "choice"),
+    _f("final_entropy", "step row", "float32", "entropy (nats) after every processor", "choice"),
+    _f("cand_id", "step row cand", "int64", "the top-k tokens by raw logit (Record.top_k)", "candidates"),
+    _f("cand_logit", "step row cand", "float32", "their raw logits", "candidates"),
+    _f("cand_prob", "step row cand", "float32", "their raw probabilities", "candidates"),
+    _f("cand_final_prob", "step row cand", "float32", "their probabilities after every processor", "candidates"),
+    _f("proc_mass_removed", "step row processor", "float32", "probability mass each processor set to -inf",
+       "processors"),
+    _f("proc_rank_before", "step row processor", "int64", "chosen token's rank before each processor", "processors"),
+    _f("proc_rank_after", "step row processor", "int64", "chosen token's rank after each processor", "processors"),
+    _f("proc_prob_after", "step row processor", "float32", "chosen token's probability after each processor",
+       "processors"),
+    _f("logits", "step row vocab", "float16", "the full raw logits", "Record(logits=True)"),
+    _f("attention", "step row layer head position", "float16",
+       "the new token's attention over the context (zero beyond it)", "Record(attention=True)"),
+    _f("residual", "step row layer hidden", "float32", "each layer's residual at the new position",
+       "Record(lens=True)"),
+    _f("lens_id", "step row layer lens_rank", "int64", "logit lens: each layer's top tokens", "Record(lens=True)"),
+    _f("lens_prob", "step row layer lens_rank", "float32", "logit lens: their probabilities", "Record(lens=True)"),
+    _f("lens_entropy", "step row layer", "float32", "logit lens: entropy of each layer's distribution",
+       "Record(lens=True)"),
+    _f("lens_chosen_rank", "step row layer", "int64", "logit lens: the chosen token's rank at each layer",
+       "Record(lens=True)"),
+    _f("lens_chosen_prob", "step row layer", "float32", "logit lens: the chosen token's probability at each layer",
+       "Record(lens=True)"),
+]
+
+SCHEMA: dict[str, Field] = {f.name: f for f in _FIELDS}
+
+
+def schema_frame():
+    """The schema as a pandas frame (name, dims, dtype, required, recorded_by, meaning): the README's table."""
+    import pandas as pd
+
+    return pd.DataFrame([{"name": f.name, "dims": ", ".join(f.dims), "dtype": f.dtype, "required": f.required,
+                          "recorded_by": f.recorded_by, "meaning": f.meaning} for f in _FIELDS])
+
+
+def check_arrays(arrays: Mapping[str, np.ndarray], where: str = "trace") -> None:
+    """Raise `SchemaError` naming the first array that contradicts the schema.
+
+    Arrays not in the schema (a user's own recorders) only need the shared (step, row) leading dimensions.
+    """
+    if "token_id" not in arrays:
+        raise SchemaError(f"{where}: the required array 'token_id' is missing")
+    lead = np.shape(arrays["token_id"])
+    if len(lead) != 2:
+        raise SchemaError(f"{where}: 'token_id' must have dimensions (step, row), got shape {lead}")
+    for name, arr in arrays.items():
+        shape = np.shape(arr)
+        if tuple(shape[:2]) != tuple(lead):
+            raise SchemaError(f"{where}: array {name!r} has shape {shape}, but its (step, row) must be {lead} "
+                              "like token_id's")
+        field = SCHEMA.get(name)
+        if field is None:
+            continue
+        if len(shape) != len(field.dims):
+            raise SchemaError(f"{where}: array {name!r} has {len(shape)} dimensions {shape}, the schema says "
+                              f"{len(field.dims)} ({', '.join(field.dims)})")
+        if np.dtype(arr.dtype) != np.dtype(field.dtype):
+            raise SchemaError(f"{where}: array {name!r} is {arr.dtype}, the schema says {field.dtype}")
+    for group in (("cand_id", "cand_logit", "cand_prob", "cand_final_prob"),
+                  ("proc_mass_removed", "proc_rank_before", "proc_rank_after", "proc_prob_after"),
+                  ("lens_id", "lens_prob")):
+        shapes = {n: np.shape(arrays[n]) for n in group if n in arrays}
+        if len(set(shapes.values())) > 1:
+            raise SchemaError(f"{where}: arrays {sorted(shapes)} must have one shape, got {shapes}")
+
+
+def conform(arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The arrays as numpy, each schema array in its declared dtype (a builder's inputs may be lists)."""
+    out = {}
+    for name, value in arrays.items():
+        arr = np.asarray(value)
+        field = SCHEMA.get(name)
+        if field is not None and arr.dtype != np.dtype(field.dtype):
+            arr = arr.astype(field.dtype)
+        out[name] = arr
+    return out
