@@ -1,7 +1,8 @@
 """`LM`: what users call (`generate`, `session`, `score`), above the loop; and `load()`.
 
 It owns the model, the tokenizer and the prompt handling (raw text, chat template, messages),
-checks bad input before anything runs, and turns a `Recording` into a `Trace`.
+checks bad input before anything runs, and hands the loop's recording to the one trace builder
+(`builder.py`) with what a trace needs of this model (`model_info`).
 """
 from __future__ import annotations
 

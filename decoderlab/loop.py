@@ -1,10 +1,11 @@
 """The decode loop: prefill once, then one token at a time over a KV cache.
 
 Read it top to bottom: `forward` runs the model, `prefill` makes a `State`, `process` applies the
-strategy's processors, `step` chooses one token, `run` steps to a stop. The state holds B rows
-(B is 1 for `generate`; a later beam search or batched comparison keeps its runs as rows), each
-row with its own random generator. Recording is not woven in: `step` hands a `StepContext` to
-whatever observers are attached, and works the same with none.
+strategy's processors, `step` chooses one token, `run` steps to a stop, and `teacher_force` scores
+given tokens through the same processors and observers. The state holds B rows (one per seed of
+`generate(seeds=...)`), each with its own random generator; a row that reaches EOS while others run
+on leaves the batch (`retire_finished`). Recording is not woven in: `step` hands a `StepContext` to
+whatever observers are attached, and works the same with none; only the loop makes a `StepContext`.
 
 A chosen token is forwarded lazily, at the start of the next step (`State.pending`): a run that
 stops does no forward it will not use (as `generate`), and a session can rewind by cropping the

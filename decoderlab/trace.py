@@ -447,9 +447,11 @@ class Trace:
         """Read a trace written by `save`."""
         import pyarrow.parquet as pq
 
+        import pyarrow as pa
+
         try:
             table = pq.read_table(path)
-        except OSError as err:
+        except (OSError, pa.ArrowException) as err:
             raise TraceFileError(f"{path} cannot be read as a decoderlab trace: {err}") from err
         raw = table.schema.metadata or {}
         if b"decoderlab" not in raw:

@@ -37,3 +37,33 @@ def test_quick_start_example(smol):
     namespace = {"smol": smol}
     exec(compile(code, "README", "exec"), namespace)
     assert namespace["trace"].text == "The capital of France is Paris."
+
+
+def test_schema_table_lists_every_array():
+    from decoderlab.schema import SCHEMA
+
+    text = README.read_text()
+    for name, field in SCHEMA.items():
+        row = re.search(rf"^\| `{name}`[^|]*\| ([^|]+) \| ([^|]+) \|", text, re.M)
+        assert row, f"README's schema table lacks {name}"
+        assert row.group(1).strip() == ", ".join(field.dims) and row.group(2).strip() == field.dtype, name
+
+
+def test_from_tokens_example():
+    import decoderlab as dl
+
+    code = block_after("### The trace schema").replace('trace.to_html("t.html")', "trace.to_html()")
+    namespace = {"dl": dl}
+    exec(compile(code, "README", "exec"), namespace)
+    trace = namespace["trace"]
+    assert trace.tokens == [" The", " cat", " sat"]
+    assert trace.candidates.token.tolist() == [" The", " A", " dog", " cat", " sat", " ran"]
+
+
+def test_rows_example(tiny_lms):
+    code = block_after("### Rows: several seeds").replace('do_sample=True,', 'do_sample=True, max_new_tokens=5, progress=False,')
+    namespace = {"lm": tiny_lms["llama"]}
+    exec(compile(code, "README", "exec"), namespace)
+    trace = namespace["trace"]
+    assert trace.runs.seed.tolist() == [1, 2, 3]
+    assert trace.row(1).text == trace.texts[1]

@@ -72,3 +72,29 @@ def test_in_place_processor_works_everywhere(tiny_lms):
     assert s.candidates().final_prob[s.candidates().token_id.isin([13, 42])].sum() == 0
     s.choose(token=13)
     assert s.trace.steps.final_prob[0] == 0 and s.trace.steps.prob[0] > 0  # raw logits kept intact
+
+
+def test_registry_refuses_a_taken_name():
+    """A user's recorder cannot silently replace a built-in one (trace.steps reads "choice"'s arrays)."""
+    before = dict(dl.STEP_RECORDERS)
+    for name in ("choice", "candidates", "processors", "logits", "margin"):
+        with pytest.raises(ValueError, match=f"{name!r} is already registered"):
+            dl.recorder(name)(lambda ctx, record: {})
+    assert dl.STEP_RECORDERS == before
+    with pytest.raises(ValueError, match="non-empty string"):
+        dl.recorder("")
+
+
+def test_registry_replaces_when_told(tiny_lms):
+    original = dl.STEP_RECORDERS["margin"]
+    try:
+        @dl.recorder("margin", replace=True)
+        def zero_margin(ctx, record):
+            return {"margin": torch.zeros(ctx.logits.shape[0])}
+
+        trace = tiny_lms["llama"].generate("Hello", max_new_tokens=3, progress=False,
+                                           record=dl.Record(extra=["margin"]))
+        assert (trace.arrays["margin"] == 0).all()
+    finally:
+        dl.recorder("margin", replace=True)(original)
+    assert dl.STEP_RECORDERS["margin"] is original
