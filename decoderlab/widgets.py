@@ -14,18 +14,19 @@ Every part a user or a browser test needs to find carries a CSS class (`dl-...`,
 """
 from __future__ import annotations
 
-import html
 import io
 import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
 import ipywidgets as W
 
+from .display import escape, format_prob, prob_colour, short_processor, strategy_summary, token_label
+
 if TYPE_CHECKING:
     from .session import Session
     from .trace import Trace
 
-__all__ = ["show", "explore", "TraceView", "SessionExplorer", "CSS_CLASSES", "figure_png", "prob_color"]
+__all__ = ["show", "explore", "TraceView", "SessionExplorer", "CSS_CLASSES", "figure_png"]
 
 # The stable selectors, for notebooks that restyle and for browser tests.
 CSS_CLASSES = {
@@ -61,14 +62,6 @@ MAX_HEIGHT_IN = 5.5  # and to at most this height (inches at DPI): a panel stays
 
 
 # ---- small helpers -------------------------------------------------------------------------------------
-def prob_color(p: float) -> str:
-    """A background colour for probability p: red (unlikely) through white to blue (likely), the scale
-    of the plots and the HTML export (one definition, in `decoderlab.html`)."""
-    from .html import prob_colour
-
-    return prob_colour(p)
-
-
 def figure_png(fig, width_px: int | None = None, max_height_in: float | None = None, dpi: int = DPI) -> bytes:
     """A matplotlib Figure as PNG bytes, squeezed to at most `width_px` wide and `max_height_in` tall
     (text keeps its size; the axes give way); the figure is closed."""
@@ -92,27 +85,6 @@ def figure_png(fig, width_px: int | None = None, max_height_in: float | None = N
         plt.close(fig)  # harmless for figures built without pyplot
 
 
-def _label(text: str, max_len: int = 20) -> str:
-    from .plots import token_label
-
-    return token_label(text, max_len)
-
-
-def _fmt_p(p: float) -> str:
-    return f"{p:.3f}" if p >= 0.001 or p == 0 else f"{p:.1e}"
-
-
-def _esc(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _short_processor(name: str) -> str:
-    for suffix in ("LogitsWarper", "LogitsProcessor", "Processor", "Warper"):
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def _image_layout() -> W.Layout:
     """Natural size, shrunk (never stretched) to its column: a flex column would stretch an <img>."""
     return W.Layout(max_width="100%", height="auto", align_self="flex-start")
@@ -126,7 +98,7 @@ def _classed(widget: W.Widget, *classes: str) -> W.Widget:
 
 def _message(text: str, kind: str = "info") -> str:
     colour = {"info": "#555", "error": "#b00020"}[kind]
-    return f"<span style='color:{colour}'>{_esc(text)}</span>"
+    return f"<span style='color:{colour}'>{escape(text)}</span>"
 
 
 TABLE_STYLE = ("border-collapse:collapse;font-size:12px;font-family:var(--jp-code-font-family, monospace);"
@@ -180,7 +152,7 @@ class TraceView(W.VBox):
         self.problems = _classed(W.HTML(), "dl-problems")
         self._no_tokens = W.HTML(_message("no tokens yet"))
 
-        title = lambda text: W.HTML(f"<b>{_esc(text)}</b>")  # noqa: E731
+        title = lambda text: W.HTML(f"<b>{escape(text)}</b>")  # noqa: E731
         self.distribution_panel = W.VBox([title("candidates at this step"), self.distribution,
                                           title("what each processor did"), self.processors],
                                          layout=W.Layout(flex="1 1 500px", min_width="360px", margin="0 12px 8px 0"))
@@ -248,19 +220,15 @@ class TraceView(W.VBox):
     # ---- building -------------------------------------------------------------------------------------
     def _draw_header(self) -> None:
         tr = self.trace
-        st = tr.strategy or {}
-        words = [f"{w}={st[w]}" for w in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
-                 if w in st and st[w] not in (None, 1.0, 0, 0.0)]
-        how = st.get("chooser", tr.chooser)
-        procs = ", ".join(_short_processor(p) for p in tr.processor_names) or "none"
+        procs = ", ".join(short_processor(p) for p in tr.processor_names) or "none"
         branch = f" · branch {tr.branch}" + (f" (from {tr.parent} at step {tr.fork_step})" if tr.parent is not None else "")
         prompt = tr.prompt if len(tr.prompt) <= 2000 else "…" + tr.prompt[-2000:]
         self.header.value = (
-            f"<div style='font-size:13px;line-height:1.5'><b>{_esc(tr.model_name or 'trace')}</b>"
-            f" · {tr.num_steps} steps · {_esc(how)} {_esc(' '.join(words))} · processors: {_esc(procs)}"
-            f"{' · stop: ' + _esc(tr.stop_reason) if tr.stop_reason else ''}{_esc(branch)}"
+            f"<div style='font-size:13px;line-height:1.5'><b>{escape(tr.model_name or 'trace')}</b>"
+            f" · {tr.num_steps} steps · {escape(strategy_summary(tr))} · processors: {escape(procs)}"
+            f"{' · stop: ' + escape(tr.stop_reason) if tr.stop_reason else ''}{escape(branch)}"
             f"<details><summary style='cursor:pointer;color:#555'>prompt</summary>"
-            f"<pre style='white-space:pre-wrap;font-size:12px;margin:2px 0'>{_esc(prompt)}</pre></details></div>")
+            f"<pre style='white-space:pre-wrap;font-size:12px;margin:2px 0'>{escape(prompt)}</pre></details></div>")
 
     def _draw_text(self) -> None:
         tr = self.trace
@@ -277,10 +245,10 @@ class TraceView(W.VBox):
             b = self._token_buttons[i]
             b._dl_step = i
             forced = bool(r["forced"])
-            b.description = _label(r["token"], 24)
-            b.tooltip = (f"step {i}: {r['token']!r} · p={_fmt_p(r['prob'])} (rank {int(r['rank'])})"
-                         f" · final p={_fmt_p(r['final_prob'])} · {'forced' if forced else r['choice']}")
-            b.style.button_color = prob_color(r["prob"])
+            b.description = token_label(r["token"], 24)
+            b.tooltip = (f"step {i}: {r['token']!r} · p={format_prob(r['prob'])} (rank {int(r['rank'])})"
+                         f" · final p={format_prob(r['final_prob'])} · {'forced' if forced else r['choice']}")
+            b.style.button_color = prob_colour(r["prob"])
             b.style.font_weight = "bold" if forced else "normal"
             b.style.text_decoration = "underline" if forced else "none"
         shown = self._token_buttons[:n] or [self._no_tokens]
@@ -361,8 +329,8 @@ class TraceView(W.VBox):
         how = "forced" if bool(r["forced"]) else str(r["choice"])
         self._mark_selected(s)
         self.step_label.value = (
-            f"<span style='font-size:14px'><b>step {s}</b> of 0–{n - 1}: <code>{_esc(_label(r['token'], 32))}</code>"
-            f" · {how} · p={_fmt_p(r['prob'])} (rank {int(r['rank'])}) · final p={_fmt_p(r['final_prob'])}"
+            f"<span style='font-size:14px'><b>step {s}</b> of 0–{n - 1}: <code>{escape(token_label(r['token'], 32))}</code>"
+            f" · {how} · p={format_prob(r['prob'])} (rank {int(r['rank'])}) · final p={format_prob(r['final_prob'])}"
             f" · entropy {float(r['entropy']):.2f}</span>")
         if self.on_step is not None:
             self.on_step(s)
@@ -382,8 +350,8 @@ class TraceView(W.VBox):
         p = p[(p["step"] == step) & (p["row"] == 0)].sort_values("order") if len(p) else p
         if not len(p):
             return _message("no logits processors ran: the choice was made on the raw logits")
-        rows = [[_esc(_short_processor(x["processor"])), f"{100 * x['mass_removed']:.2f}%",
-                 f"{int(x['rank_before'])} → {int(x['rank_after'])}", _fmt_p(x["prob_after"])]
+        rows = [[escape(short_processor(x["processor"])), f"{100 * x['mass_removed']:.2f}%",
+                 f"{int(x['rank_before'])} → {int(x['rank_after'])}", format_prob(x["prob_after"])]
                 for _, x in p.iterrows()]
         return _table(["processor", "mass removed", "chosen rank", "chosen p after"], rows, "lrrr")
 
@@ -473,7 +441,7 @@ class SessionExplorer(W.VBox):
         """Force `token_id` as the next token of the shown branch."""
         rows = self.session.choose(token=int(token_id))
         r = rows.iloc[0]
-        self._refresh(message=f"forced {r['token']!r} at step {int(r['step'])} (the model gave it p={_fmt_p(r['prob'])})")
+        self._refresh(message=f"forced {r['token']!r} at step {int(r['step'])} (the model gave it p={format_prob(r['prob'])})")
 
     def rewind(self, to: int) -> None:
         """Rewind the shown branch to just before step `to`."""
@@ -543,12 +511,12 @@ class SessionExplorer(W.VBox):
         cands = s.candidates(k=self.k)
         buttons = []
         for _, c in cands.iterrows():
-            b = _classed(W.Button(description=f"{_label(c['token'], 16)}  {c['final_prob']:.2f}",
-                                  tooltip=(f"force {c['token']!r} (id {int(c['token_id'])}): raw p={_fmt_p(c['prob'])},"
-                                           f" final p={_fmt_p(c['final_prob'])}, rank {int(c['rank'])}"),
+            b = _classed(W.Button(description=f"{token_label(c['token'], 16)}  {c['final_prob']:.2f}",
+                                  tooltip=(f"force {c['token']!r} (id {int(c['token_id'])}): raw p={format_prob(c['prob'])},"
+                                           f" final p={format_prob(c['final_prob'])}, rank {int(c['rank'])}"),
                                   layout=W.Layout(width="auto", height="26px", margin="1px", padding="0 6px")),
                          "dl-candidate")
-            b.style.button_color = prob_color(c["final_prob"])
+            b.style.button_color = prob_colour(c["final_prob"])
             b._dl_token_id = int(c["token_id"])
             b.on_click(lambda btn: self._act(lambda: self.force(btn._dl_token_id)))
             buttons.append(b)

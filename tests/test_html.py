@@ -4,6 +4,8 @@ from __future__ import annotations
 import base64
 import html
 import re
+import subprocess
+import sys
 from html.parser import HTMLParser
 
 import matplotlib
@@ -14,7 +16,8 @@ import numpy as np
 import pytest
 
 import decoderlab as dl
-from decoderlab.html import coloured_text, prob_colour, trace_html
+from decoderlab.display import escape, prob_colour, strategy_summary
+from decoderlab.html import coloured_text, trace_html
 from decoderlab.trace import Trace
 
 NASTY = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", ' "quoted"', " 'single'", " שלום", " مرحبا",
@@ -178,3 +181,17 @@ def test_tiny_model_page(tiny_lms, tmp_path):
     assert printable
     for token in printable:
         assert html.escape(token, quote=True) in page
+
+
+def test_importing_html_loads_no_matplotlib():
+    # the page's text needs no figure: plots (and matplotlib) is imported only where the PNG is drawn
+    code = "import decoderlab.html, sys; assert 'matplotlib' not in sys.modules, 'matplotlib was imported'"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_page_names_the_strategy_in_the_shared_wording():
+    tr = text_trace([" a", " b"])
+    page = trace_html(tr, figure=False)
+    assert escape(strategy_summary(tr)) in page
+    assert "chooser: sample · do_sample=True · temperature=0.7" in page

@@ -17,7 +17,8 @@ from matplotlib.figure import Figure
 
 import decoderlab as dl
 from decoderlab import plots
-from decoderlab.plots import MAX_LABELS, token_label
+from decoderlab.display import token_label
+from decoderlab.plots import MAX_LABELS
 from decoderlab.trace import Trace
 
 PROCESSORS = ["TemperatureLogitsWarper", "TopKLogitsWarper"]

@@ -12,6 +12,7 @@ import pytest
 
 import decoderlab as dl
 from decoderlab import widgets
+from decoderlab.display import prob_colour, token_label
 from decoderlab.widgets import SessionExplorer, TraceView
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -66,7 +67,7 @@ def test_sliding_redraws_in_place(trace):
     view.slider.value = 3
     assert label_step(view) == 3
     token = trace.steps.token[3]
-    assert widgets._label(token, 32) in view.step_label.value.replace("&#x27;", "'").replace("&quot;", '"') \
+    assert token_label(token, 32) in view.step_label.value.replace("&#x27;", "'").replace("&quot;", '"') \
         or token.strip() == ""
     after = [bytes(img.value) for img in images]
     assert all(a != b for a, b in zip(after, before))  # every panel is the new step's
@@ -89,9 +90,9 @@ def test_token_buttons_are_coloured_by_probability(trace):
     view = dl.show(trace)
     tokens = [b for b in view.text.children if "dl-token" in classes(b)]
     for b, p in zip(tokens, trace.steps.prob):
-        assert b.style.button_color == widgets.prob_color(p)
-    assert widgets.prob_color(0.0) == "#ef8a62" and widgets.prob_color(1.0) == "#67a9cf"
-    assert widgets.prob_color(0.5) == "#f7f7f7" and widgets.prob_color(7) == "#67a9cf"
+        assert b.style.button_color == prob_colour(p)
+    assert prob_colour(0.0) == "#ef8a62" and prob_colour(1.0) == "#67a9cf"
+    assert prob_colour(0.5) == "#f7f7f7" and prob_colour(7) == "#67a9cf"
 
 
 def test_layer_and_head_pickers_change_the_attention_plot(trace):
@@ -239,5 +240,5 @@ def test_explore_forwarded_from_the_package(lm):
     assert set(widgets.__all__) >= {"show", "explore", "TraceView", "SessionExplorer"}
     cands = ex.session.candidates(k=3)
     for b, (_, c) in zip(ex.candidates.children, cands.iterrows()):
-        assert b.description.startswith(widgets._label(c.token, 16))
+        assert b.description.startswith(token_label(c.token, 16))
         assert np.isclose(float(b.description.split()[-1]), c.final_prob, atol=0.006)
