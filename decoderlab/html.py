@@ -132,10 +132,11 @@ def coloured_text(trace: "Trace", row: int = 0, *, alternatives: int = 5, value:
         raise IndexError(f"row {row} is outside this trace's {trace.rows} rows")
     frame = trace.steps
     steps = list(frame[frame["row"] == row].itertuples(index=False))  # in step order
-    a = trace.arrays
-    k = min(alternatives, a["cand_id"].shape[-1]) if "cand_id" in a else 0
-    if k:
-        cand_id, cand_prob, cand_final = a["cand_id"], a["cand_prob"], a["cand_final_prob"]
+    try:
+        cand_id, cand_prob, cand_final = (trace.array(n) for n in ("cand_id", "cand_prob", "cand_final_prob"))
+        k = min(alternatives, cand_id.shape[-1])
+    except KeyError:  # a trace recorded without candidates: the hover box shows no alternatives
+        k = 0
     spans = []
     for s in trace.alive_steps(row):  # a row that finished early emits padding after its EOS: not text
         st = steps[int(s)]

@@ -353,11 +353,11 @@ def candidates_heatmap(trace: "Trace", k: int = 10, row: int = 0, start: int | N
     alive = trace.alive_steps(row)
     a, b = _window(len(alive), start, window)
     steps = alive[a:b]
-    ids = trace.arrays["cand_id"][steps, row]
+    ids = trace.array("cand_id")[steps, row]
     k = max(1, min(k, ids.shape[-1]))
     ids = ids[:, :k]
-    prob = trace.arrays["cand_final_prob" if final else "cand_prob"][steps, row, :k].astype(np.float64)
-    chosen_ids = trace.arrays["token_id"][steps, row]
+    prob = trace.array("cand_final_prob" if final else "cand_prob")[steps, row, :k].astype(np.float64)
+    chosen_ids = trace.array("token_id")[steps, row]
     chosen = ids == chosen_ids[:, None]
 
     fig = TraceFigure(figsize=(1.05 * k + 3.0, 0.3 * len(steps) + 1.6), layout="constrained")
@@ -374,7 +374,7 @@ def candidates_heatmap(trace: "Trace", k: int = 10, row: int = 0, start: int | N
             if chosen[i, j]:
                 ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor=CHOSEN_EDGE, lw=2,
                                        gid="chosen"))
-    ranks = trace.arrays["rank"][steps, row]
+    ranks = trace.array("rank")[steps, row]
     labels = [f"{int(s)}: {_label(trace.token_text.get(int(t), ''), 12)}" + ("" if r < k else f" (#{int(r)})")
               for s, t, r in zip(steps, chosen_ids, ranks)]
     _token_ticks(ax.yaxis, np.arange(len(steps)), labels, rotation=0, fontsize=7)
@@ -389,7 +389,7 @@ def candidates_heatmap(trace: "Trace", k: int = 10, row: int = 0, start: int | N
 
 
 def _layer_index(trace: "Trace", layer: int) -> int:
-    layers = list(trace.attention_layers) or list(range(trace.arrays["attention"].shape[2]))
+    layers = list(trace.attention_layers) or list(range(trace.array("attention").shape[2]))
     if layer in layers:
         return layers.index(layer)
     if layer < 0 and -len(layers) <= layer:
@@ -398,7 +398,7 @@ def _layer_index(trace: "Trace", layer: int) -> int:
 
 
 def _head_index(trace: "Trace", head: int) -> int:
-    heads = list(trace.attention_heads) or list(range(trace.arrays["attention"].shape[3]))
+    heads = list(trace.attention_heads) or list(range(trace.array("attention").shape[3]))
     if head in heads:
         return heads.index(head)
     raise ValueError(f"head {head} was not recorded; recorded heads: {heads}")
@@ -429,7 +429,7 @@ def attention(trace: "Trace", step: int, layer: int | None = None, head: int | s
     pos = np.arange(a, b)
     labels = [_label(t, 12) for t in ctx[a:b]]
     query = _label(ctx[-1], 20)
-    target = _label(trace.token_text.get(int(trace.arrays["token_id"][step, row]), ""), 20)
+    target = _label(trace.token_text.get(int(trace.array("token_id")[step, row]), ""), 20)
     layers = list(trace.attention_layers) or list(range(w.shape[0]))
     heads = list(trace.attention_heads) or list(range(w.shape[1]))
 
@@ -483,12 +483,14 @@ def attention_map(trace: "Trace", layer: int, head: int | str | None = None, row
     if not trace.has_attention:
         raise ValueError("this trace has no attention: record it with Record(attention=True)")
     li = _layer_index(trace, layer)
-    a, b = _window(trace.num_steps, start, window)
-    att = trace.arrays["attention"][a:b, row, li].astype(np.float32)  # [s, H, K]
-    m, what = _select_heads(trace, att, head)  # [s, K]
-    ctx_len = np.array([trace.context_length(s) for s in range(a, b)])
-    m = np.where(np.arange(m.shape[-1])[None, :] < ctx_len[:, None], m, np.nan)
-    k_end = int(ctx_len.max())
+    n_alive = len(trace.alive_steps(row))  # a row that finished early has padding steps after its EOS
+    a, b = _window(n_alive, start, window)
+    per_step = [_select_heads(trace, trace.attention_weights(s, row)[li], head) for s in range(a, b)]  # ([k_s], what)
+    what = per_step[0][1]
+    k_end = trace.context_length(b - 1)
+    m = np.full((b - a, k_end), np.nan, np.float32)  # NaN: a position not yet in that step's context
+    for i, (weights, _) in enumerate(per_step):
+        m[i, : len(weights)] = weights
     pa, pb = _window(k_end, None, positions if positions is not None else window)
     m = m[:, pa:pb]
     ctx = trace.context_tokens(b - 1, row)
@@ -504,14 +506,14 @@ def attention_map(trace: "Trace", layer: int, head: int | str | None = None, row
     if pa < prompt_len < pb:
         ax.axvline(prompt_len - 0.5, color=CHOSEN_EDGE, ls="--", lw=1)
     _token_ticks(ax.xaxis, np.arange(pa, pb), [_label(t, 12) for t in ctx[pa:pb]], fontsize=7)
-    chosen = trace.arrays["token_id"][a:b, row]
+    chosen = trace.array("token_id")[a:b, row]
     _token_ticks(ax.yaxis, np.arange(a, b),
                  [f"{s}: {_label(trace.token_text.get(int(t), ''), 12)}" for s, t in zip(range(a, b), chosen)],
                  rotation=0, fontsize=7)
     ax.set_ylabel("step: token it produced")
     ax.set_xlabel("context position" + ("" if (pa, pb) == (0, k_end) else f" ({pa}–{pb - 1} of {k_end})"))
     fig.colorbar(im, ax=ax, shrink=0.8, pad=0.01, label="attention weight")
-    shown = f"steps {a}–{b - 1} of {trace.num_steps}" if (a, b) != (0, trace.num_steps) else f"{trace.num_steps} steps"
+    shown = f"steps {a}–{b - 1} of {n_alive}" if (a, b) != (0, n_alive) else f"{n_alive} steps"
     ax.set_title(f"attention · layer {layer}, {what} · {shown}", fontsize=10)
     return _finish(fig)
 
@@ -554,7 +556,7 @@ def lens(trace: "Trace", step: int, row: int = 0, max_layers: int = 48) -> Figur
                  rotation=0, fontsize=7)
     right.set_ylabel("chosen token: rank, p")
     fig.colorbar(im, ax=right, shrink=0.8, pad=0.02, label="lens probability")
-    target = _label(trace.token_text.get(int(trace.arrays["token_id"][step, row]), ""), 24)
+    target = _label(trace.token_text.get(int(trace.array("token_id")[step, row]), ""), 24)
     ax.set_title(f"step {step}: logit lens · finally chosen {target}", fontsize=10)
     return _finish(fig)
 

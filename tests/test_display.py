@@ -6,6 +6,7 @@ view modules import each other one way only; and the views' former private copie
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +129,5 @@ def test_one_definition_each():
              widgets: ("_label", "_fmt_p", "_esc", "_short_processor")}
     for module, names in twins.items():
         assert not [n for n in names if hasattr(module, n)], module.__name__
+    for module in (plots, html, widgets):  # views read a trace through its frames and accessors only
+        assert not re.search(r"\.arrays\b", Path(module.__file__).read_text(encoding="utf-8")), module.__name__
