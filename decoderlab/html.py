@@ -156,15 +156,15 @@ def _legend(value: str) -> str:
             "hover a token for details; dashed outline = forced</div>")
 
 
-def _figure_png(trace: "Trace") -> str | None:
-    """The probability timeline as a base64 PNG, or None if it cannot be drawn.
+def _figure_png(trace: "Trace", row: int = 0) -> str | None:
+    """`row`'s probability timeline as a base64 PNG, or None if it cannot be drawn.
 
     plots (and so matplotlib) is imported here, not with the module: the page's text needs neither,
     and `import decoderlab.html` stays as light as `decoderlab.display`."""
     from .plots import probability_timeline
 
     try:
-        fig = probability_timeline(trace)
+        fig = probability_timeline(trace, row=row)
     except (ValueError, KeyError):
         return None
     buf = io.BytesIO()
@@ -192,11 +192,12 @@ def trace_html(trace: "Trace", *, figure: bool = True, alternatives: int = 5, va
     for row in range(trace.rows if trace.num_steps else 1):
         body.append(f"<h2>Generated text{f' · row {row}' if trace.rows > 1 else ''}</h2>")
         body.append(coloured_text(trace, row, alternatives=alternatives, value=value, style=False, legend=row == 0))
-    if figure and trace.num_steps:
-        png = _figure_png(trace)
+    for row in range(trace.rows) if figure and trace.num_steps else ():
+        png = _figure_png(trace, row)
+        whose = f"Row {row}. " if trace.rows > 1 else ""
         if png:
             body.append(f'<figure><img alt="probability of each chosen token, and entropy, per step" '
-                        f'src="data:image/png;base64,{png}"><figcaption>Probability of each chosen token (top) '
+                        f'src="data:image/png;base64,{png}"><figcaption>{whose}Probability of each chosen token (top) '
                         "and the entropy of the distribution it came from (bottom), per step.</figcaption></figure>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f'<meta http-equiv="Content-Security-Policy" content="{escape(CSP)}">'
