@@ -2,7 +2,7 @@
 
 Static on purpose: no JavaScript and nothing fetched from the network, so a saved page opens the
 same anywhere, offline, and a model's output can never run as code in it. Every string that came
-from the model, the tokenizer or the user is escaped with `html.escape(..., quote=True)`, and the
+from the model, the tokenizer or the user is escaped (`display.escape`: html.escape, quotes too), and the
 page carries a Content-Security-Policy that forbids scripts and remote loads as a second line of defence.
 Hover details are CSS-only: each token's box is hidden by an inline style and shown on :hover,
 so a viewer that strips <style> shows plain coloured text, never stray boxes. Class names start
@@ -12,20 +12,15 @@ widgets' `dl-` classes.
 from __future__ import annotations
 
 import base64
-import html
 import io
-import math
-import unicodedata
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from .plots import PROB_SCALE, token_label
+from .display import char_escape, escape, format_prob, is_invisible, prob_colour, strategy_summary, token_label
 
 if TYPE_CHECKING:
     from .trace import Trace
 
-__all__ = ["trace_html", "coloured_text", "prob_colour", "CSS"]
+__all__ = ["trace_html", "coloured_text", "CSS"]
 
 CSS = """
 .dlh-text{font:15px/2.0 system-ui,-apple-system,"Segoe UI","Noto Sans","Noto Sans CJK JP","Noto Color Emoji",sans-serif;
@@ -68,30 +63,11 @@ figcaption{color:#666;font-size:.9em}
 # A policy that forbids scripts, frames and every remote load; only inline styles and data: images.
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 
-# Strategy words worth showing, with the value at which they do nothing (None: always show).
-_STRATEGY_WORDS: dict[str, Any] = {
-    "do_sample": None, "num_beams": 1, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": None, "typical_p": 1.0,
-    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
-    "max_new_tokens": None, "seed": None,
-}
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def prob_colour(p: float) -> str:
-    """Background colour for probability p: red (unlikely) through white (0.5) to blue (likely)."""
-    p = 0.0 if p is None or not math.isfinite(p) else min(1.0, max(0.0, float(p)))
-    lo, mid, hi = (tuple(int(c[i : i + 2], 16) for i in (1, 3, 5)) for c in PROB_SCALE)
-    a, b, t = (lo, mid, p * 2) if p < 0.5 else (mid, hi, p * 2 - 1)
-    r, g, bl = (round(x + (y - x) * t) for x, y in zip(a, b))
-    return f"#{r:02x}{g:02x}{bl:02x}"
-
 
 def _visible_text(text: str) -> str:
     """Escaped token text for the running text: newlines become a mark plus <br>, tabs a mark plus the
-    tab, other control and invisible characters their escape in a faint mark; empty tokens '∅'."""
+    tab, other control and invisible characters their escape in a faint mark (`display.char_escape`,
+    as in token labels); empty tokens '∅'. Other spaces (a no-break space) stay spaces in running text."""
     if text == "":
         return '<span class="dlh-mark">∅</span>'
     out: list[str] = []
@@ -99,7 +75,7 @@ def _visible_text(text: str) -> str:
 
     def flush() -> None:
         if plain:
-            out.append(_e("".join(plain)))
+            out.append(escape("".join(plain)))
             plain.clear()
 
     for ch in text:
@@ -109,42 +85,31 @@ def _visible_text(text: str) -> str:
         elif ch == "\t":
             flush()
             out.append('<span class="dlh-mark">⇥</span>\t')
-        elif ch != "\u200d" and unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co"):
+        elif is_invisible(ch):
             flush()
-            out.append(f'<span class="dlh-mark">{_e(token_label(ch))}</span>')
+            out.append(f'<span class="dlh-mark">{escape(char_escape(ch))}</span>')
         else:
             plain.append(ch)
     flush()
     return "".join(out)
 
 
-def _fmt(p: float) -> str:
-    if p is None or not math.isfinite(p):
-        return "–"
-    return f"{p:.3f}" if p >= 0.001 or p == 0 else f"{p:.1e}"
-
-
-def _alive_steps(trace: "Trace", row: int) -> np.ndarray:
-    finished = trace.arrays.get("finished")
-    if finished is None:
-        return np.arange(trace.num_steps)
-    return np.flatnonzero(~finished[:, row].astype(bool))
-
-
 def _tip(s: int, step: Any, alts: list[tuple[str, float, float, bool]]) -> str:
     """The hover box of one token: its numbers, how it was chosen, and the top alternatives."""
     lines = [
-        f"<b>step {s}</b> · <bdi>{_e(token_label(step.token, 40))}</bdi> · id {int(step.token_id)}",
-        f"p = {_fmt(step.prob)} (rank {int(step.rank)}) · final p = {_fmt(step.final_prob)} (rank {int(step.final_rank)})",
+        f"<b>step {s}</b> · <bdi>{escape(token_label(step.token, 40))}</bdi> · id {int(step.token_id)}",
+        f"p = {format_prob(step.prob)} (rank {int(step.rank)}) · "
+        f"final p = {format_prob(step.final_prob)} (rank {int(step.final_rank)})",
         f"entropy {step.entropy:.2f} nats → {step.final_entropy:.2f} after processors",
-        ("<b>forced</b> · " if step.forced else "") + _e(step.why),
+        ("<b>forced</b> · " if step.forced else "") + escape(step.why),
     ]
     rows = ['<span class="dlh-row dlh-head"><span class="dlh-cell">#</span><span class="dlh-cell">token</span>'
             '<span class="dlh-cell dlh-num">p</span><span class="dlh-cell dlh-num">final</span></span>']
     for rank, (tok, p, fp, chosen) in enumerate(alts):
         rows.append(f'<span class="dlh-row{" dlh-chosen" if chosen else ""}"><span class="dlh-cell">{rank}</span>'
-                    f'<span class="dlh-cell"><bdi>{_e(token_label(tok, 24))}</bdi></span>'
-                    f'<span class="dlh-cell dlh-num">{_fmt(p)}</span><span class="dlh-cell dlh-num">{_fmt(fp)}</span></span>')
+                    f'<span class="dlh-cell"><bdi>{escape(token_label(tok, 24))}</bdi></span>'
+                    f'<span class="dlh-cell dlh-num">{format_prob(p)}</span>'
+                    f'<span class="dlh-cell dlh-num">{format_prob(fp)}</span></span>')
     return ('<span class="dlh-tip" dir="ltr" style="display:none">' + "<br>".join(lines)
             + f'<span class="dlh-alts">{"".join(rows)}</span></span>')
 
@@ -167,14 +132,16 @@ def coloured_text(trace: "Trace", row: int = 0, *, alternatives: int = 5, value:
         raise IndexError(f"row {row} is outside this trace's {trace.rows} rows")
     frame = trace.steps
     steps = list(frame[frame["row"] == row].itertuples(index=False))  # in step order
-    a = trace.arrays
-    k = min(alternatives, a["cand_id"].shape[-1]) if "cand_id" in a else 0
+    try:
+        cand_id, cand_prob, cand_final = (trace.array(n) for n in ("cand_id", "cand_prob", "cand_final_prob"))
+        k = min(alternatives, cand_id.shape[-1])
+    except KeyError:  # a trace recorded without candidates: the hover box shows no alternatives
+        k = 0
     spans = []
-    for s in _alive_steps(trace, row):
+    for s in trace.alive_steps(row):  # a row that finished early emits padding after its EOS: not text
         st = steps[int(s)]
         alts = [(trace.token_text.get(int(i), f"<{int(i)}>"), float(p), float(fp), int(i) == int(st.token_id))
-                for i, p, fp in zip(a["cand_id"][s, row, :k], a["cand_prob"][s, row, :k],
-                                    a["cand_final_prob"][s, row, :k])] if k else []
+                for i, p, fp in zip(cand_id[s, row, :k], cand_prob[s, row, :k], cand_final[s, row, :k])] if k else []
         classes = "dlh-tok" + (" dlh-forced" if st.forced else "") + (" dlh-selected" if selected == s else "")
         spans.append(f'<span class="{classes}" data-step="{int(s)}" style="background:{prob_colour(getattr(st, value))}">'
                      f"{_visible_text(st.token)}{_tip(int(s), st, alts)}</span>")
@@ -189,22 +156,15 @@ def _legend(value: str) -> str:
             "hover a token for details; dashed outline = forced</div>")
 
 
-def _strategy_summary(trace: "Trace") -> str:
-    words = [f"chooser: {trace.chooser}"]
-    for word, neutral in _STRATEGY_WORDS.items():
-        value = trace.strategy.get(word)
-        if value is None or (neutral is not None and value == neutral):
-            continue
-        words.append(f"{word}={value}")
-    return " · ".join(words)
+def _figure_png(trace: "Trace", row: int = 0) -> str | None:
+    """`row`'s probability timeline as a base64 PNG, or None if it cannot be drawn.
 
-
-def _figure_png(trace: "Trace") -> str | None:
-    """The probability timeline as a base64 PNG, or None if it cannot be drawn."""
+    plots (and so matplotlib) is imported here, not with the module: the page's text needs neither,
+    and `import decoderlab.html` stays as light as `decoderlab.display`."""
     from .plots import probability_timeline
 
     try:
-        fig = probability_timeline(trace)
+        fig = probability_timeline(trace, row=row)
     except (ValueError, KeyError):
         return None
     buf = io.BytesIO()
@@ -217,29 +177,30 @@ def trace_html(trace: "Trace", *, figure: bool = True, alternatives: int = 5, va
     text coloured by probability with per-token hover details, and optionally the probability timeline."""
     meta = [
         ("model", trace.model_name or "(unnamed)"),
-        ("strategy", _strategy_summary(trace)),
+        ("strategy", strategy_summary(trace)),
         ("processors", " → ".join(trace.processor_names) or "none"),
         ("stop reason", trace.stop_reason or "–"),
         ("steps", f"{trace.num_steps}" + (f" × {trace.rows} rows" if trace.rows > 1 else "")),
     ]
     if trace.parent is not None or trace.fork_step is not None:
         meta.append(("branch", f"{trace.branch} (forked from {trace.parent} at step {trace.fork_step})"))
-    body = [f"<h1>decoderlab trace · {_e(trace.model_name or 'model')}</h1>", '<dl class="dlh-meta">']
-    body += [f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in meta]
+    body = [f"<h1>decoderlab trace · {escape(trace.model_name or 'model')}</h1>", '<dl class="dlh-meta">']
+    body += [f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in meta]
     body.append("</dl>")
     body.append(f"<details open><summary>Prompt ({len(trace.prompt_ids)} tokens)</summary>"
-                f'<div class="dlh-prompt" dir="auto">{_e(trace.prompt)}</div></details>')
+                f'<div class="dlh-prompt" dir="auto">{escape(trace.prompt)}</div></details>')
     for row in range(trace.rows if trace.num_steps else 1):
         body.append(f"<h2>Generated text{f' · row {row}' if trace.rows > 1 else ''}</h2>")
         body.append(coloured_text(trace, row, alternatives=alternatives, value=value, style=False, legend=row == 0))
-    if figure and trace.num_steps:
-        png = _figure_png(trace)
+    for row in range(trace.rows) if figure and trace.num_steps else ():
+        png = _figure_png(trace, row)
+        whose = f"Row {row}. " if trace.rows > 1 else ""
         if png:
             body.append(f'<figure><img alt="probability of each chosen token, and entropy, per step" '
-                        f'src="data:image/png;base64,{png}"><figcaption>Probability of each chosen token (top) '
+                        f'src="data:image/png;base64,{png}"><figcaption>{whose}Probability of each chosen token (top) '
                         "and the entropy of the distribution it came from (bottom), per step.</figcaption></figure>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f'<meta http-equiv="Content-Security-Policy" content="{_e(CSP)}">'
+            f'<meta http-equiv="Content-Security-Policy" content="{escape(CSP)}">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>decoderlab · {_e(trace.model_name or 'trace')}</title>"
+            f"<title>decoderlab · {escape(trace.model_name or 'trace')}</title>"
             f"<style>{PAGE_CSS}{CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -7,8 +7,9 @@ nothing is kept alive behind the caller's back: Jupyter displays the returned fi
 script calls `fig.savefig(...)`.
 
 Legibility rules shared by all figures:
-- token text goes through `token_label`: leading/trailing spaces, newlines, tabs and control
-  characters become visible marks, and long tokens are cut;
+- token text goes through `token_label` (defined in `decoderlab.display`, which the HTML page and
+  the widgets share, and importable from here too): leading/trailing spaces, newlines, tabs and
+  control characters become visible marks, and long tokens are cut;
 - long axes are windowed (`start`/`window`, the most recent steps or positions by default), and
   tick labels are thinned so an axis never carries more than `MAX_LABELS`;
 - text uses a font family list with CJK and (monochrome) emoji fallbacks where installed; a
@@ -29,9 +30,12 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.text import Text
 
+from .display import PROB_SCALE, format_prob, short_processor, token_label
+
 if TYPE_CHECKING:
     from .trace import Trace
 
+# token_label is re-exported: users call plots.token_label; it is defined once, in display.py.
 __all__ = ["TraceFigure", "token_label", "distribution", "probability_timeline", "candidates_heatmap", "attention",
            "attention_map", "lens", "font_families", "MAX_LABELS"]
 
@@ -44,7 +48,6 @@ CHOSEN_RAW_COLOR = "#fdae6b"  # the chosen token's bars
 CHOSEN_FINAL_COLOR = "#e6550d"
 CHOSEN_HATCH = "//"
 CHOSEN_EDGE = "#d62728"  # outline of the chosen token's cell in heat maps
-PROB_SCALE = ("#ef8a62", "#f7f7f7", "#67a9cf")  # p = 0, 0.5, 1: red to blue, colour-blind safe (also the HTML's)
 
 # Sans-serif first, then CJK, then monochrome emoji/symbol fonts; matplotlib (>=3.6) falls back glyph
 # by glyph along the list. Colour bitmap emoji fonts (Noto Color Emoji, Apple Color Emoji) are left out
@@ -58,10 +61,6 @@ FONT_FAMILIES = (
 )
 MONO_FAMILIES = ("DejaVu Sans Mono",)
 
-_VISIBLE = {"\n": "↵", "\t": "⇥"}
-_ESCAPED_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co"}
-_KEEP_FORMAT = {"\u200d"}  # zero-width joiner: part of emoji sequences
-
 
 class TraceFigure(Figure):
     """A plain matplotlib Figure that also shows itself as a PNG in Jupyter, without pyplot (so it is
@@ -71,40 +70,6 @@ class TraceFigure(Figure):
         buf = io.BytesIO()
         self.savefig(buf, format="png", bbox_inches="tight")
         return buf.getvalue()
-
-
-# ---- token text ----------------------------------------------------------------------------------
-def token_label(text: str, max_len: int = 16) -> str:
-    """A token as a short, visible label: '␣' for leading/trailing spaces, '↵' newline, '⇥' tab,
-    `\\xNN`/`\\uNNNN` for other control and invisible characters, cut to `max_len` with '…'."""
-    if text == "":
-        return "∅"
-    pieces: list[str] = []
-    n = len(text)
-    lead = n - len(text.lstrip(" "))
-    trail = n - len(text.rstrip(" ")) if lead < n else 0
-    for i, ch in enumerate(text):
-        if ch == " " and (i < lead or i >= n - trail):
-            pieces.append("␣")
-        elif ch in _VISIBLE:
-            pieces.append(_VISIBLE[ch])
-        elif ch in _KEEP_FORMAT:
-            pieces.append(ch)
-        elif unicodedata.category(ch) in _ESCAPED_CATEGORIES or (unicodedata.category(ch) == "Zs" and ch != " "):
-            code = ord(ch)
-            pieces.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
-        else:
-            pieces.append(ch)
-    if sum(len(p) for p in pieces) <= max_len:
-        return "".join(pieces)
-    out, used = [], 0
-    for piece in pieces:  # cut between pieces, so an escape is never split
-        if used + len(piece) > max_len - 1:
-            break
-        out.append(piece)
-        used += len(piece)
-    out.append("…")
-    return "".join(out)
 
 
 # ---- fonts -----------------------------------------------------------------------------------------
@@ -159,8 +124,8 @@ def _drawable(text: str) -> str:
         code = ord(ch)
         if code in covered or ch in " \t":
             out.append(ch)
-        elif 0xFE00 <= code <= 0xFE0F or ch in _KEEP_FORMAT:
-            continue  # presentation hints and joiners: nothing to draw without them
+        elif 0xFE00 <= code <= 0xFE0F or ch == "\u200d":
+            continue  # presentation hints and the zero-width joiner: nothing to draw without them
         else:
             out.append(f"[U+{code:04X}]")
     return "".join(out)
@@ -254,28 +219,9 @@ def _token_ticks(axis, positions: Sequence[float], labels: Sequence[str], rotati
     axis.set_ticks([positions[i] for i in idx], [labels[i] for i in idx], rotation=rotation, **kw)
 
 
-def _rows_alive(trace: "Trace", row: int) -> np.ndarray:
-    """Steps of `row` that are real tokens (not padding after the row finished)."""
-    finished = trace.arrays.get("finished")
-    if finished is None:
-        return np.arange(trace.num_steps)
-    return np.flatnonzero(~finished[:, row].astype(bool))
-
-
-def _short_processor(name: str) -> str:
-    for suffix in ("LogitsWarper", "LogitsProcessor", "Processor", "Warper"):
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def _text_color(rgba) -> str:
     r, g, b = rgba[:3]
     return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
-
-
-def _fmt_p(p: float) -> str:
-    return f"{p:.3f}" if p >= 0.001 or p == 0 else f"{p:.1e}"
 
 
 def _processor_lines(trace: "Trace", step: int, row: int) -> list[str]:
@@ -284,10 +230,10 @@ def _processor_lines(trace: "Trace", step: int, row: int) -> list[str]:
     if not len(proc):
         return []
     p = proc[(proc["step"] == step) & (proc["row"] == row)].sort_values("order")
-    width = max(len(_short_processor(n)) for n in p["processor"])
+    width = max(len(short_processor(n)) for n in p["processor"])
     lines = []
     for r in p.itertuples(index=False):
-        line = f"{_short_processor(r.processor):<{width}} {100 * r.mass_removed:6.2f}%"
+        line = f"{short_processor(r.processor):<{width}} {100 * r.mass_removed:6.2f}%"
         if r.rank_changed:
             line += f"  (chosen rank {int(r.rank_before)}→{int(r.rank_after)})"
         lines.append(line)
@@ -321,7 +267,7 @@ def distribution(trace: "Trace", step: int, k: int | None = None, row: int = 0) 
         for bar in (raw[i], fin[i]):
             bar.set_hatch(CHOSEN_HATCH)
             bar.set_gid("chosen")
-        ax.annotate(f"chosen\nfinal p={_fmt_p(float(c['final_prob'].iloc[i]))}",
+        ax.annotate(f"chosen\nfinal p={format_prob(float(c['final_prob'].iloc[i]))}",
                     xy=(x[i], max(c["prob"].iloc[i], c["final_prob"].iloc[i])), xytext=(0, 18),
                     textcoords="offset points", ha="center", va="bottom", fontsize=8, color=CHOSEN_FINAL_COLOR,
                     arrowprops=dict(arrowstyle="->", color=CHOSEN_FINAL_COLOR), gid="chosen-annotation")
@@ -335,8 +281,8 @@ def distribution(trace: "Trace", step: int, k: int | None = None, row: int = 0) 
     ax.set_ylabel("probability")
     ax.set_xlabel(f"top {k} candidates by raw logit")
     how = "forced" if bool(chosen["forced"]) else chosen["choice"]
-    ax.set_title(f"step {step}: {how} {_label(chosen['token'], 24)}  (raw p={_fmt_p(chosen['prob'])}, "
-                 f"rank {int(chosen['rank'])}; final p={_fmt_p(chosen['final_prob'])})", fontsize=10)
+    ax.set_title(f"step {step}: {how} {_label(chosen['token'], 24)}  (raw p={format_prob(chosen['prob'])}, "
+                 f"rank {int(chosen['rank'])}; final p={format_prob(chosen['final_prob'])})", fontsize=10)
 
     handles = [Patch(facecolor=RAW_COLOR, label="raw (model)"), Patch(facecolor=FINAL_COLOR, label="final"),
                Patch(facecolor=CHOSEN_FINAL_COLOR, hatch=CHOSEN_HATCH, label="chosen")]
@@ -358,7 +304,7 @@ def probability_timeline(trace: "Trace", row: int = 0, start: int | None = None,
     """
     row = _check_row(trace, row)
     st = trace.steps
-    st = st[st["row"] == row].iloc[_rows_alive(trace, row)] if len(st) else st
+    st = st[st["row"] == row].iloc[trace.alive_steps(row)] if len(st) else st
     n = len(st)
     if n == 0:
         raise ValueError("this trace has no steps")
@@ -404,14 +350,14 @@ def candidates_heatmap(trace: "Trace", k: int = 10, row: int = 0, start: int | N
     row = _check_row(trace, row)
     if trace.num_steps == 0:
         raise ValueError("this trace has no steps")
-    alive = _rows_alive(trace, row)
+    alive = trace.alive_steps(row)
     a, b = _window(len(alive), start, window)
     steps = alive[a:b]
-    ids = trace.arrays["cand_id"][steps, row]
+    ids = trace.array("cand_id")[steps, row]
     k = max(1, min(k, ids.shape[-1]))
     ids = ids[:, :k]
-    prob = trace.arrays["cand_final_prob" if final else "cand_prob"][steps, row, :k].astype(np.float64)
-    chosen_ids = trace.arrays["token_id"][steps, row]
+    prob = trace.array("cand_final_prob" if final else "cand_prob")[steps, row, :k].astype(np.float64)
+    chosen_ids = trace.array("token_id")[steps, row]
     chosen = ids == chosen_ids[:, None]
 
     fig = TraceFigure(figsize=(1.05 * k + 3.0, 0.3 * len(steps) + 1.6), layout="constrained")
@@ -428,7 +374,7 @@ def candidates_heatmap(trace: "Trace", k: int = 10, row: int = 0, start: int | N
             if chosen[i, j]:
                 ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor=CHOSEN_EDGE, lw=2,
                                        gid="chosen"))
-    ranks = trace.arrays["rank"][steps, row]
+    ranks = trace.array("rank")[steps, row]
     labels = [f"{int(s)}: {_label(trace.token_text.get(int(t), ''), 12)}" + ("" if r < k else f" (#{int(r)})")
               for s, t, r in zip(steps, chosen_ids, ranks)]
     _token_ticks(ax.yaxis, np.arange(len(steps)), labels, rotation=0, fontsize=7)
@@ -443,7 +389,7 @@ def candidates_heatmap(trace: "Trace", k: int = 10, row: int = 0, start: int | N
 
 
 def _layer_index(trace: "Trace", layer: int) -> int:
-    layers = list(trace.attention_layers) or list(range(trace.arrays["attention"].shape[2]))
+    layers = list(trace.attention_layers) or list(range(trace.array("attention").shape[2]))
     if layer in layers:
         return layers.index(layer)
     if layer < 0 and -len(layers) <= layer:
@@ -452,7 +398,7 @@ def _layer_index(trace: "Trace", layer: int) -> int:
 
 
 def _head_index(trace: "Trace", head: int) -> int:
-    heads = list(trace.attention_heads) or list(range(trace.arrays["attention"].shape[3]))
+    heads = list(trace.attention_heads) or list(range(trace.array("attention").shape[3]))
     if head in heads:
         return heads.index(head)
     raise ValueError(f"head {head} was not recorded; recorded heads: {heads}")
@@ -483,7 +429,7 @@ def attention(trace: "Trace", step: int, layer: int | None = None, head: int | s
     pos = np.arange(a, b)
     labels = [_label(t, 12) for t in ctx[a:b]]
     query = _label(ctx[-1], 20)
-    target = _label(trace.token_text.get(int(trace.arrays["token_id"][step, row]), ""), 20)
+    target = _label(trace.token_text.get(int(trace.array("token_id")[step, row]), ""), 20)
     layers = list(trace.attention_layers) or list(range(w.shape[0]))
     heads = list(trace.attention_heads) or list(range(w.shape[1]))
 
@@ -537,12 +483,14 @@ def attention_map(trace: "Trace", layer: int, head: int | str | None = None, row
     if not trace.has_attention:
         raise ValueError("this trace has no attention: record it with Record(attention=True)")
     li = _layer_index(trace, layer)
-    a, b = _window(trace.num_steps, start, window)
-    att = trace.arrays["attention"][a:b, row, li].astype(np.float32)  # [s, H, K]
-    m, what = _select_heads(trace, att, head)  # [s, K]
-    ctx_len = np.array([trace.context_length(s) for s in range(a, b)])
-    m = np.where(np.arange(m.shape[-1])[None, :] < ctx_len[:, None], m, np.nan)
-    k_end = int(ctx_len.max())
+    n_alive = len(trace.alive_steps(row))  # a row that finished early has padding steps after its EOS
+    a, b = _window(n_alive, start, window)
+    per_step = [_select_heads(trace, trace.attention_weights(s, row)[li], head) for s in range(a, b)]  # ([k_s], what)
+    what = per_step[0][1]
+    k_end = trace.context_length(b - 1)
+    m = np.full((b - a, k_end), np.nan, np.float32)  # NaN: a position not yet in that step's context
+    for i, (weights, _) in enumerate(per_step):
+        m[i, : len(weights)] = weights
     pa, pb = _window(k_end, None, positions if positions is not None else window)
     m = m[:, pa:pb]
     ctx = trace.context_tokens(b - 1, row)
@@ -558,14 +506,14 @@ def attention_map(trace: "Trace", layer: int, head: int | str | None = None, row
     if pa < prompt_len < pb:
         ax.axvline(prompt_len - 0.5, color=CHOSEN_EDGE, ls="--", lw=1)
     _token_ticks(ax.xaxis, np.arange(pa, pb), [_label(t, 12) for t in ctx[pa:pb]], fontsize=7)
-    chosen = trace.arrays["token_id"][a:b, row]
+    chosen = trace.array("token_id")[a:b, row]
     _token_ticks(ax.yaxis, np.arange(a, b),
                  [f"{s}: {_label(trace.token_text.get(int(t), ''), 12)}" for s, t in zip(range(a, b), chosen)],
                  rotation=0, fontsize=7)
     ax.set_ylabel("step: token it produced")
     ax.set_xlabel("context position" + ("" if (pa, pb) == (0, k_end) else f" ({pa}–{pb - 1} of {k_end})"))
     fig.colorbar(im, ax=ax, shrink=0.8, pad=0.01, label="attention weight")
-    shown = f"steps {a}–{b - 1} of {trace.num_steps}" if (a, b) != (0, trace.num_steps) else f"{trace.num_steps} steps"
+    shown = f"steps {a}–{b - 1} of {n_alive}" if (a, b) != (0, n_alive) else f"{n_alive} steps"
     ax.set_title(f"attention · layer {layer}, {what} · {shown}", fontsize=10)
     return _finish(fig)
 
@@ -604,18 +552,18 @@ def lens(trace: "Trace", step: int, row: int = 0, max_layers: int = 48) -> Figur
     right = ax.twinx()
     right.set_ylim(ax.get_ylim())
     _token_ticks(right.yaxis, np.arange(len(keep)),
-                 [f"#{int(r)}  {_fmt_p(float(p))}" for r, p in zip(st["chosen_rank"], st["chosen_prob"])],
+                 [f"#{int(r)}  {format_prob(float(p))}" for r, p in zip(st["chosen_rank"], st["chosen_prob"])],
                  rotation=0, fontsize=7)
     right.set_ylabel("chosen token: rank, p")
     fig.colorbar(im, ax=right, shrink=0.8, pad=0.02, label="lens probability")
-    target = _label(trace.token_text.get(int(trace.arrays["token_id"][step, row]), ""), 24)
+    target = _label(trace.token_text.get(int(trace.array("token_id")[step, row]), ""), 24)
     ax.set_title(f"step {step}: logit lens · finally chosen {target}", fontsize=10)
     return _finish(fig)
 
 
 # ---- colour maps -----------------------------------------------------------------------------------
 def _prob_cmap():
-    """Low probability red, high blue (colour-blind safe; the same scale as the HTML export)."""
+    """Low probability red, high blue: `display.PROB_SCALE`, the scale of the HTML page and the widgets too."""
     from matplotlib.colors import LinearSegmentedColormap
 
     return LinearSegmentedColormap.from_list("dl_prob", list(PROB_SCALE))

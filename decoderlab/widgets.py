@@ -14,18 +14,21 @@ Every part a user or a browser test needs to find carries a CSS class (`dl-...`,
 """
 from __future__ import annotations
 
-import html
 import io
 import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
 import ipywidgets as W
 
+from .display import escape, format_prob, prob_colour, short_processor, strategy_summary, token_label
+
 if TYPE_CHECKING:
+    import pandas as pd
+
     from .session import Session
     from .trace import Trace
 
-__all__ = ["show", "explore", "TraceView", "SessionExplorer", "CSS_CLASSES", "figure_png", "prob_color"]
+__all__ = ["show", "explore", "TraceView", "SessionExplorer", "CSS_CLASSES", "figure_png"]
 
 # The stable selectors, for notebooks that restyle and for browser tests.
 CSS_CLASSES = {
@@ -34,6 +37,7 @@ CSS_CLASSES = {
     "dl-header": "model, strategy and stop reason",
     "dl-text": "the generated text: one dl-token button per token",
     "dl-token": "a token of the text; click to select its step (dl-selected marks the current one)",
+    "dl-row": "the row picker, for a trace of several rows (a batch of seeds); absent for one row",
     "dl-step-slider": "the step slider",
     "dl-step-label": "the selected step's number, token and how it was chosen, as text",
     "dl-distribution": "the selected step's top candidates (PNG)",
@@ -61,14 +65,6 @@ MAX_HEIGHT_IN = 5.5  # and to at most this height (inches at DPI): a panel stays
 
 
 # ---- small helpers -------------------------------------------------------------------------------------
-def prob_color(p: float) -> str:
-    """A background colour for probability p: red (unlikely) through white to blue (likely), the scale
-    of the plots and the HTML export (one definition, in `decoderlab.html`)."""
-    from .html import prob_colour
-
-    return prob_colour(p)
-
-
 def figure_png(fig, width_px: int | None = None, max_height_in: float | None = None, dpi: int = DPI) -> bytes:
     """A matplotlib Figure as PNG bytes, squeezed to at most `width_px` wide and `max_height_in` tall
     (text keeps its size; the axes give way); the figure is closed."""
@@ -92,27 +88,6 @@ def figure_png(fig, width_px: int | None = None, max_height_in: float | None = N
         plt.close(fig)  # harmless for figures built without pyplot
 
 
-def _label(text: str, max_len: int = 20) -> str:
-    from .plots import token_label
-
-    return token_label(text, max_len)
-
-
-def _fmt_p(p: float) -> str:
-    return f"{p:.3f}" if p >= 0.001 or p == 0 else f"{p:.1e}"
-
-
-def _esc(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _short_processor(name: str) -> str:
-    for suffix in ("LogitsWarper", "LogitsProcessor", "Processor", "Warper"):
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def _image_layout() -> W.Layout:
     """Natural size, shrunk (never stretched) to its column: a flex column would stretch an <img>."""
     return W.Layout(max_width="100%", height="auto", align_self="flex-start")
@@ -126,7 +101,7 @@ def _classed(widget: W.Widget, *classes: str) -> W.Widget:
 
 def _message(text: str, kind: str = "info") -> str:
     colour = {"info": "#555", "error": "#b00020"}[kind]
-    return f"<span style='color:{colour}'>{_esc(text)}</span>"
+    return f"<span style='color:{colour}'>{escape(text)}</span>"
 
 
 TABLE_STYLE = ("border-collapse:collapse;font-size:12px;font-family:var(--jp-code-font-family, monospace);"
@@ -147,17 +122,22 @@ def _table(header: list[str], rows: list[list[str]], aligns: str) -> str:
 class TraceView(W.VBox):
     """A trace, one step at a time: the text (click a token), a step slider, and that step's panels.
 
-    `view.select(step)` moves it from code; `view.set_trace(trace)` swaps in a new trace in place;
-    `on_step(step)`, if given, is called after each redraw.
+    A trace of several rows (a batch of seeds) shows one row at a time, picked with the `dl-row`
+    dropdown (only there when the trace has more than one row); a row's padding steps after its EOS
+    are not shown. `view.select(step)` and `view.select_row(row)` move it from code;
+    `view.set_trace(trace)` swaps in a new trace in place; `on_step(step)`, if given, is called after
+    each redraw.
     """
 
-    def __init__(self, trace: "Trace", *, k: int = 12, window: int = 40, lens_layers: int = 16,
+    def __init__(self, trace: "Trace", *, row: int = 0, k: int = 12, window: int = 40, lens_layers: int = 16,
                  step: int | None = None, on_step: Callable[[int], None] | None = None):
         self.k = k
         self.window = window
         self.lens_layers = lens_layers
         self.on_step = on_step
         self._trace: Trace | None = None
+        self._row = 0
+        self._steps_shown = 0  # the shown row's steps before it finished (padding after them is not text)
         self._cache: dict[tuple, bytes] = {}
         self._busy = False
         self._token_buttons: list[W.Button] = []
@@ -166,6 +146,7 @@ class TraceView(W.VBox):
         self.text = _classed(W.Box(layout=W.Layout(display="flex", flex_flow="row wrap", align_items="center",
                                                      width="100%", max_height="220px", overflow="auto",
                                                      padding="2px", border="1px solid #e0e0e0")), "dl-text")
+        self.row_picker = _classed(W.Dropdown(description="row", layout=W.Layout(width="200px")), "dl-row")
         self.slider = _classed(W.IntSlider(value=0, min=0, max=0, description="step", continuous_update=False,
                                            layout=W.Layout(width="420px")), "dl-step-slider")
         self.step_label = _classed(W.HTML(layout=W.Layout(margin="0 0 0 12px", flex="1 1 auto")), "dl-step-label")
@@ -180,7 +161,7 @@ class TraceView(W.VBox):
         self.problems = _classed(W.HTML(), "dl-problems")
         self._no_tokens = W.HTML(_message("no tokens yet"))
 
-        title = lambda text: W.HTML(f"<b>{_esc(text)}</b>")  # noqa: E731
+        title = lambda text: W.HTML(f"<b>{escape(text)}</b>")  # noqa: E731
         self.distribution_panel = W.VBox([title("candidates at this step"), self.distribution,
                                           title("what each processor did"), self.processors],
                                          layout=W.Layout(flex="1 1 500px", min_width="360px", margin="0 12px 8px 0"))
@@ -194,15 +175,16 @@ class TraceView(W.VBox):
                   layout=W.Layout(display="flex", flex_flow="row wrap", width="100%", align_items="flex-start")),
             self.attention_panel,
         ], layout=W.Layout(width="100%"))
-        controls = W.HBox([self.slider, self.step_label], layout=W.Layout(align_items="center", width="100%"))
-        super().__init__([self.header, self.text, controls, self.problems, self.panels],
+        self.controls = W.HBox([self.slider, self.step_label], layout=W.Layout(align_items="center", width="100%"))
+        super().__init__([self.header, self.text, self.controls, self.problems, self.panels],
                          layout=W.Layout(width="100%"))
         self.add_class("dl-trace-view")
 
+        self.row_picker.observe(self._on_row, names="value")
         self.slider.observe(self._on_slider, names="value")
         self.layer.observe(self._on_layer, names="value")
         self.head.observe(self._on_head, names="value")
-        self.set_trace(trace, step=step)
+        self.set_trace(trace, step=step, row=row)
 
     # ---- public -------------------------------------------------------------------------------------
     @property
@@ -210,62 +192,100 @@ class TraceView(W.VBox):
         return self._trace  # type: ignore[return-value]
 
     @property
+    def row(self) -> int:
+        """The row shown (0 for a trace of one row)."""
+        return self._row
+
+    @property
     def step(self) -> int:
         """The selected step."""
         return int(self.slider.value)
 
     def select(self, step: int) -> None:
-        """Show step `step` (negative counts from the end)."""
-        n = self.trace.num_steps
+        """Show step `step` of the shown row (negative counts from its end)."""
+        n = self._steps_shown
         if n == 0:
             return
         step = step + n if step < 0 else step
         if not 0 <= step < n:
-            raise IndexError(f"step {step} is outside this trace's {n} steps")
+            raise IndexError(f"step {step} is outside row {self.row}'s {n} steps")
         if step == self.slider.value:
             self._redraw()
         else:
             self.slider.value = step  # -> _on_slider -> _redraw
 
-    def set_trace(self, trace: "Trace", step: int | None = None) -> None:
-        """Show another trace (a session's newer state) in place; select `step` (default: the last)."""
+    def select_row(self, row: int) -> None:
+        """Show row `row`: its text, and its panels at the same step (its last step if it ended sooner)."""
+        if not 0 <= row < self.trace.rows:
+            raise IndexError(f"row {row} is outside this trace's {self.trace.rows} rows")
+        if row != self._row:
+            self.row_picker.value = row  # -> _on_row -> _show_row
+
+    def set_trace(self, trace: "Trace", step: int | None = None, row: int | None = None) -> None:
+        """Show another trace (a session's newer state) in place; select `row` (default: the row shown,
+        if the new trace has it, else 0) and `step` (default: the last)."""
+        if row is not None and not 0 <= row < trace.rows:
+            raise IndexError(f"row {row} is outside this trace's {trace.rows} rows")
+        row = row if row is not None else self._row if self._row < trace.rows else 0
         self._trace = trace
         self._cache.clear()
-        n = trace.num_steps
+        self._busy = True
+        try:
+            self._set_row_picker(row)
+            self._set_pickers()
+        finally:
+            self._busy = False
+        self._draw_header()
+        self._show_row(row, step)
+
+    # ---- building -------------------------------------------------------------------------------------
+    def _show_row(self, row: int, step: int | None) -> None:
+        """Point the slider, the text and the panels at `row`, at `step` (default: its last)."""
+        self._row = row
+        n = self._steps_shown = len(self.trace.alive_steps(row))  # a prefix: a finished row stays finished
         self._busy = True
         try:
             self.slider.max = max(n - 1, 0)
             self.slider.disabled = n == 0
             target = (n - 1 if step is None else (step + n if step < 0 else step)) if n else 0
             self.slider.value = min(max(target, 0), max(n - 1, 0))
-            self._set_pickers()
         finally:
             self._busy = False
-        self._draw_header()
         self._draw_text()
         self._redraw()
 
-    # ---- building -------------------------------------------------------------------------------------
+    def _set_row_picker(self, row: int) -> None:
+        """The row picker's options for this trace; in the controls only when there is a row to pick."""
+        tr = self.trace
+        opts = [(f"row {r} · {len(tr.alive_steps(r))} steps", r) for r in range(tr.rows)]
+        if list(self.row_picker.options) != opts:
+            self.row_picker.options = opts
+        self.row_picker.value = row
+        shown = [self.row_picker, self.slider, self.step_label] if tr.rows > 1 else [self.slider, self.step_label]
+        if list(self.controls.children) != shown:
+            self.controls.children = shown
+
     def _draw_header(self) -> None:
         tr = self.trace
-        st = tr.strategy or {}
-        words = [f"{w}={st[w]}" for w in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
-                 if w in st and st[w] not in (None, 1.0, 0, 0.0)]
-        how = st.get("chooser", tr.chooser)
-        procs = ", ".join(_short_processor(p) for p in tr.processor_names) or "none"
+        procs = ", ".join(short_processor(p) for p in tr.processor_names) or "none"
+        rows = f" × {tr.rows} rows" if tr.rows > 1 else ""
         branch = f" · branch {tr.branch}" + (f" (from {tr.parent} at step {tr.fork_step})" if tr.parent is not None else "")
         prompt = tr.prompt if len(tr.prompt) <= 2000 else "…" + tr.prompt[-2000:]
         self.header.value = (
-            f"<div style='font-size:13px;line-height:1.5'><b>{_esc(tr.model_name or 'trace')}</b>"
-            f" · {tr.num_steps} steps · {_esc(how)} {_esc(' '.join(words))} · processors: {_esc(procs)}"
-            f"{' · stop: ' + _esc(tr.stop_reason) if tr.stop_reason else ''}{_esc(branch)}"
+            f"<div style='font-size:13px;line-height:1.5'><b>{escape(tr.model_name or 'trace')}</b>"
+            f" · {tr.num_steps} steps{rows} · {escape(strategy_summary(tr))} · processors: {escape(procs)}"
+            f"{' · stop: ' + escape(tr.stop_reason) if tr.stop_reason else ''}{escape(branch)}"
             f"<details><summary style='cursor:pointer;color:#555'>prompt</summary>"
-            f"<pre style='white-space:pre-wrap;font-size:12px;margin:2px 0'>{_esc(prompt)}</pre></details></div>")
+            f"<pre style='white-space:pre-wrap;font-size:12px;margin:2px 0'>{escape(prompt)}</pre></details></div>")
+
+    def _row_steps(self) -> "pd.DataFrame":
+        """The steps frame of the shown row, in step order."""
+        st = self.trace.steps
+        return st[st["row"] == self._row]
 
     def _draw_text(self) -> None:
-        tr = self.trace
-        n = tr.num_steps
-        rows = tr.steps[tr.steps["row"] == 0] if n else None
+        n = self._steps_shown
+        rows = self._row_steps() if n else None
         while len(self._token_buttons) < n:  # reuse buttons: a session adds tokens one at a time
             b = _classed(W.Button(layout=W.Layout(width="auto", height="24px", margin="1px", padding="0 3px")),
                          "dl-token")
@@ -277,10 +297,10 @@ class TraceView(W.VBox):
             b = self._token_buttons[i]
             b._dl_step = i
             forced = bool(r["forced"])
-            b.description = _label(r["token"], 24)
-            b.tooltip = (f"step {i}: {r['token']!r} · p={_fmt_p(r['prob'])} (rank {int(r['rank'])})"
-                         f" · final p={_fmt_p(r['final_prob'])} · {'forced' if forced else r['choice']}")
-            b.style.button_color = prob_color(r["prob"])
+            b.description = token_label(r["token"], 24)
+            b.tooltip = (f"step {i}: {r['token']!r} · p={format_prob(r['prob'])} (rank {int(r['rank'])})"
+                         f" · final p={format_prob(r['final_prob'])} · {'forced' if forced else r['choice']}")
+            b.style.button_color = prob_colour(r["prob"])
             b.style.font_weight = "bold" if forced else "normal"
             b.style.text_decoration = "underline" if forced else "none"
         shown = self._token_buttons[:n] or [self._no_tokens]
@@ -326,7 +346,7 @@ class TraceView(W.VBox):
         label names a step, every panel shows that step."""
         from . import plots
 
-        tr, n = self.trace, self.trace.num_steps
+        tr, n, row = self.trace, self._steps_shown, self._row
         if n == 0:
             self._mark_selected(None)
             self.step_label.value = "step –: nothing decoded yet"
@@ -342,33 +362,37 @@ class TraceView(W.VBox):
             except Exception as err:  # one broken panel must not blank the others
                 problems.append(f"{name}: {type(err).__name__}: {err}")
 
+        # cache keys name the row too: step 3 of row 0 and step 3 of row 1 are different figures
         panel("candidates", lambda: setattr(self.distribution, "value", self._png(
-            ("dist", s), lambda: plots.distribution(tr, s, k=self.k), PANEL_WIDTH_PX)))
+            ("dist", row, s), lambda: plots.distribution(tr, s, k=self.k, row=row), PANEL_WIDTH_PX)))
         panel("processors", lambda: setattr(self.processors, "value", self._processor_table(s)))
         self.attention_panel.layout.display = None if tr.has_attention else "none"
         if tr.has_attention:
             layer, head = self._attention_args()
             panel("attention", lambda: setattr(self.attention, "value", self._png(
-                ("att", s, layer, head), lambda: plots.attention(tr, s, layer=layer, head=head, window=self.window),
+                ("att", row, s, layer, head),
+                lambda: plots.attention(tr, s, layer=layer, head=head, row=row, window=self.window),
                 WIDE_WIDTH_PX, MAX_HEIGHT_IN)))
         self.lens_panel.layout.display = None if tr.has_lens else "none"
         if tr.has_lens:
             panel("lens", lambda: setattr(self.lens, "value", self._png(
-                ("lens", s), lambda: plots.lens(tr, s, max_layers=self.lens_layers), PANEL_WIDTH_PX)))
+                ("lens", row, s), lambda: plots.lens(tr, s, row=row, max_layers=self.lens_layers), PANEL_WIDTH_PX)))
         self.problems.value = "<br>".join(_message(p, "error") for p in problems)
 
-        r = tr.steps[(tr.steps["step"] == s) & (tr.steps["row"] == 0)].iloc[0]
+        r = self._row_steps().iloc[s]
         how = "forced" if bool(r["forced"]) else str(r["choice"])
+        which = f"row {row} · " if tr.rows > 1 else ""
         self._mark_selected(s)
         self.step_label.value = (
-            f"<span style='font-size:14px'><b>step {s}</b> of 0–{n - 1}: <code>{_esc(_label(r['token'], 32))}</code>"
-            f" · {how} · p={_fmt_p(r['prob'])} (rank {int(r['rank'])}) · final p={_fmt_p(r['final_prob'])}"
+            f"<span style='font-size:14px'>{which}<b>step {s}</b> of 0–{n - 1}: "
+            f"<code>{escape(token_label(r['token'], 32))}</code>"
+            f" · {how} · p={format_prob(r['prob'])} (rank {int(r['rank'])}) · final p={format_prob(r['final_prob'])}"
             f" · entropy {float(r['entropy']):.2f}</span>")
         if self.on_step is not None:
             self.on_step(s)
 
     def _mark_selected(self, step: int | None) -> None:
-        for i, b in enumerate(self._token_buttons[: self.trace.num_steps]):
+        for i, b in enumerate(self._token_buttons[: self._steps_shown]):
             if i == step:
                 b.layout.border = "2px solid #222"
                 b.add_class("dl-selected")
@@ -379,15 +403,19 @@ class TraceView(W.VBox):
     def _processor_table(self, step: int) -> str:
         tr = self.trace
         p = tr.processors
-        p = p[(p["step"] == step) & (p["row"] == 0)].sort_values("order") if len(p) else p
+        p = p[(p["step"] == step) & (p["row"] == self._row)].sort_values("order") if len(p) else p
         if not len(p):
             return _message("no logits processors ran: the choice was made on the raw logits")
-        rows = [[_esc(_short_processor(x["processor"])), f"{100 * x['mass_removed']:.2f}%",
-                 f"{int(x['rank_before'])} → {int(x['rank_after'])}", _fmt_p(x["prob_after"])]
+        rows = [[escape(short_processor(x["processor"])), f"{100 * x['mass_removed']:.2f}%",
+                 f"{int(x['rank_before'])} → {int(x['rank_after'])}", format_prob(x["prob_after"])]
                 for _, x in p.iterrows()]
         return _table(["processor", "mass removed", "chosen rank", "chosen p after"], rows, "lrrr")
 
     # ---- events ----------------------------------------------------------------------------------------
+    def _on_row(self, change) -> None:
+        if not self._busy and change["new"] is not None and change["new"] != self._row:
+            self._show_row(int(change["new"]), self.step)
+
     def _on_slider(self, change) -> None:
         if not self._busy:
             self._redraw()
@@ -473,7 +501,7 @@ class SessionExplorer(W.VBox):
         """Force `token_id` as the next token of the shown branch."""
         rows = self.session.choose(token=int(token_id))
         r = rows.iloc[0]
-        self._refresh(message=f"forced {r['token']!r} at step {int(r['step'])} (the model gave it p={_fmt_p(r['prob'])})")
+        self._refresh(message=f"forced {r['token']!r} at step {int(r['step'])} (the model gave it p={format_prob(r['prob'])})")
 
     def rewind(self, to: int) -> None:
         """Rewind the shown branch to just before step `to`."""
@@ -543,12 +571,12 @@ class SessionExplorer(W.VBox):
         cands = s.candidates(k=self.k)
         buttons = []
         for _, c in cands.iterrows():
-            b = _classed(W.Button(description=f"{_label(c['token'], 16)}  {c['final_prob']:.2f}",
-                                  tooltip=(f"force {c['token']!r} (id {int(c['token_id'])}): raw p={_fmt_p(c['prob'])},"
-                                           f" final p={_fmt_p(c['final_prob'])}, rank {int(c['rank'])}"),
+            b = _classed(W.Button(description=f"{token_label(c['token'], 16)}  {c['final_prob']:.2f}",
+                                  tooltip=(f"force {c['token']!r} (id {int(c['token_id'])}): raw p={format_prob(c['prob'])},"
+                                           f" final p={format_prob(c['final_prob'])}, rank {int(c['rank'])}"),
                                   layout=W.Layout(width="auto", height="26px", margin="1px", padding="0 6px")),
                          "dl-candidate")
-            b.style.button_color = prob_color(c["final_prob"])
+            b.style.button_color = prob_colour(c["final_prob"])
             b._dl_token_id = int(c["token_id"])
             b.on_click(lambda btn: self._act(lambda: self.force(btn._dl_token_id)))
             buttons.append(b)
@@ -564,14 +592,15 @@ class SessionExplorer(W.VBox):
 
 
 # ---- entry points ----------------------------------------------------------------------------------------
-def show(trace: "Trace", *, step: int | None = None, k: int = 12, window: int = 40,
+def show(trace: "Trace", *, row: int = 0, step: int | None = None, k: int = 12, window: int = 40,
          lens_layers: int = 16) -> TraceView:
     """The trace explorer: click a token or slide through steps to see that step's candidates,
     processors, attention (layer/head pickers) and logit lens, where the trace recorded them.
 
-    `step`: the step shown first (default: the last); `k`: candidates plotted; `window`: context
-    positions in the attention plot; `lens_layers`: at most this many layers in the lens plot."""
-    return TraceView(trace, k=k, window=window, lens_layers=lens_layers, step=step)
+    `row`: the row shown first, of a trace of several rows (a row picker switches); `step`: the step
+    shown first (default: the row's last); `k`: candidates plotted; `window`: context positions in the
+    attention plot; `lens_layers`: at most this many layers in the lens plot."""
+    return TraceView(trace, row=row, k=k, window=window, lens_layers=lens_layers, step=step)
 
 
 def explore(session: "Session", *, k: int = 8, window: int = 40, lens_layers: int = 16) -> SessionExplorer:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import base64
 import html
 import re
+import subprocess
+import sys
 from html.parser import HTMLParser
 
 import matplotlib
@@ -14,31 +16,41 @@ import numpy as np
 import pytest
 
 import decoderlab as dl
-from decoderlab.html import coloured_text, prob_colour, trace_html
+from decoderlab.display import escape, prob_colour, strategy_summary
+from decoderlab.html import coloured_text, trace_html
 from decoderlab.trace import Trace
+from test_plots import PAD, row_length, row_token
 
 NASTY = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", ' "quoted"', " 'single'", " שלום", " مرحبا",
          "\n", " a&b", "</span></div>"]
 
 
-def text_trace(tokens, probs=None, forced=(), k=4, model_name="hand-made", prompt="Say something:") -> Trace:
-    """A trace with the given tokens (and raw probabilities); candidates are the token plus fillers."""
-    n = len(tokens)
+def text_trace(tokens, probs=None, forced=(), k=4, model_name="hand-made", prompt="Say something:", rows=1) -> Trace:
+    """A trace with the given tokens (and raw probabilities); candidates are the token plus fillers.
+
+    `rows` > 1 makes a batch, arrays [S, rows, ...]: row r >= 1 says `row_token(r, s)` at step s (at
+    probability 0.5) and finishes after `row_length(len(tokens), r)` steps, then emits PAD."""
+    n, b = len(tokens), rows
     probs = np.linspace(0.95, 0.05, n) if probs is None else np.asarray(probs, float)
+    probs = np.stack([probs] + [np.full(n, 0.5)] * (b - 1), axis=1)  # [S, B]
     ids: dict[str, int] = {}
 
     def tid(t: str) -> int:
         return ids.setdefault(t, len(ids))
 
     prompt_ids = np.array([tid(prompt)])
-    token_id = np.array([[tid(t)] for t in tokens])
-    cand_id = np.array([[[token_id[s, 0]] + [tid(f"alt{j}<b>") for j in range(k - 1)]] for s in range(n)])
-    cand_prob = np.concatenate([probs[:, None, None], np.full((n, 1, k - 1), 0.01)], -1).astype(np.float32)
+    alive = np.array([[s < row_length(n, r) for r in range(b)] for s in range(n)]).reshape(n, b)
+    token_id = np.array([[tid(tokens[s] if r == 0 else row_token(r, s) if alive[s, r] else PAD) for r in range(b)]
+                         for s in range(n)]).reshape(n, b)
+    cand_id = np.array([[[token_id[s, r]] + [tid(f"alt{j}<b>") for j in range(k - 1)] for r in range(b)]
+                        for s in range(n)]).reshape(n, b, k)
+    cand_prob = np.concatenate([probs[:, :, None], np.full((n, b, k - 1), 0.01)], -1).astype(np.float32)
     arrays = {
-        "token_id": token_id, "forced": np.array([[s in forced] for s in range(n)]),
-        "logprob": np.log(probs)[:, None].astype(np.float32), "rank": np.zeros((n, 1), np.int64),
-        "entropy": np.ones((n, 1), np.float32), "final_logprob": np.log(probs)[:, None].astype(np.float32),
-        "final_rank": np.zeros((n, 1), np.int64), "final_entropy": np.ones((n, 1), np.float32),
+        "token_id": token_id, "forced": np.array([[s in forced] * b for s in range(n)]).reshape(n, b),
+        "finished": ~alive,
+        "logprob": np.log(probs).astype(np.float32), "rank": np.zeros((n, b), np.int64),
+        "entropy": np.ones((n, b), np.float32), "final_logprob": np.log(probs).astype(np.float32),
+        "final_rank": np.zeros((n, b), np.int64), "final_entropy": np.ones((n, b), np.float32),
         "cand_id": cand_id, "cand_logit": np.log(cand_prob), "cand_prob": cand_prob, "cand_final_prob": cand_prob,
     }
     return Trace(prompt=prompt, prompt_ids=prompt_ids, arrays=arrays, token_text={v: t for t, v in ids.items()},
@@ -178,3 +190,49 @@ def test_tiny_model_page(tiny_lms, tmp_path):
     assert printable
     for token in printable:
         assert html.escape(token, quote=True) in page
+
+
+def test_importing_html_loads_no_matplotlib():
+    # the page's text needs no figure: plots (and matplotlib) is imported only where the PNG is drawn
+    code = "import decoderlab.html, sys; assert 'matplotlib' not in sys.modules, 'matplotlib was imported'"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def tok_steps(fragment: str) -> list[int]:
+    return [int(a["data-step"]) for t, a in parse(fragment).tags if t == "span" and "dlh-tok" in a.get("class", "")]
+
+
+def test_coloured_text_of_one_row_of_a_batch():
+    tokens = [" alpha", " bravo", " charlie", " delta", " echo"]
+    tr = text_trace(tokens, rows=2)
+    n1 = row_length(len(tokens), 1)
+    assert tr.rows == 2 and 1 <= n1 < len(tokens)  # row 1 finished early: padding after its last step
+    row1 = coloured_text(tr, 1, style=False, legend=False)
+    assert tok_steps(row1) == list(range(n1))  # padding steps are not text
+    text = "".join(parse(row1).text)
+    for s in range(n1):
+        assert row_token(1, s) in text
+    assert not [t for t in tokens if t in row1]  # none of row 0's tokens, not even in the hover boxes
+    assert PAD not in text and escape(PAD) not in row1
+    assert row1.count(f"background:{prob_colour(0.5)}") == n1  # row 1's own probabilities
+    row0 = coloured_text(tr, 0, style=False, legend=False)
+    assert tok_steps(row0) == list(range(len(tokens))) and row_token(1, 0) not in row0
+    with pytest.raises(IndexError):
+        coloured_text(tr, 2)
+
+
+def test_page_shows_every_row_with_its_figure():
+    tr = text_trace([" a", " b", " c", " d"], rows=2)
+    page = trace_html(tr)
+    assert "<h2>Generated text · row 0</h2>" in page and "<h2>Generated text · row 1</h2>" in page
+    assert "4 × 2 rows" in page
+    assert page.count("<img") == 2 and "Row 1. Probability" in page
+    assert row_token(1, 0) in page and row_token(1, 1) in page and escape(PAD) not in page.split("<figure>")[0]
+
+
+def test_page_names_the_strategy_in_the_shared_wording():
+    tr = text_trace([" a", " b"])
+    page = trace_html(tr, figure=False)
+    assert escape(strategy_summary(tr)) in page
+    assert "chooser: sample · do_sample=True · temperature=0.7" in page

@@ -17,16 +17,20 @@ from matplotlib.figure import Figure
 
 import decoderlab as dl
 from decoderlab import plots
-from decoderlab.plots import MAX_LABELS, token_label
+from decoderlab.display import token_label
+from decoderlab.plots import MAX_LABELS
 from decoderlab.trace import Trace
 
 PROCESSORS = ["TemperatureLogitsWarper", "TopKLogitsWarper"]
 
 
 def hand_trace(tokens, k=5, prompt=("<s>", "Hello", ",", " world"), layers=3, heads=2, lens_k=3,
-               chosen_rank=None, forced=(), seed=0) -> Trace:
+               chosen_rank=None, forced=(), seed=0, rows=1) -> Trace:
     """A trace made by hand: `tokens` generated; the chosen token at raw rank `chosen_rank[s]` (0 default,
-    >= k puts it outside the candidates), attention and logit lens over `layers` x `heads`."""
+    >= k puts it outside the candidates), attention and logit lens over `layers` x `heads`.
+
+    `rows` > 1 makes a batch, arrays [S, rows, ...]: row r >= 1 says `row_token(r, s)` at step s and
+    finishes after `row_length(len(tokens), r)` steps, then emits PAD (as a finished row does)."""
     rng = np.random.default_rng(seed)
     ids: dict[str, int] = {}
 
@@ -34,53 +38,71 @@ def hand_trace(tokens, k=5, prompt=("<s>", "Hello", ",", " world"), layers=3, he
         return ids.setdefault(text, len(ids))
 
     prompt_ids = np.array([tid(t) for t in prompt])
-    n, p = len(tokens), len(prompt)
+    n, p, b = len(tokens), len(prompt), rows
     chosen_rank = chosen_rank or [0] * n
-    token_id = np.array([[tid(t)] for t in tokens])
-    cand_id = np.zeros((n, 1, k), np.int64)
-    cand_prob = np.zeros((n, 1, k), np.float32)
+    alive = np.array([[s < row_length(n, r) for r in range(b)] for s in range(n)]).reshape(n, b)
+    token_id = np.array([[tid(tokens[s] if r == 0 else row_token(r, s) if alive[s, r] else PAD) for r in range(b)]
+                         for s in range(n)]).reshape(n, b)
+    cand_id = np.zeros((n, b, k), np.int64)
+    cand_prob = np.zeros((n, b, k), np.float32)
     for s in range(n):
-        probs = np.sort(rng.dirichlet(np.full(k + 1, 0.5)))[::-1][:k]
-        cand_prob[s, 0] = probs
-        fillers = [tid(f"alt{s}_{j}") for j in range(k)]
-        if chosen_rank[s] < k:
-            fillers[chosen_rank[s]] = int(token_id[s, 0])
-        cand_id[s, 0] = fillers
+        for r in range(b):
+            probs = np.sort(rng.dirichlet(np.full(k + 1, 0.5)))[::-1][:k]
+            cand_prob[s, r] = probs
+            fillers = [tid(f"alt{s}_{j}" if r == 0 else f"alt{s}_{j}r{r}") for j in range(k)]
+            if chosen_rank[s] < k:
+                fillers[chosen_rank[s]] = int(token_id[s, r])
+            cand_id[s, r] = fillers
     final = cand_prob.copy()
     final[..., 3:] = 0
     final /= final.sum(-1, keepdims=True)
-    rank = np.array(chosen_rank)[:, None]
-    chosen_p = np.array([[cand_prob[s, 0, r] if r < k else 1e-4] for s, r in enumerate(chosen_rank)])
-    chosen_fp = np.array([[final[s, 0, r] if r < k else 0.0] for s, r in enumerate(chosen_rank)])
+    rank = np.tile(np.array(chosen_rank)[:, None], (1, b))
+    chosen_p = np.array([[cand_prob[s, r, c] if c < k else 1e-4 for r in range(b)] for s, c in enumerate(chosen_rank)])
+    chosen_fp = np.array([[final[s, r, c] if c < k else 0.0 for r in range(b)] for s, c in enumerate(chosen_rank)])
     ctx = p + n - 1
-    att = np.zeros((n, 1, layers, heads, ctx), np.float16)
+    att = np.zeros((n, b, layers, heads, ctx), np.float16)
     for s in range(n):
-        w = rng.random((layers, heads, p + s))
-        att[s, 0, :, :, : p + s] = w / w.sum(-1, keepdims=True)
-    lens_id = np.array([[[[tid(f"lens{l}_{j}") for j in range(lens_k)] for l in range(layers)]] for _ in range(n)])
-    lens_id[:, 0, -1, 0] = token_id[:, 0]  # the last layer agrees with the final choice
-    lens_prob = np.sort(rng.random((n, 1, layers, lens_k)), -1)[..., ::-1] / lens_k
+        for r in range(b):
+            w = rng.random((layers, heads, p + s))
+            att[s, r, :, :, : p + s] = w / w.sum(-1, keepdims=True)
+    lens_id = np.array([[[[tid(f"lens{l}_{j}") for j in range(lens_k)] for l in range(layers)]] * b for _ in range(n)])
+    lens_id[:, :, -1, 0] = token_id  # the last layer agrees with the final choice
+    lens_prob = np.sort(rng.random((n, b, layers, lens_k)), -1)[..., ::-1] / lens_k
     arrays = {
-        "token_id": token_id, "forced": np.array([[s in forced] for s in range(n)]),
-        "finished": np.zeros((n, 1), bool),
+        "token_id": token_id, "forced": np.array([[s in forced] * b for s in range(n)]),
+        "finished": ~alive,
         "logprob": np.log(chosen_p).astype(np.float32), "rank": rank,
-        "entropy": rng.random((n, 1)).astype(np.float32) * 3,
+        "entropy": rng.random((n, b)).astype(np.float32) * 3,
         "final_logprob": np.log(np.maximum(chosen_fp, 1e-12)).astype(np.float32),
-        "final_rank": rank, "final_entropy": rng.random((n, 1)).astype(np.float32),
+        "final_rank": rank, "final_entropy": rng.random((n, b)).astype(np.float32),
         "cand_id": cand_id, "cand_logit": np.log(cand_prob + 1e-9), "cand_prob": cand_prob,
         "cand_final_prob": final,
-        "proc_mass_removed": np.tile(np.array([0.0, 0.12], np.float32), (n, 1, 1)),
-        "proc_rank_before": np.zeros((n, 1, 2), np.int64), "proc_rank_after": np.zeros((n, 1, 2), np.int64),
+        "proc_mass_removed": np.tile(np.array([0.0, 0.12], np.float32), (n, b, 1)),
+        "proc_rank_before": np.zeros((n, b, 2), np.int64), "proc_rank_after": np.zeros((n, b, 2), np.int64),
         "proc_prob_after": np.tile(chosen_fp[:, :, None], (1, 1, 2)).astype(np.float32),
         "attention": att, "lens_id": lens_id, "lens_prob": lens_prob.astype(np.float32),
-        "lens_entropy": rng.random((n, 1, layers)).astype(np.float32),
-        "lens_chosen_rank": np.tile(np.arange(layers)[::-1], (n, 1, 1)),
-        "lens_chosen_prob": rng.random((n, 1, layers)).astype(np.float32),
+        "lens_entropy": rng.random((n, b, layers)).astype(np.float32),
+        "lens_chosen_rank": np.tile(np.arange(layers)[::-1], (n, b, 1)),
+        "lens_chosen_prob": rng.random((n, b, layers)).astype(np.float32),
     }
     return Trace(prompt="".join(prompt), prompt_ids=prompt_ids, arrays=arrays,
                  token_text={v: k_ for k_, v in ids.items()}, model_name="hand-made",
                  processor_names=list(PROCESSORS), stop_reason="length", chooser="sample",
                  attention_layers=list(range(layers)), attention_heads=list(range(heads)), lens_top_k=lens_k)
+
+
+PAD = "<pad>"  # what a finished row emits
+
+
+def row_token(row: int, step: int) -> str:
+    """The token row `row` >= 1 of a hand-made batch says at `step`: never one of row 0's."""
+    return f" r{row}s{step}"
+
+
+def row_length(n: int, row: int) -> int:
+    """How many steps row `row` of an n-step hand-made batch runs before it finishes: row 0 all,
+    each later row two fewer (at least one)."""
+    return n if row == 0 else max(1, n - 2 * row)
 
 
 @pytest.fixture
@@ -180,6 +202,40 @@ def test_probability_timeline_shows_tokens_and_marks_forced(small):
     forced = [l for l in prob_ax.get_lines() if l.get_label() == "forced"]
     assert len(forced) == 1 and list(forced[0].get_xdata()) == [2]
     assert len(ent_ax.get_lines()) == 2  # raw and final entropy
+
+
+def test_probability_timeline_of_one_row_of_a_batch():
+    tokens = [" The", " cat", " sat", " on", " the", " mat"]
+    tr = hand_trace(tokens, rows=2)
+    n1 = row_length(len(tokens), 1)
+    assert list(tr.alive_steps(1)) == list(range(n1)) and n1 < len(tokens)  # row 1 finished early
+    fig = plots.probability_timeline(tr, row=1)
+    prob_ax, ent_ax = fig.axes[:2]
+    assert tick_texts(ent_ax.xaxis) == [token_label(row_token(1, s)) for s in range(n1)]  # no padding steps
+    row1 = tr.steps[tr.steps["row"] == 1].iloc[:n1]
+    assert np.allclose([b.get_x() + b.get_width() / 2 for b in prob_ax.patches], range(n1))  # one bar a step
+    assert np.allclose([b.get_height() for b in prob_ax.patches], row1["prob"], atol=1e-6)
+    assert not np.allclose(row1["prob"], tr.steps[tr.steps["row"] == 0]["prob"].iloc[:n1])  # row 1's own numbers
+    assert "row 1" in fig._suptitle.get_text() and f"{n1} steps" in fig._suptitle.get_text()
+    row0 = tick_texts(plots.probability_timeline(tr, row=0).axes[1].xaxis)
+    assert row0 == [token_label(t) for t in tokens]
+    with pytest.raises(IndexError):
+        plots.probability_timeline(tr, row=2)
+
+
+def test_step_windows_of_one_row_skip_its_padding():
+    tokens = [f" w{i}" for i in range(6)]
+    tr = hand_trace(tokens, rows=2)
+    n1 = row_length(len(tokens), 1)
+    fig = plots.candidates_heatmap(tr, k=3, row=1)
+    assert fig.axes[0].images[0].get_array().shape == (n1, 3)
+    assert tick_texts(fig.axes[0].yaxis) == [f"{s}: {token_label(row_token(1, s))}" for s in range(n1)]
+    fig = plots.attention_map(tr, layer=0, row=1)
+    m = fig.axes[0].images[0].get_array()
+    assert m.shape == (n1, 4 + n1 - 1)
+    for s in range(n1):
+        assert np.allclose(m[s, : 4 + s], tr.attention_weights(s, 1)[0].mean(0))  # row 1's weights
+    assert [t.split(": ")[1] for t in tick_texts(fig.axes[0].yaxis)] == [token_label(row_token(1, s)) for s in range(n1)]
 
 
 def test_long_trace_is_windowed(long_trace):

@@ -12,7 +12,9 @@ import pytest
 
 import decoderlab as dl
 from decoderlab import widgets
+from decoderlab.display import escape, prob_colour, strategy_summary, token_label
 from decoderlab.widgets import SessionExplorer, TraceView
+from test_plots import PAD, hand_trace, row_length, row_token
 
 PNG = b"\x89PNG\r\n\x1a\n"
 FULL = dl.Record(attention=True, lens=True)
@@ -66,7 +68,7 @@ def test_sliding_redraws_in_place(trace):
     view.slider.value = 3
     assert label_step(view) == 3
     token = trace.steps.token[3]
-    assert widgets._label(token, 32) in view.step_label.value.replace("&#x27;", "'").replace("&quot;", '"') \
+    assert token_label(token, 32) in view.step_label.value.replace("&#x27;", "'").replace("&quot;", '"') \
         or token.strip() == ""
     after = [bytes(img.value) for img in images]
     assert all(a != b for a, b in zip(after, before))  # every panel is the new step's
@@ -89,9 +91,9 @@ def test_token_buttons_are_coloured_by_probability(trace):
     view = dl.show(trace)
     tokens = [b for b in view.text.children if "dl-token" in classes(b)]
     for b, p in zip(tokens, trace.steps.prob):
-        assert b.style.button_color == widgets.prob_color(p)
-    assert widgets.prob_color(0.0) == "#ef8a62" and widgets.prob_color(1.0) == "#67a9cf"
-    assert widgets.prob_color(0.5) == "#f7f7f7" and widgets.prob_color(7) == "#67a9cf"
+        assert b.style.button_color == prob_colour(p)
+    assert prob_colour(0.0) == "#ef8a62" and prob_colour(1.0) == "#67a9cf"
+    assert prob_colour(0.5) == "#f7f7f7" and prob_colour(7) == "#67a9cf"
 
 
 def test_layer_and_head_pickers_change_the_attention_plot(trace):
@@ -239,5 +241,81 @@ def test_explore_forwarded_from_the_package(lm):
     assert set(widgets.__all__) >= {"show", "explore", "TraceView", "SessionExplorer"}
     cands = ex.session.candidates(k=3)
     for b, (_, c) in zip(ex.candidates.children, cands.iterrows()):
-        assert b.description.startswith(widgets._label(c.token, 16))
+        assert b.description.startswith(token_label(c.token, 16))
         assert np.isclose(float(b.description.split()[-1]), c.final_prob, atol=0.006)
+
+
+# ---- rows of a batch (hand-made traces, no model) -------------------------------------------------------------
+def find(widget: W.Widget, css: str) -> list[W.Widget]:
+    """Every widget under `widget` (itself included) that carries the CSS class `css`."""
+    found = [widget] if css in classes(widget) else []
+    for child in getattr(widget, "children", ()):
+        found += find(child, css)
+    return found
+
+
+def token_texts(view: TraceView) -> list[str]:
+    return [b.description for b in view.text.children if "dl-token" in classes(b)]
+
+
+def test_row_picker_only_for_a_trace_of_several_rows():
+    one = dl.show(hand_trace([" a", " b", " c"]))
+    assert find(one, "dl-row") == [] and one.row == 0
+    tr = hand_trace([" a", " b", " c", " d", " e"], rows=2)
+    view = dl.show(tr)
+    pickers = find(view, "dl-row")
+    assert pickers == [view.row_picker] and isinstance(view.row_picker, W.Dropdown)
+    assert "dl-row" in widgets.CSS_CLASSES
+    assert [v for _, v in view.row_picker.options] == [0, 1]
+    assert [label for label, _ in view.row_picker.options] == ["row 0 · 5 steps", f"row 1 · {row_length(5, 1)} steps"]
+    view.set_trace(hand_trace([" a"]))  # a one-row trace in place: the picker leaves the controls
+    assert find(view, "dl-row") == [] and view.row == 0
+
+
+def test_picking_a_row_shows_that_rows_text_step_and_figures(monkeypatch):
+    from decoderlab import plots
+
+    tokens = [" The", " cat", " sat", " on", " the", " mat"]
+    tr = hand_trace(tokens, rows=2)
+    n1 = row_length(len(tokens), 1)
+    view = dl.show(tr, step=n1 - 1)
+    assert token_texts(view) == [token_label(t, 24) for t in tokens]
+    row0_dist = bytes(view.distribution.value)
+
+    rows_drawn = []
+    for name in ("distribution", "attention", "lens"):
+        def spy(*a, _draw=getattr(plots, name), **kw):
+            rows_drawn.append(kw.get("row"))
+            return _draw(*a, **kw)
+        monkeypatch.setattr(plots, name, spy)
+    view.row_picker.value = 1
+    assert view.row == 1 and view.step == n1 - 1 == label_step(view)
+    assert token_texts(view) == [token_label(row_token(1, s), 24) for s in range(n1)]  # no padding steps
+    assert token_label(PAD, 24) not in token_texts(view)
+    assert "row 1 · " in view.step_label.value
+    assert escape(token_label(row_token(1, n1 - 1), 32)) in view.step_label.value
+    assert rows_drawn == [1, 1, 1]  # every figure is row 1's ...
+    assert bytes(view.distribution.value) != row0_dist  # ... and not row 0's cached one
+    assert view.slider.max == n1 - 1
+    with pytest.raises(IndexError):
+        view.select(n1)  # a padding step of row 1
+
+    tokens_1 = [b for b in view.text.children if "dl-token" in classes(b)]
+    tokens_1[0].click()
+    assert view.step == 0 and view.row == 1 and "row 1 · <b>step 0</b>" in view.step_label.value
+    view.select_row(0)
+    assert view.row == 0 and view.step == 0 and token_texts(view)[:2] == ["␣The", "␣cat"]
+    assert bytes(view.distribution.value) != bytes(dl.show(tr, row=1, step=0).distribution.value)
+
+
+def test_show_opens_on_the_row_asked_for():
+    tr = hand_trace([" a", " b", " c", " d"], rows=2)
+    view = dl.show(tr, row=1)
+    n1 = row_length(4, 1)
+    assert view.row == 1 and view.row_picker.value == 1 and label_step(view) == n1 - 1
+    assert token_texts(view) == [token_label(row_token(1, s), 24) for s in range(n1)]
+    assert "TopK" in view.processors.value and view.problems.value == ""
+    assert "4 steps × 2 rows" in view.header.value
+    assert escape(strategy_summary(tr)) in view.header.value  # the page's wording of the strategy
+    with pytest.raises(IndexError):
+        dl.show(tr, row=2)

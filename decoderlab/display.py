@@ -1,0 +1,129 @@
+"""What the plots, the HTML page and the widgets share: one spelling for one thing.
+
+Why a module of its own: a reader moves between a figure, the offline page and the widgets, and must
+see a token, a probability, a colour and a strategy written the same way in all three. When each view
+kept its own copy of these helpers the copies drifted (a formatter that printed "–" for a missing
+value in one view and raised in another; two wordings of the same strategy). Here each exists once.
+
+Why only the standard library: importing this module loads neither matplotlib, torch, ipywidgets nor
+any other decoderlab module, so a view that needs no figure (the HTML page) can use it without
+paying for matplotlib, and any view can import it without an import cycle.
+"""
+from __future__ import annotations
+
+import html
+import math
+import unicodedata
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .trace import Trace
+
+__all__ = ["PROB_SCALE", "prob_colour", "token_label", "is_invisible", "char_escape", "format_prob", "escape",
+           "short_processor", "strategy_summary", "STRATEGY_WORDS"]
+
+# ---- the probability colour scale -----------------------------------------------------------------
+PROB_SCALE = ("#ef8a62", "#f7f7f7", "#67a9cf")  # p = 0, 0.5, 1: red to blue, colour-blind safe
+
+
+def prob_colour(p: float | None) -> str:
+    """The colour of probability p on `PROB_SCALE` as '#rrggbb': red (unlikely) through white (0.5)
+    to blue (likely). Out-of-range p is clamped; None and NaN count as 0 (a missing value looks unlikely)."""
+    p = 0.0 if p is None or not math.isfinite(p) else min(1.0, max(0.0, float(p)))
+    lo, mid, hi = (tuple(int(c[i : i + 2], 16) for i in (1, 3, 5)) for c in PROB_SCALE)
+    a, b, t = (lo, mid, p * 2) if p < 0.5 else (mid, hi, p * 2 - 1)
+    r, g, bl = (round(x + (y - x) * t) for x, y in zip(a, b))
+    return f"#{r:02x}{g:02x}{bl:02x}"
+
+
+# ---- token text -------------------------------------------------------------------------------------
+_VISIBLE = {"\n": "↵", "\t": "⇥"}
+_INVISIBLE_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co"}  # control, format, separators, surrogates, private
+_KEEP_FORMAT = {"\u200d"}  # zero-width joiner: part of emoji sequences, shown as itself
+
+
+def is_invisible(ch: str) -> bool:
+    """Whether character `ch` draws as nothing (or as a box) and must be written as its escape to be seen."""
+    return ch not in _KEEP_FORMAT and unicodedata.category(ch) in _INVISIBLE_CATEGORIES
+
+
+def char_escape(ch: str) -> str:
+    """`ch` written as Python writes it in a string literal: '\\x1b', '\\u200b', '\\U000e0001'."""
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def token_label(text: str, max_len: int = 16) -> str:
+    """A token as a short, visible label: '␣' for leading/trailing spaces, '↵' newline, '⇥' tab,
+    `\\xNN`/`\\uNNNN` for other control and invisible characters (and spaces other than ' '), '∅' for
+    the empty token; cut to `max_len` with '…', never inside an escape."""
+    if text == "":
+        return "∅"
+    pieces: list[str] = []
+    n = len(text)
+    lead = n - len(text.lstrip(" "))
+    trail = n - len(text.rstrip(" ")) if lead < n else 0
+    for i, ch in enumerate(text):
+        if ch == " " and (i < lead or i >= n - trail):
+            pieces.append("␣")
+        elif ch in _VISIBLE:
+            pieces.append(_VISIBLE[ch])
+        elif is_invisible(ch) or (ch != " " and unicodedata.category(ch) == "Zs"):
+            pieces.append(char_escape(ch))  # a label must tell a no-break space from a space
+        else:
+            pieces.append(ch)
+    if sum(len(p) for p in pieces) <= max_len:
+        return "".join(pieces)
+    out, used = [], 0
+    for piece in pieces:  # cut between pieces, so an escape is never split
+        if used + len(piece) > max_len - 1:
+            break
+        out.append(piece)
+        used += len(piece)
+    out.append("…")
+    return "".join(out)
+
+
+# ---- numbers and markup -----------------------------------------------------------------------------------
+def format_prob(p: float | None) -> str:
+    """A probability in a few characters: '0.731', '0.000', '3.2e-05' below 0.001; '–' when missing (None, NaN)."""
+    if p is None or not math.isfinite(p):
+        return "–"
+    return f"{p:.3f}" if p >= 0.001 or p == 0 else f"{p:.1e}"
+
+
+def escape(value: Any) -> str:
+    """`value` as text safe inside HTML, attribute values included: every string from the model, the
+    tokenizer or the user goes through this before it reaches markup."""
+    return html.escape(str(value), quote=True)
+
+
+def short_processor(name: str) -> str:
+    """A logits processor's class name without its 'LogitsWarper'/'LogitsProcessor'/... suffix: 'TopK'."""
+    for suffix in ("LogitsWarper", "LogitsProcessor", "Processor", "Warper"):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+# ---- the strategy in one line ------------------------------------------------------------------------------
+# Strategy words worth showing, with the value at which they do nothing (None: show whenever set).
+STRATEGY_WORDS: dict[str, Any] = {
+    "do_sample": None, "num_beams": 1, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": None, "typical_p": 1.0,
+    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "max_new_tokens": None, "seed": None,
+}
+
+
+def strategy_summary(trace: "Trace") -> str:
+    """How a trace chose its tokens, in one line: 'chooser: sample · do_sample=True · temperature=0.7 · ...'.
+
+    The chooser is the trace's own (a scored text says 'given' whatever its strategy); settings at the
+    value where they do nothing (top_p=1.0, ...) are left out, so what is listed is what acted."""
+    words = [f"chooser: {trace.chooser}"]
+    for word, neutral in STRATEGY_WORDS.items():
+        value = trace.strategy.get(word)
+        if value is None or (neutral is not None and value == neutral):
+            continue
+        words.append(f"{word}={value}")
+    return " · ".join(words)
