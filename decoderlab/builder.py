@@ -126,8 +126,9 @@ def from_recording(recording: "Recording", state: "State", strategy: "Strategy",
 def from_tokens(
     tokens: Sequence[str] | Sequence[Sequence[str]],
     logprobs: Sequence[float] | Sequence[Sequence[float]] | None = None,
-    top_logprobs: Sequence[Sequence[tuple[str, float]]] | Sequence[Sequence[Sequence[tuple[str, float]]]] | None = None,
+    top_logprobs: Sequence | None = None,
     *,
+    final_logprobs: Sequence[float] | Sequence[Sequence[float]] | None = None,
     prompt: str = "",
     prompt_tokens: Sequence[str] = (),
     model_name: str = "",
@@ -136,6 +137,7 @@ def from_tokens(
     stop_reason: str | None = None,
     eos_tokens: Sequence[str] = (),
     forced: Sequence[int] = (),
+    vocab: dict[str, int] | None = None,
     arrays: Mapping[str, Any] | None = None,
     processor_names: Sequence[str] = (),
     attention_layers: Sequence[int] | None = None,
@@ -144,27 +146,36 @@ def from_tokens(
 ) -> Trace:
     """A trace from token strings and (optionally) their logprobs and top alternatives: no model, no tokenizer.
 
-    `tokens` is one row's token texts, or a list of rows (rows of unequal length end at their last
-    token). `logprobs[s]` is the chosen token's log probability; `top_logprobs[s]` a list of
-    (text, logprob) alternatives, most likely first. Texts are interned to ids (equal text, one id).
-    What was not given is NA in the frames. `arrays` adds other schema arrays (attention, ...) as is.
+    `tokens` is one row's token texts, or a list of rows (a shorter row ended at its last token).
+    Per row and step: `logprobs[s]` is the chosen token's raw log probability, `final_logprobs[s]` its
+    log probability after the sampler's processing, and `top_logprobs[s]` a list of alternatives,
+    most likely first, each `(text, logprob)` or `(text, logprob, final_logprob)`. Texts are interned to
+    ids (equal text, one id; `vocab` maps text to id, is used first and is extended). What was not given
+    is NA in the frames. `arrays` adds (or overrides) schema arrays such as `entropy` or `attention`,
+    each [steps, rows, ...].
     """
-    rows_tokens = [list(tokens)] if not tokens or isinstance(tokens[0], str) else [list(r) for r in tokens]
-    multi = len(rows_tokens) > 1 or (bool(tokens) and not isinstance(tokens[0], str))
-
-    def per_row(value):
-        if value is None:
-            return [None] * len(rows_tokens)
-        return [list(v) for v in value] if multi else [list(value)]
-
-    lp_rows, top_rows = per_row(logprobs), per_row(top_logprobs)
-    ids: dict[str, int] = {}
+    multi = bool(tokens) and not isinstance(tokens[0], str)
+    rows_tokens = [list(r) for r in tokens] if multi else [list(tokens)]
+    ids: dict[str, int] = vocab if vocab is not None else {}
 
     def intern(text: str) -> int:
         if not isinstance(text, str):
-            raise TypeError(f"from_tokens: tokens must be strings, got {type(text).__name__}")
-        return ids.setdefault(text, len(ids))
+            raise TypeError(f"from_tokens: token texts must be strings, got {type(text).__name__}")
+        if text not in ids:
+            ids[text] = max(ids.values(), default=-1) + 1
+        return ids[text]
 
+    def per_row(value, what: str) -> list:
+        if value is None:
+            return [None] * len(rows_tokens)
+        value = [list(v) for v in value] if multi else [list(value)]
+        for r, (v, row) in enumerate(zip(value, rows_tokens)):
+            if len(v) != len(row):
+                raise ValueError(f"from_tokens: row {r} has {len(row)} tokens but {len(v)} {what}")
+        return value
+
+    lp_rows, final_rows = per_row(logprobs, "logprobs"), per_row(final_logprobs, "final_logprobs")
+    top_rows = per_row(top_logprobs, "top_logprobs")
     prompt_ids = [intern(t) for t in prompt_tokens]
     steps, rows = max((len(r) for r in rows_tokens), default=0), len(rows_tokens)
     out: dict[str, np.ndarray] = {
@@ -172,42 +183,38 @@ def from_tokens(
         "forced": np.zeros((steps, rows), bool),
         "finished": np.zeros((steps, rows), bool),
     }
-    if any(lp is not None for lp in lp_rows):
-        out["logprob"] = np.full((steps, rows), np.nan, np.float32)
+    for name, given in (("logprob", lp_rows), ("final_logprob", final_rows)):
+        if any(v is not None for v in given):
+            out[name] = np.full((steps, rows), np.nan, np.float32)
+            for r, v in enumerate(given):
+                if v is not None:
+                    out[name][: len(v), r] = v
     k = max((len(alts) for top in top_rows if top is not None for alts in top), default=0)
+    has_final = any(len(alt) > 2 for top in top_rows if top is not None for alts in top for alt in alts)
     if k:
         out["cand_id"] = np.full((steps, rows, k), -1, np.int64)
         out["cand_prob"] = np.full((steps, rows, k), np.nan, np.float32)
+        if has_final:
+            out["cand_final_prob"] = np.full((steps, rows, k), np.nan, np.float32)
     for r, row in enumerate(rows_tokens):
         out["finished"][len(row):, r] = True
         for s, text in enumerate(row):
             out["token_id"][s, r] = intern(text)
-        if lp_rows[r] is not None:
-            if len(lp_rows[r]) != len(row):
-                raise ValueError(f"from_tokens: row {r} has {len(row)} tokens but {len(lp_rows[r])} logprobs")
-            out["logprob"][: len(row), r] = lp_rows[r]
-        if top_rows[r] is not None:
-            if len(top_rows[r]) != len(row):
-                raise ValueError(f"from_tokens: row {r} has {len(row)} tokens but {len(top_rows[r])} top_logprobs")
-            for s, alts in enumerate(top_rows[r]):
-                for j, (text, lp) in enumerate(alts):
-                    out["cand_id"][s, r, j] = intern(text)
-                    out["cand_prob"][s, r, j] = np.exp(lp)
+        for s, alts in enumerate(top_rows[r] or []):
+            for j, alt in enumerate(alts):
+                out["cand_id"][s, r, j] = intern(alt[0])
+                out["cand_prob"][s, r, j] = np.exp(alt[1])
+                if len(alt) > 2:
+                    out["cand_final_prob"][s, r, j] = np.exp(alt[2])
     for s in forced:
         out["forced"][s, :] = True
-    if "logprob" in out and "cand_id" in out:  # the chosen token's rank, where it is among the alternatives
-        rank = np.full((steps, rows), -1, np.int64)
-        for s in range(steps):
-            for r in range(rows):
-                hit = np.flatnonzero(out["cand_id"][s, r] == out["token_id"][s, r])
-                if len(hit):
-                    rank[s, r] = hit[0]
-        out["rank"] = rank
+    if "cand_id" in out:  # the chosen token's rank among the alternatives (NA where it is not among them)
+        hit = out["cand_id"] == out["token_id"][:, :, None]
+        out["rank"] = np.where(hit.any(-1), hit.argmax(-1), -1).astype(np.int64)
     out.update(arrays or {})
     info = RunInfo(prompt=prompt, prompt_ids=prompt_ids, strategy=dict(strategy or {}),
                    processor_names=list(processor_names), chooser=chooser,
                    eos_token_ids=[ids[t] for t in eos_tokens if t in ids], stop_reason=stop_reason,
                    attention_layers=attention_layers, attention_heads=attention_heads, lens_top_k=lens_top_k,
                    token_text={i: t for t, i in ids.items()})
-    model = ModelInfo(name=model_name)
-    return build_trace(out, model, info)
+    return build_trace(out, ModelInfo(name=model_name), info)

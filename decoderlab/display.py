@@ -14,13 +14,57 @@ from __future__ import annotations
 import html
 import math
 import unicodedata
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 if TYPE_CHECKING:
-    from .trace import Trace
+    import numpy as np
+    import pandas as pd
 
-__all__ = ["PROB_SCALE", "prob_colour", "token_label", "is_invisible", "char_escape", "format_prob", "escape",
-           "short_processor", "strategy_summary", "STRATEGY_WORDS"]
+__all__ = ["TraceLike", "PROB_SCALE", "prob_colour", "token_label", "is_invisible", "char_escape", "format_prob",
+           "format_rank", "format_number", "escape", "short_processor", "strategy_summary", "STRATEGY_WORDS"]
+
+
+class TraceLike(Protocol):
+    """What the views (plots, the HTML page, the widgets) read of a trace: its public facts, frames and
+    accessors, nothing else. `decoderlab.trace.Trace` is one. The views name this instead of importing
+    the trace module, so drawing code depends on no trace internals, and trace.py can hand itself to
+    the HTML page (`to_html`, `_repr_html_`) without an import circle."""
+
+    prompt: str
+    prompt_ids: Any
+    model_name: str
+    strategy: dict
+    chooser: str
+    processor_names: list
+    stop_reason: str | None
+    token_text: dict
+    attention_layers: list
+    attention_heads: list
+    branch: int
+    parent: int | None
+    fork_step: int | None
+
+    @property
+    def num_steps(self) -> int: ...
+    @property
+    def rows(self) -> int: ...
+    @property
+    def steps(self) -> "pd.DataFrame": ...
+    @property
+    def candidates(self) -> "pd.DataFrame": ...
+    @property
+    def processors(self) -> "pd.DataFrame": ...
+    @property
+    def has_attention(self) -> bool: ...
+    @property
+    def has_lens(self) -> bool: ...
+    def array(self, name: str) -> "np.ndarray": ...
+    def alive_steps(self, row: int = 0) -> "np.ndarray": ...
+    def context_length(self, step: int) -> int: ...
+    def context_tokens(self, step: int, row: int = 0) -> list: ...
+    def attention_weights(self, step: int, row: int = 0) -> "np.ndarray": ...
+    def lens_for(self, steps: Sequence[int] | None = None) -> "pd.DataFrame": ...
+    def lens_stats_for(self, steps: Sequence[int] | None = None) -> "pd.DataFrame": ...
 
 # ---- the probability colour scale -----------------------------------------------------------------
 PROB_SCALE = ("#ef8a62", "#f7f7f7", "#67a9cf")  # p = 0, 0.5, 1: red to blue, colour-blind safe
@@ -87,9 +131,29 @@ def token_label(text: str, max_len: int = 16) -> str:
 # ---- numbers and markup -----------------------------------------------------------------------------------
 def format_prob(p: float | None) -> str:
     """A probability in a few characters: '0.731', '0.000', '3.2e-05' below 0.001; '–' when missing (None, NaN)."""
-    if p is None or not math.isfinite(p):
+    if _missing(p):
         return "–"
     return f"{p:.3f}" if p >= 0.001 or p == 0 else f"{p:.1e}"
+
+
+def _missing(x: Any) -> bool:
+    """None, NaN, or pandas' NA (a number a source did not record)."""
+    if x is None or type(x).__name__ == "NAType":
+        return True
+    try:
+        return not math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return True
+
+
+def format_rank(r: Any) -> str:
+    """A 0-based rank as text; '–' when a source did not record it (NA, or -1)."""
+    return "–" if _missing(r) or int(r) < 0 else str(int(r))
+
+
+def format_number(x: Any, digits: int = 2) -> str:
+    """A number such as an entropy with `digits` decimals; '–' when missing."""
+    return "–" if _missing(x) else f"{float(x):.{digits}f}"
 
 
 def escape(value: Any) -> str:
@@ -115,7 +179,7 @@ STRATEGY_WORDS: dict[str, Any] = {
 }
 
 
-def strategy_summary(trace: "Trace") -> str:
+def strategy_summary(trace: TraceLike) -> str:
     """How a trace chose its tokens, in one line: 'chooser: sample · do_sample=True · temperature=0.7 · ...'.
 
     The chooser is the trace's own (a scored text says 'given' whatever its strategy); settings at the

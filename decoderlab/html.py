@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .display import char_escape, escape, format_prob, is_invisible, prob_colour, strategy_summary, token_label
-
-if TYPE_CHECKING:
-    from .trace import Trace
+from .display import (TraceLike, char_escape, escape, format_number, format_prob, format_rank, is_invisible, prob_colour,
+                      strategy_summary, token_label)
 
 __all__ = ["trace_html", "coloured_text", "CSS"]
 
@@ -98,9 +96,9 @@ def _tip(s: int, step: Any, alts: list[tuple[str, float, float, bool]]) -> str:
     """The hover box of one token: its numbers, how it was chosen, and the top alternatives."""
     lines = [
         f"<b>step {s}</b> · <bdi>{escape(token_label(step.token, 40))}</bdi> · id {int(step.token_id)}",
-        f"p = {format_prob(step.prob)} (rank {int(step.rank)}) · "
-        f"final p = {format_prob(step.final_prob)} (rank {int(step.final_rank)})",
-        f"entropy {step.entropy:.2f} nats → {step.final_entropy:.2f} after processors",
+        f"p = {format_prob(step.prob)} (rank {format_rank(step.rank)}) · "
+        f"final p = {format_prob(step.final_prob)} (rank {format_rank(step.final_rank)})",
+        f"entropy {format_number(step.entropy)} nats → {format_number(step.final_entropy)} after processors",
         ("<b>forced</b> · " if step.forced else "") + escape(step.why),
     ]
     rows = ['<span class="dlh-row dlh-head"><span class="dlh-cell">#</span><span class="dlh-cell">token</span>'
@@ -114,7 +112,7 @@ def _tip(s: int, step: Any, alts: list[tuple[str, float, float, bool]]) -> str:
             + f'<span class="dlh-alts">{"".join(rows)}</span></span>')
 
 
-def coloured_text(trace: "Trace", row: int = 0, *, alternatives: int = 5, value: str = "prob",
+def coloured_text(trace: TraceLike, row: int = 0, *, alternatives: int = 5, value: str = "prob",
                   selected: int | None = None, style: bool = True, legend: bool = True) -> str:
     """The generated text of `row` as an HTML fragment, each token's background coloured by the
     probability the model gave it (`value`: 'prob' raw, or 'final_prob'), with hover details.
@@ -156,7 +154,7 @@ def _legend(value: str) -> str:
             "hover a token for details; dashed outline = forced</div>")
 
 
-def _figure_png(trace: "Trace", row: int = 0) -> str | None:
+def _figure_png(trace: TraceLike, row: int = 0) -> str | None:
     """`row`'s probability timeline as a base64 PNG, or None if it cannot be drawn.
 
     plots (and so matplotlib) is imported here, not with the module: the page's text needs neither,
@@ -172,7 +170,7 @@ def _figure_png(trace: "Trace", row: int = 0) -> str | None:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def trace_html(trace: "Trace", *, figure: bool = True, alternatives: int = 5, value: str = "prob") -> str:
+def trace_html(trace: TraceLike, *, figure: bool = True, alternatives: int = 5, value: str = "prob") -> str:
     """One self-contained HTML page: header (model, strategy, stop reason), the prompt, each row's
     text coloured by probability with per-token hover details, and optionally the probability timeline."""
     meta = [

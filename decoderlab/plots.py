@@ -22,7 +22,7 @@ import math
 import os
 import unicodedata
 from functools import lru_cache
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 from matplotlib.colors import LogNorm, Normalize, PowerNorm
@@ -30,10 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.text import Text
 
-from .display import PROB_SCALE, format_prob, short_processor, token_label
-
-if TYPE_CHECKING:
-    from .trace import Trace
+from .display import PROB_SCALE, TraceLike, format_prob, format_rank, short_processor, token_label
 
 # token_label is re-exported: users call plots.token_label; it is defined once, in display.py.
 __all__ = ["TraceFigure", "token_label", "distribution", "probability_timeline", "candidates_heatmap", "attention",
@@ -181,13 +178,13 @@ def _finish(fig: Figure) -> Figure:
 
 
 # ---- shared helpers ---------------------------------------------------------------------------------
-def _check_row(trace: "Trace", row: int) -> int:
+def _check_row(trace: TraceLike, row: int) -> int:
     if not 0 <= row < trace.rows:
         raise IndexError(f"row {row} is outside this trace's {trace.rows} rows")
     return row
 
 
-def _check_step(trace: "Trace", step: int) -> int:
+def _check_step(trace: TraceLike, step: int) -> int:
     n = trace.num_steps
     if n == 0:
         raise ValueError("this trace has no steps")
@@ -224,7 +221,7 @@ def _text_color(rgba) -> str:
     return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
 
 
-def _processor_lines(trace: "Trace", step: int, row: int) -> list[str]:
+def _processor_lines(trace: TraceLike, step: int, row: int) -> list[str]:
     """'Name  mass%' per processor at one step, with the chosen token's rank change where it moved."""
     proc = trace.processors
     if not len(proc):
@@ -241,7 +238,7 @@ def _processor_lines(trace: "Trace", step: int, row: int) -> list[str]:
 
 
 # ---- figures ---------------------------------------------------------------------------------------
-def distribution(trace: "Trace", step: int, k: int | None = None, row: int = 0) -> Figure:
+def distribution(trace: TraceLike, step: int, k: int | None = None, row: int = 0) -> Figure:
     """The top-k candidates' raw and final probabilities side by side, the chosen token marked,
     and the probability mass each processor removed."""
     step, row = _check_step(trace, step), _check_row(trace, row)
@@ -272,7 +269,7 @@ def distribution(trace: "Trace", step: int, k: int | None = None, row: int = 0) 
                     textcoords="offset points", ha="center", va="bottom", fontsize=8, color=CHOSEN_FINAL_COLOR,
                     arrowprops=dict(arrowstyle="->", color=CHOSEN_FINAL_COLOR), gid="chosen-annotation")
     if not is_chosen.any():
-        ax.text(0.01, 0.97, f"chosen {_label(chosen['token'])} is raw rank {int(chosen['rank'])}, outside this top-{k}",
+        ax.text(0.01, 0.97, f"chosen {_label(chosen['token'])} is raw rank {format_rank(chosen['rank'])}, outside this top-{k}",
                 transform=ax.transAxes, ha="left", va="top", fontsize=8, color=CHOSEN_FINAL_COLOR,
                 gid="chosen-annotation")
     _token_ticks(ax.xaxis, x, [_label(t, 12) for t in c["token"]], rotation=55, ha="right",
@@ -282,7 +279,7 @@ def distribution(trace: "Trace", step: int, k: int | None = None, row: int = 0) 
     ax.set_xlabel(f"top {k} candidates by raw logit")
     how = "forced" if bool(chosen["forced"]) else chosen["choice"]
     ax.set_title(f"step {step}: {how} {_label(chosen['token'], 24)}  (raw p={format_prob(chosen['prob'])}, "
-                 f"rank {int(chosen['rank'])}; final p={format_prob(chosen['final_prob'])})", fontsize=10)
+                 f"rank {format_rank(chosen['rank'])}; final p={format_prob(chosen['final_prob'])})", fontsize=10)
 
     handles = [Patch(facecolor=RAW_COLOR, label="raw (model)"), Patch(facecolor=FINAL_COLOR, label="final"),
                Patch(facecolor=CHOSEN_FINAL_COLOR, hatch=CHOSEN_HATCH, label="chosen")]
@@ -296,7 +293,7 @@ def distribution(trace: "Trace", step: int, k: int | None = None, row: int = 0) 
     return _finish(fig)
 
 
-def probability_timeline(trace: "Trace", row: int = 0, start: int | None = None,
+def probability_timeline(trace: TraceLike, row: int = 0, start: int | None = None,
                          window: int | None = DEFAULT_WINDOW) -> Figure:
     """The chosen token's probability (top) and the distribution's entropy (bottom), per step.
 
@@ -343,7 +340,7 @@ def probability_timeline(trace: "Trace", row: int = 0, start: int | None = None,
     return _finish(fig)
 
 
-def candidates_heatmap(trace: "Trace", k: int = 10, row: int = 0, start: int | None = None,
+def candidates_heatmap(trace: TraceLike, k: int = 10, row: int = 0, start: int | None = None,
                        window: int | None = 40, final: bool = False, log: bool = True) -> Figure:
     """Steps × rank, each cell a candidate coloured by its probability (raw, or `final`), token text
     in the cells and the chosen one outlined."""
@@ -388,7 +385,7 @@ def candidates_heatmap(trace: "Trace", k: int = 10, row: int = 0, start: int | N
     return _finish(fig)
 
 
-def _layer_index(trace: "Trace", layer: int) -> int:
+def _layer_index(trace: TraceLike, layer: int) -> int:
     layers = list(trace.attention_layers) or list(range(trace.array("attention").shape[2]))
     if layer in layers:
         return layers.index(layer)
@@ -397,14 +394,14 @@ def _layer_index(trace: "Trace", layer: int) -> int:
     raise ValueError(f"layer {layer} was not recorded; recorded layers: {layers}")
 
 
-def _head_index(trace: "Trace", head: int) -> int:
+def _head_index(trace: TraceLike, head: int) -> int:
     heads = list(trace.attention_heads) or list(range(trace.array("attention").shape[3]))
     if head in heads:
         return heads.index(head)
     raise ValueError(f"head {head} was not recorded; recorded heads: {heads}")
 
 
-def _select_heads(trace: "Trace", w: np.ndarray, head) -> tuple[np.ndarray, str]:
+def _select_heads(trace: TraceLike, w: np.ndarray, head) -> tuple[np.ndarray, str]:
     """Reduce the head axis (second to last) of `w`: the mean, or one head."""
     if head is None or head == "mean":
         return w.mean(axis=-2), "mean over heads"
@@ -412,7 +409,7 @@ def _select_heads(trace: "Trace", w: np.ndarray, head) -> tuple[np.ndarray, str]
     return w[..., hi, :], f"head {head}"
 
 
-def attention(trace: "Trace", step: int, layer: int | None = None, head: int | str | None = None,
+def attention(trace: TraceLike, step: int, layer: int | None = None, head: int | str | None = None,
               row: int = 0, start: int | None = None, window: int | None = DEFAULT_WINDOW) -> Figure:
     """The attention of step `step`'s query over its context.
 
@@ -469,7 +466,7 @@ def attention(trace: "Trace", step: int, layer: int | None = None, head: int | s
     return _finish(fig)
 
 
-def attention_map(trace: "Trace", layer: int, head: int | str | None = None, row: int = 0,
+def attention_map(trace: TraceLike, layer: int, head: int | str | None = None, row: int = 0,
                   start: int | None = None, window: int | None = DEFAULT_WINDOW,
                   positions: int | None = None) -> Figure:
     """Steps × context positions, each step's attention row for `layer` (heads averaged, or `head`).
@@ -518,7 +515,7 @@ def attention_map(trace: "Trace", layer: int, head: int | str | None = None, row
     return _finish(fig)
 
 
-def lens(trace: "Trace", step: int, row: int = 0, max_layers: int = 48) -> Figure:
+def lens(trace: TraceLike, step: int, row: int = 0, max_layers: int = 48) -> Figure:
     """Logit lens at one step: layers × top tokens, cells coloured by probability with the token text,
     the finally chosen token outlined; the right axis gives the chosen token's rank at each layer."""
     step, row = _check_step(trace, step), _check_row(trace, row)

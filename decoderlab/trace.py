@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from .display import escape, format_prob, format_rank
 from .schema import SchemaError, check_arrays
 
 FORMAT_VERSION = 2  # 2: rows (per-row seeds and stop reasons; finished rows' steps hold fill values)
@@ -510,13 +511,7 @@ class Trace:
     def _repr_html_(self) -> str:
         from .html import coloured_text
 
-        return f"<div><b>{_escape(self.model_name)}</b> · {self.num_steps} steps · stop: {_escape(self.stop_reason)}</div>" + coloured_text(self)
-
-
-def _escape(s: str) -> str:
-    import html
-
-    return html.escape(str(s), quote=True)
+        return f"<div><b>{escape(self.model_name)}</b> · {self.num_steps} steps · stop: {escape(self.stop_reason)}</div>" + coloured_text(self)
 
 
 def _floats(values: np.ndarray | None, n: int) -> np.ndarray:
@@ -538,17 +533,9 @@ def _pad(values: Sequence, n: int, fill: Any) -> list:
     return list(values)[:n] + [fill] * (n - len(values))
 
 
-def _p(x: Any) -> str:
-    return "?" if x is None or x is pd.NA or (isinstance(x, float) and np.isnan(x)) else f"{x:.3g}"
-
-
-def _r(x: Any) -> str:
-    return "?" if x is None or x is pd.NA else str(int(x))
-
-
 def _why(choice: str, prob: float, final_prob: float, rank: Any, final_rank: Any) -> str:
-    """How the token was chosen, in words (a number a source did not record shows as '?')."""
-    prob, final_prob, rank, final_rank = _p(prob), _p(final_prob), _r(rank), _r(final_rank)
+    """How the token was chosen, in words (a number a source did not record shows as '–')."""
+    prob, final_prob, rank, final_rank = format_prob(prob), format_prob(final_prob), format_rank(rank), format_rank(final_rank)
     if choice == "forced":
         return f"forced by the user; the model gave it p={prob} (rank {rank})"
     if choice == "greedy":
@@ -557,7 +544,7 @@ def _why(choice: str, prob: float, final_prob: float, rank: Any, final_rank: Any
         return f"the given text's token; the model gave it p={prob} (rank {rank})"
     if choice == "sample":
         return f"drawn at p={final_prob} from the final distribution (final rank {final_rank})"
-    return f"chosen by {choice} (p={final_prob if final_prob != '?' else prob}, rank {rank})"
+    return f"chosen by {choice} (p={final_prob if final_prob != '–' else prob}, rank {rank})"
 
 
 def _jsonable(value: Any) -> Any:

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import ipywidgets as W
 
-from .display import escape, format_prob, prob_colour, short_processor, strategy_summary, token_label
+from .display import (TraceLike, escape, format_prob, format_rank, prob_colour, short_processor, strategy_summary,
+                      token_label)
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from .session import Session
-    from .trace import Trace
 
 __all__ = ["show", "explore", "TraceView", "SessionExplorer", "CSS_CLASSES", "figure_png"]
 
@@ -129,7 +129,7 @@ class TraceView(W.VBox):
     each redraw.
     """
 
-    def __init__(self, trace: "Trace", *, row: int = 0, k: int = 12, window: int = 40, lens_layers: int = 16,
+    def __init__(self, trace: TraceLike, *, row: int = 0, k: int = 12, window: int = 40, lens_layers: int = 16,
                  step: int | None = None, on_step: Callable[[int], None] | None = None):
         self.k = k
         self.window = window
@@ -188,7 +188,7 @@ class TraceView(W.VBox):
 
     # ---- public -------------------------------------------------------------------------------------
     @property
-    def trace(self) -> "Trace":
+    def trace(self) -> TraceLike:
         return self._trace  # type: ignore[return-value]
 
     @property
@@ -221,7 +221,7 @@ class TraceView(W.VBox):
         if row != self._row:
             self.row_picker.value = row  # -> _on_row -> _show_row
 
-    def set_trace(self, trace: "Trace", step: int | None = None, row: int | None = None) -> None:
+    def set_trace(self, trace: TraceLike, step: int | None = None, row: int | None = None) -> None:
         """Show another trace (a session's newer state) in place; select `row` (default: the row shown,
         if the new trace has it, else 0) and `step` (default: the last)."""
         if row is not None and not 0 <= row < trace.rows:
@@ -298,7 +298,7 @@ class TraceView(W.VBox):
             b._dl_step = i
             forced = bool(r["forced"])
             b.description = token_label(r["token"], 24)
-            b.tooltip = (f"step {i}: {r['token']!r} · p={format_prob(r['prob'])} (rank {int(r['rank'])})"
+            b.tooltip = (f"step {i}: {r['token']!r} · p={format_prob(r['prob'])} (rank {format_rank(r['rank'])})"
                          f" · final p={format_prob(r['final_prob'])} · {'forced' if forced else r['choice']}")
             b.style.button_color = prob_colour(r["prob"])
             b.style.font_weight = "bold" if forced else "normal"
@@ -386,7 +386,7 @@ class TraceView(W.VBox):
         self.step_label.value = (
             f"<span style='font-size:14px'>{which}<b>step {s}</b> of 0–{n - 1}: "
             f"<code>{escape(token_label(r['token'], 32))}</code>"
-            f" · {how} · p={format_prob(r['prob'])} (rank {int(r['rank'])}) · final p={format_prob(r['final_prob'])}"
+            f" · {how} · p={format_prob(r['prob'])} (rank {format_rank(r['rank'])}) · final p={format_prob(r['final_prob'])}"
             f" · entropy {float(r['entropy']):.2f}</span>")
         if self.on_step is not None:
             self.on_step(s)
@@ -573,7 +573,7 @@ class SessionExplorer(W.VBox):
         for _, c in cands.iterrows():
             b = _classed(W.Button(description=f"{token_label(c['token'], 16)}  {c['final_prob']:.2f}",
                                   tooltip=(f"force {c['token']!r} (id {int(c['token_id'])}): raw p={format_prob(c['prob'])},"
-                                           f" final p={format_prob(c['final_prob'])}, rank {int(c['rank'])}"),
+                                           f" final p={format_prob(c['final_prob'])}, rank {format_rank(c['rank'])}"),
                                   layout=W.Layout(width="auto", height="26px", margin="1px", padding="0 6px")),
                          "dl-candidate")
             b.style.button_color = prob_colour(c["final_prob"])
@@ -592,7 +592,7 @@ class SessionExplorer(W.VBox):
 
 
 # ---- entry points ----------------------------------------------------------------------------------------
-def show(trace: "Trace", *, row: int = 0, step: int | None = None, k: int = 12, window: int = 40,
+def show(trace: TraceLike, *, row: int = 0, step: int | None = None, k: int = 12, window: int = 40,
          lens_layers: int = 16) -> TraceView:
     """The trace explorer: click a token or slide through steps to see that step's candidates,
     processors, attention (layer/head pickers) and logit lens, where the trace recorded them.

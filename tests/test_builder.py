@@ -39,7 +39,7 @@ def test_steps_frame_has_what_was_given_and_na_for_the_rest():
     assert not steps.forced.any()
     assert tr.text == " The cat sat."
     assert steps.why[0] == "chosen by server (p=0.905, rank 0)"
-    assert steps.why[3].endswith("rank ?)")  # not among the alternatives: unknown, said so
+    assert steps.why[3].endswith("rank –)")  # not among the alternatives: unknown, said so
 
 
 def test_candidates_frame_interns_text_and_drops_missing_alternatives():

@@ -17,45 +17,36 @@ import pytest
 
 import decoderlab as dl
 from decoderlab.display import escape, prob_colour, strategy_summary
+from decoderlab.builder import from_tokens
 from decoderlab.html import coloured_text, trace_html
 from decoderlab.trace import Trace
-from test_plots import PAD, row_length, row_token
+from test_plots import row_length, row_token
 
 NASTY = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", ' "quoted"', " 'single'", " שלום", " مرحبا",
          "\n", " a&b", "</span></div>"]
 
 
 def text_trace(tokens, probs=None, forced=(), k=4, model_name="hand-made", prompt="Say something:", rows=1) -> Trace:
-    """A trace with the given tokens (and raw probabilities); candidates are the token plus fillers.
+    """A trace with the given tokens (and raw probabilities), made by the trace builder from text alone;
+    candidates are the token plus fillers.
 
-    `rows` > 1 makes a batch, arrays [S, rows, ...]: row r >= 1 says `row_token(r, s)` at step s (at
-    probability 0.5) and finishes after `row_length(len(tokens), r)` steps, then emits PAD."""
-    n, b = len(tokens), rows
+    `rows` > 1 makes a batch: row r >= 1 says `row_token(r, s)` at step s (at probability 0.5) and
+    finishes after `row_length(len(tokens), r)` steps."""
+    n = len(tokens)
     probs = np.linspace(0.95, 0.05, n) if probs is None else np.asarray(probs, float)
-    probs = np.stack([probs] + [np.full(n, 0.5)] * (b - 1), axis=1)  # [S, B]
-    ids: dict[str, int] = {}
-
-    def tid(t: str) -> int:
-        return ids.setdefault(t, len(ids))
-
-    prompt_ids = np.array([tid(prompt)])
-    alive = np.array([[s < row_length(n, r) for r in range(b)] for s in range(n)]).reshape(n, b)
-    token_id = np.array([[tid(tokens[s] if r == 0 else row_token(r, s) if alive[s, r] else PAD) for r in range(b)]
-                         for s in range(n)]).reshape(n, b)
-    cand_id = np.array([[[token_id[s, r]] + [tid(f"alt{j}<b>") for j in range(k - 1)] for r in range(b)]
-                        for s in range(n)]).reshape(n, b, k)
-    cand_prob = np.concatenate([probs[:, :, None], np.full((n, b, k - 1), 0.01)], -1).astype(np.float32)
-    arrays = {
-        "token_id": token_id, "forced": np.array([[s in forced] * b for s in range(n)]).reshape(n, b),
-        "finished": ~alive,
-        "logprob": np.log(probs).astype(np.float32), "rank": np.zeros((n, b), np.int64),
-        "entropy": np.ones((n, b), np.float32), "final_logprob": np.log(probs).astype(np.float32),
-        "final_rank": np.zeros((n, b), np.int64), "final_entropy": np.ones((n, b), np.float32),
-        "cand_id": cand_id, "cand_logit": np.log(cand_prob), "cand_prob": cand_prob, "cand_final_prob": cand_prob,
-    }
-    return Trace(prompt=prompt, prompt_ids=prompt_ids, arrays=arrays, token_text={v: t for t, v in ids.items()},
-                 model_name=model_name, strategy={"do_sample": True, "temperature": 0.7, "top_p": 1.0},
-                 stop_reason="length", chooser="sample")
+    row_tokens = [list(tokens)] + [[row_token(r, s) for s in range(row_length(n, r))] for r in range(1, rows)]
+    row_probs = [list(probs)] + [[0.5] * len(row) for row in row_tokens[1:]]
+    logprobs = [[float(np.log(p)) for p in ps] for ps in row_probs]
+    top = [[[(t, lp, lp)] + [(f"alt{j}<b>", float(np.log(0.01)), float(np.log(0.01))) for j in range(k - 1)]
+            for t, lp in zip(row, lps)] for row, lps in zip(row_tokens, logprobs)]
+    one = (lambda v: v[0]) if rows == 1 else (lambda v: v)
+    steps = max(len(r) for r in row_tokens)
+    return from_tokens(one(row_tokens), one(logprobs), one(top), final_logprobs=one(logprobs), prompt=prompt,
+                       prompt_tokens=[prompt], model_name=model_name, chooser="sample", stop_reason="length",
+                       strategy={"do_sample": True, "temperature": 0.7, "top_p": 1.0}, forced=forced,
+                       arrays={"entropy": np.ones((steps, rows), np.float32),
+                               "final_entropy": np.ones((steps, rows), np.float32),
+                               "final_rank": np.zeros((steps, rows), np.int64)})
 
 
 class Collect(HTMLParser):
@@ -214,7 +205,6 @@ def test_coloured_text_of_one_row_of_a_batch():
     for s in range(n1):
         assert row_token(1, s) in text
     assert not [t for t in tokens if t in row1]  # none of row 0's tokens, not even in the hover boxes
-    assert PAD not in text and escape(PAD) not in row1
     assert row1.count(f"background:{prob_colour(0.5)}") == n1  # row 1's own probabilities
     row0 = coloured_text(tr, 0, style=False, legend=False)
     assert tok_steps(row0) == list(range(len(tokens))) and row_token(1, 0) not in row0
@@ -228,7 +218,7 @@ def test_page_shows_every_row_with_its_figure():
     assert "<h2>Generated text · row 0</h2>" in page and "<h2>Generated text · row 1</h2>" in page
     assert "4 × 2 rows" in page
     assert page.count("<img") == 2 and "Row 1. Probability" in page
-    assert row_token(1, 0) in page and row_token(1, 1) in page and escape(PAD) not in page.split("<figure>")[0]
+    assert row_token(1, 0) in page and row_token(1, 1) in page
 
 
 def test_page_names_the_strategy_in_the_shared_wording():

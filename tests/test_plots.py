@@ -19,6 +19,7 @@ import decoderlab as dl
 from decoderlab import plots
 from decoderlab.display import token_label
 from decoderlab.plots import MAX_LABELS
+from decoderlab.builder import from_tokens
 from decoderlab.trace import Trace
 
 PROCESSORS = ["TemperatureLogitsWarper", "TopKLogitsWarper"]
@@ -26,72 +27,74 @@ PROCESSORS = ["TemperatureLogitsWarper", "TopKLogitsWarper"]
 
 def hand_trace(tokens, k=5, prompt=("<s>", "Hello", ",", " world"), layers=3, heads=2, lens_k=3,
                chosen_rank=None, forced=(), seed=0, rows=1) -> Trace:
-    """A trace made by hand: `tokens` generated; the chosen token at raw rank `chosen_rank[s]` (0 default,
-    >= k puts it outside the candidates), attention and logit lens over `layers` x `heads`.
+    """A trace made by hand through the trace builder: `tokens` generated; the chosen token at raw rank
+    `chosen_rank[s]` (0 default, >= k puts it outside the candidates), attention and logit lens over
+    `layers` x `heads`.
 
-    `rows` > 1 makes a batch, arrays [S, rows, ...]: row r >= 1 says `row_token(r, s)` at step s and
-    finishes after `row_length(len(tokens), r)` steps, then emits PAD (as a finished row does)."""
+    `rows` > 1 makes a batch: row r >= 1 says `row_token(r, s)` at step s and finishes after
+    `row_length(len(tokens), r)` steps."""
     rng = np.random.default_rng(seed)
-    ids: dict[str, int] = {}
+    vocab: dict[str, int] = {}
 
     def tid(text: str) -> int:
-        return ids.setdefault(text, len(ids))
+        return vocab.setdefault(text, len(vocab))
 
-    prompt_ids = np.array([tid(t) for t in prompt])
     n, p, b = len(tokens), len(prompt), rows
     chosen_rank = chosen_rank or [0] * n
-    alive = np.array([[s < row_length(n, r) for r in range(b)] for s in range(n)]).reshape(n, b)
-    token_id = np.array([[tid(tokens[s] if r == 0 else row_token(r, s) if alive[s, r] else PAD) for r in range(b)]
-                         for s in range(n)]).reshape(n, b)
-    cand_id = np.zeros((n, b, k), np.int64)
-    cand_prob = np.zeros((n, b, k), np.float32)
-    for s in range(n):
-        for r in range(b):
+    row_tokens = [list(tokens)] + [[row_token(r, s) for s in range(row_length(n, r))] for r in range(1, b)]
+    for row in row_tokens:
+        for t in row:
+            tid(t)
+    logprobs, final_logprobs, top = [], [], []
+    for r, row in enumerate(row_tokens):
+        lp, flp, alts_row = [], [], []
+        for s, text in enumerate(row):
             probs = np.sort(rng.dirichlet(np.full(k + 1, 0.5)))[::-1][:k]
-            cand_prob[s, r] = probs
-            fillers = [tid(f"alt{s}_{j}" if r == 0 else f"alt{s}_{j}r{r}") for j in range(k)]
-            if chosen_rank[s] < k:
-                fillers[chosen_rank[s]] = int(token_id[s, r])
-            cand_id[s, r] = fillers
-    final = cand_prob.copy()
-    final[..., 3:] = 0
-    final /= final.sum(-1, keepdims=True)
+            final = probs.copy()
+            final[3:] = 0
+            final /= final.sum()
+            fillers = [f"alt{s}_{j}" if r == 0 else f"alt{s}_{j}r{r}" for j in range(k)]
+            c = chosen_rank[s]
+            if c < k:
+                fillers[c] = text
+            with np.errstate(divide="ignore"):
+                alts_row.append([(f, float(np.log(pr)), float(np.log(fp))) for f, pr, fp in zip(fillers, probs, final)])
+            lp.append(float(np.log(probs[c])) if c < k else float(np.log(1e-4)))
+            flp.append(float(np.log(max(final[c], 1e-12))) if c < k else float(np.log(1e-12)))
+        logprobs.append(lp)
+        final_logprobs.append(flp)
+        top.append(alts_row)
     rank = np.tile(np.array(chosen_rank)[:, None], (1, b))
-    chosen_p = np.array([[cand_prob[s, r, c] if c < k else 1e-4 for r in range(b)] for s, c in enumerate(chosen_rank)])
-    chosen_fp = np.array([[final[s, r, c] if c < k else 0.0 for r in range(b)] for s, c in enumerate(chosen_rank)])
-    ctx = p + n - 1
-    att = np.zeros((n, b, layers, heads, ctx), np.float16)
+    cand_logit = np.full((n, b, k), np.nan, np.float32)  # raw logits: ranked as the raw probabilities
+    for r, alts_row in enumerate(top):
+        for s, alts in enumerate(alts_row):
+            cand_logit[s, r] = [a[1] for a in alts]
+    att = np.zeros((n, b, layers, heads, p + n - 1), np.float16)
     for s in range(n):
         for r in range(b):
             w = rng.random((layers, heads, p + s))
             att[s, r, :, :, : p + s] = w / w.sum(-1, keepdims=True)
     lens_id = np.array([[[[tid(f"lens{l}_{j}") for j in range(lens_k)] for l in range(layers)]] * b for _ in range(n)])
-    lens_id[:, :, -1, 0] = token_id  # the last layer agrees with the final choice
-    lens_prob = np.sort(rng.random((n, b, layers, lens_k)), -1)[..., ::-1] / lens_k
+    for r, row in enumerate(row_tokens):  # the last layer agrees with the final choice
+        lens_id[: len(row), r, -1, 0] = [vocab[t] for t in row]
     arrays = {
-        "token_id": token_id, "forced": np.array([[s in forced] * b for s in range(n)]),
-        "finished": ~alive,
-        "logprob": np.log(chosen_p).astype(np.float32), "rank": rank,
-        "entropy": rng.random((n, b)).astype(np.float32) * 3,
-        "final_logprob": np.log(np.maximum(chosen_fp, 1e-12)).astype(np.float32),
-        "final_rank": rank, "final_entropy": rng.random((n, b)).astype(np.float32),
-        "cand_id": cand_id, "cand_logit": np.log(cand_prob + 1e-9), "cand_prob": cand_prob,
-        "cand_final_prob": final,
+        "rank": rank, "final_rank": rank, "cand_logit": cand_logit,
+        "entropy": rng.random((n, b)).astype(np.float32) * 3, "final_entropy": rng.random((n, b)).astype(np.float32),
         "proc_mass_removed": np.tile(np.array([0.0, 0.12], np.float32), (n, b, 1)),
         "proc_rank_before": np.zeros((n, b, 2), np.int64), "proc_rank_after": np.zeros((n, b, 2), np.int64),
-        "proc_prob_after": np.tile(chosen_fp[:, :, None], (1, 1, 2)).astype(np.float32),
-        "attention": att, "lens_id": lens_id, "lens_prob": lens_prob.astype(np.float32),
-        "lens_entropy": rng.random((n, b, layers)).astype(np.float32),
-        "lens_chosen_rank": np.tile(np.arange(layers)[::-1], (n, b, 1)),
-        "lens_chosen_prob": rng.random((n, b, layers)).astype(np.float32),
+        "proc_prob_after": np.exp(np.tile(np.array([r + [0] * (n - len(r)) for r in final_logprobs]).T[:, :, None],
+                                          (1, 1, 2))),
+        "attention": att, "lens_id": lens_id,
+        "lens_prob": (np.sort(rng.random((n, b, layers, lens_k)), -1)[..., ::-1] / lens_k),
+        "lens_entropy": rng.random((n, b, layers)), "lens_chosen_rank": np.tile(np.arange(layers)[::-1], (n, b, 1)),
+        "lens_chosen_prob": rng.random((n, b, layers)),
     }
-    return Trace(prompt="".join(prompt), prompt_ids=prompt_ids, arrays=arrays,
-                 token_text={v: k_ for k_, v in ids.items()}, model_name="hand-made",
-                 processor_names=list(PROCESSORS), stop_reason="length", chooser="sample",
-                 attention_layers=list(range(layers)), attention_heads=list(range(heads)), lens_top_k=lens_k)
-
-
-PAD = "<pad>"  # what a finished row emits
+    return from_tokens(row_tokens if b > 1 else row_tokens[0], logprobs if b > 1 else logprobs[0],
+                        top if b > 1 else top[0], final_logprobs=final_logprobs if b > 1 else final_logprobs[0],
+                        prompt="".join(prompt), prompt_tokens=prompt, model_name="hand-made", chooser="sample",
+                        stop_reason="length", forced=forced, vocab=vocab, arrays=arrays,
+                        processor_names=PROCESSORS, attention_layers=range(layers), attention_heads=range(heads),
+                        lens_top_k=lens_k)
 
 
 def row_token(row: int, step: int) -> str:
