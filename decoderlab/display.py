@@ -14,6 +14,7 @@ from __future__ import annotations
 import html
 import math
 import unicodedata
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 if TYPE_CHECKING:
@@ -58,26 +59,59 @@ class TraceLike(Protocol):
     def has_attention(self) -> bool: ...
     @property
     def has_lens(self) -> bool: ...
+    @property
+    def lens_layers(self) -> int: ...
     def array(self, name: str) -> "np.ndarray": ...
     def alive_steps(self, row: int = 0) -> "np.ndarray": ...
     def context_length(self, step: int) -> int: ...
     def context_tokens(self, step: int, row: int = 0) -> list: ...
     def attention_weights(self, step: int, row: int = 0) -> "np.ndarray": ...
-    def lens_for(self, steps: Sequence[int] | None = None) -> "pd.DataFrame": ...
-    def lens_stats_for(self, steps: Sequence[int] | None = None) -> "pd.DataFrame": ...
+    def lens_for(self, steps: Sequence[int] | None = None, layers: Sequence[int] | None = None) -> "pd.DataFrame": ...
+    def lens_stats_for(self, steps: Sequence[int] | None = None,
+                       layers: Sequence[int] | None = None) -> "pd.DataFrame": ...
 
-# ---- the probability colour scale -----------------------------------------------------------------
+# ---- colours ---------------------------------------------------------------------------------------------
 PROB_SCALE = ("#ef8a62", "#f7f7f7", "#67a9cf")  # p = 0, 0.5, 1: red to blue, colour-blind safe
+WEIGHT_SCALE = ("#f7fbff", "#6baed6", "#08306b")  # 0 .. max weight: attention (matplotlib's "Blues")
+LENS_SCALE = ("#f7fcf5", "#74c476", "#00441b")  # lens probability 0 .. 1 (matplotlib's "Greens")
+RAW_COLOR = "#9ecae1"  # raw (model) probability
+FINAL_COLOR = "#3182bd"  # final probability, after the processors
+CHOSEN_RAW_COLOR = "#fdae6b"  # the chosen token's bars
+CHOSEN_FINAL_COLOR = "#e6550d"
+CHOSEN_EDGE = "#d62728"  # outline of the chosen token's cell
+
+
+def scale_colour(x: float | None, scale: Sequence[str] = PROB_SCALE) -> str:
+    """The colour of x in [0, 1] on a three-colour `scale` as '#rrggbb' (x clamped; None and NaN count as 0)."""
+    x = 0.0 if x is None or not math.isfinite(x) else min(1.0, max(0.0, float(x)))
+    lo, mid, hi = (tuple(int(c[i : i + 2], 16) for i in (1, 3, 5)) for c in scale)
+    a, b, t = (lo, mid, x * 2) if x < 0.5 else (mid, hi, x * 2 - 1)
+    r, g, bl = (round(u + (v - u) * t) for u, v in zip(a, b))
+    return f"#{r:02x}{g:02x}{bl:02x}"
+
+
+def scale_colours(xs: "np.ndarray", scale: Sequence[str] = PROB_SCALE) -> list[str]:
+    """`scale_colour` of many values at once (a context of hundreds of tokens, shaded in one go)."""
+    import numpy as np
+
+    x = np.clip(np.nan_to_num(np.asarray(xs, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+    lo, mid, hi = (np.array([int(c[i : i + 2], 16) for i in (1, 3, 5)], dtype=np.float64) for c in scale)
+    low = x[:, None] < 0.5
+    t = np.where(x < 0.5, x * 2, x * 2 - 1)[:, None]  # [N, 1]: one t per value
+    rgb = np.rint(np.where(low, lo + (mid - lo) * t, mid + (hi - mid) * t)).astype(int)
+    return [f"#{r:02x}{g:02x}{b:02x}" for r, g, b in rgb.tolist()]
 
 
 def prob_colour(p: float | None) -> str:
-    """The colour of probability p on `PROB_SCALE` as '#rrggbb': red (unlikely) through white (0.5)
-    to blue (likely). Out-of-range p is clamped; None and NaN count as 0 (a missing value looks unlikely)."""
-    p = 0.0 if p is None or not math.isfinite(p) else min(1.0, max(0.0, float(p)))
-    lo, mid, hi = (tuple(int(c[i : i + 2], 16) for i in (1, 3, 5)) for c in PROB_SCALE)
-    a, b, t = (lo, mid, p * 2) if p < 0.5 else (mid, hi, p * 2 - 1)
-    r, g, bl = (round(x + (y - x) * t) for x, y in zip(a, b))
-    return f"#{r:02x}{g:02x}{bl:02x}"
+    """The colour of probability p on `PROB_SCALE`: red (unlikely) through white (0.5) to blue (likely).
+    Out-of-range p is clamped; None and NaN count as 0 (a missing value looks unlikely)."""
+    return scale_colour(p, PROB_SCALE)
+
+
+def text_colour(background: str) -> str:
+    """Black or white, whichever reads better on `background` ('#rrggbb')."""
+    r, g, b = (int(background[i : i + 2], 16) / 255 for i in (1, 3, 5))
+    return "#000" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "#fff"
 
 
 # ---- token text -------------------------------------------------------------------------------------
@@ -97,6 +131,7 @@ def char_escape(ch: str) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
+@lru_cache(maxsize=65536)  # a view labels the same few thousand tokens click after click
 def token_label(text: str, max_len: int = 16) -> str:
     """A token as a short, visible label: '␣' for leading/trailing spaces, '↵' newline, '⇥' tab,
     `\\xNN`/`\\uNNNN` for other control and invisible characters (and spaces other than ' '), '∅' for

@@ -166,8 +166,13 @@ class LM:
         if isinstance(stream_row, bool) or not isinstance(stream_row, int) or not 0 <= stream_row < rows:
             raise PromptError(f"stream_row={stream_row!r}: must be a row in [0, {rows})")
         strat = self.strategy(ids.shape[1], **strategy)
-        row_seeds = list(seeds) if seeds is not None else [strat.seed]
         record.check(self.model)
+        if strat.num_beams > 1:
+            if seeds is not None:
+                raise StrategyError("seeds= with num_beams > 1: a beam search returns its own rows "
+                                    "(num_return_sequences); give seed= for beam sampling")
+            return self._beam_search(ids, prompt_text, strat, record)
+        row_seeds = list(seeds) if seeds is not None else [strat.seed]
         recording = Recording(record)
         observers: list = [recording]
         bar = _progress_bar(strat.max_new_tokens, progress, rows)
@@ -204,11 +209,36 @@ class LM:
                 bar.close()
         return from_recording(recording, state, strat, info, prompt_text, seeds=row_seeds)
 
+    def _beam_search(self, ids: torch.Tensor, prompt_text: str, strat: Strategy, record: Record) -> Trace:
+        """`generate` with num_beams > 1: the returned sequences as rows, best first, and the tree."""
+        from .beams import beam_arrays, beam_search
+        from .builder import RunInfo, build_trace
+
+        generator = None
+        if strat.seed is not None:
+            generator = torch.Generator(device=ids.device)
+            generator.manual_seed(int(strat.seed))
+        recording = Recording(record)
+        with recording.attached(self.model):
+            run = beam_search(self.model, ids, strat, [recording], generator=generator)
+        arrays = beam_arrays(run, recording, ids.shape[1])
+        info = RunInfo(prompt=prompt_text, prompt_ids=ids[0].tolist(), strategy=strat.describe(),
+                       processor_names=strat.processor_names, chooser=strat.chooser_name,
+                       eos_token_ids=strat.eos_token_ids, stop_reason=run.stop_reason,
+                       seeds=[strat.seed] * len(run.hypotheses), attention_layers=record.attention_layers,
+                       attention_heads=record.attention_heads, lens_top_k=record.lens_top_k)
+        trace = build_trace(arrays, self.model_info(lens=record.lens), info)
+        trace.row_scores = [h.score for h in run.hypotheses]
+        return trace
+
     def session(self, prompt: Any, *, chat: bool = False, system: str | None = DEFAULT_SYSTEM,
                 record: Record | None = None, **strategy: Any) -> Session:
         """An interactive `Session`: step, choose, rewind and fork over one KV cache (one row)."""
         if "seeds" in strategy:
             raise SessionError("a session steps one sequence: give seed=, not seeds= (or use generate(seeds=...))")
+        if (strategy.get("num_beams") or 1) != 1:
+            raise SessionError("a session steps one sequence, and beam search keeps several: use "
+                               "generate(..., num_beams=B), whose trace holds the returned beams and trace.beams the tree")
         ids, text = self.encode(prompt, chat=chat, system=system)
         record = record or Record()
         return Session(self.model, ids, text, record, self.strategy(ids.shape[1], **strategy),

@@ -25,12 +25,13 @@ from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
-from matplotlib.colors import LogNorm, Normalize, PowerNorm
+from matplotlib.colors import LogNorm, Normalize, PowerNorm, to_hex
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.text import Text
 
-from .display import PROB_SCALE, TraceLike, format_prob, format_rank, short_processor, token_label
+from .display import (CHOSEN_EDGE, CHOSEN_FINAL_COLOR, CHOSEN_RAW_COLOR, FINAL_COLOR, PROB_SCALE, RAW_COLOR,
+                      TraceLike, format_prob, format_rank, short_processor, text_colour, token_label)
 
 # token_label is re-exported: users call plots.token_label; it is defined once, in display.py.
 __all__ = ["TraceFigure", "token_label", "distribution", "probability_timeline", "candidates_heatmap", "attention",
@@ -39,12 +40,7 @@ __all__ = ["TraceFigure", "token_label", "distribution", "probability_timeline",
 MAX_LABELS = 60  # the most tick labels one axis carries
 DEFAULT_WINDOW = 60  # steps or positions shown when no window is given
 
-RAW_COLOR = "#9ecae1"  # raw (model) probability
-FINAL_COLOR = "#3182bd"  # final probability, after the processors
-CHOSEN_RAW_COLOR = "#fdae6b"  # the chosen token's bars
-CHOSEN_FINAL_COLOR = "#e6550d"
 CHOSEN_HATCH = "//"
-CHOSEN_EDGE = "#d62728"  # outline of the chosen token's cell in heat maps
 
 # Sans-serif first, then CJK, then monochrome emoji/symbol fonts; matplotlib (>=3.6) falls back glyph
 # by glyph along the list. Colour bitmap emoji fonts (Noto Color Emoji, Apple Color Emoji) are left out
@@ -216,11 +212,6 @@ def _token_ticks(axis, positions: Sequence[float], labels: Sequence[str], rotati
     axis.set_ticks([positions[i] for i in idx], [labels[i] for i in idx], rotation=rotation, **kw)
 
 
-def _text_color(rgba) -> str:
-    r, g, b = rgba[:3]
-    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
-
-
 def _processor_lines(trace: TraceLike, step: int, row: int) -> list[str]:
     """'Name  mass%' per processor at one step, with the chosen token's rank change where it moved."""
     proc = trace.processors
@@ -367,7 +358,7 @@ def candidates_heatmap(trace: TraceLike, k: int = 10, row: int = 0, start: int |
         for j in range(k):
             colour = cmap(norm(max(prob[i, j], 1e-3) if log else prob[i, j]))
             ax.text(j, i, _label(trace.token_text.get(int(ids[i, j]), f"<{int(ids[i, j])}>"), 10), ha="center",
-                    va="center", fontsize=7, color=_text_color(colour))
+                    va="center", fontsize=7, color=text_colour(to_hex(colour)))
             if chosen[i, j]:
                 ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor=CHOSEN_EDGE, lw=2,
                                        gid="chosen"))
@@ -539,7 +530,7 @@ def lens(trace: TraceLike, step: int, row: int = 0, max_layers: int = 48) -> Fig
     for i in range(len(keep)):
         for j in range(k):
             ax.text(j, i, _label(tokens[i, j], 10), ha="center", va="center", fontsize=7,
-                    color=_text_color(cmap(norm(prob[i, j]))))
+                    color=text_colour(to_hex(cmap(norm(prob[i, j])))))
             if chosen[i, j]:
                 ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor=CHOSEN_EDGE, lw=2, gid="chosen"))
     _token_ticks(ax.yaxis, np.arange(len(keep)), [str(x) for x in keep], rotation=0, fontsize=7)

@@ -215,6 +215,7 @@ class Recording:
         self.prefill_attention: dict[int, torch.Tensor] = {}  # layer -> [B, H, N, N]
         self.residuals: list[torch.Tensor | None] = []  # per step: [B, L, D]
         self.row_ids: list[torch.Tensor | None] = []  # per step: the run indices of its B rows
+        self._host: HostArrays | None = None  # host copies of the steps so far (see `arrays`)
         self.num_layers = num_layers
         self._slot = 0
         self._context = 0
@@ -250,10 +251,12 @@ class Recording:
         for col in self.columns.values():
             del col[steps:]
         del self.row_ids[steps:]
+        if self._host is not None:
+            self._host.forget(steps)
 
     def truncate(self, steps: int) -> None:
         """Forget everything from step `steps` on (a rewind)."""
-        self.drop_steps(steps)
+        self.drop_steps(steps)  # also tells the host copies
         del self.attention[steps:]
         del self.residuals[steps:]
         self._att_layers.clear()
@@ -267,6 +270,7 @@ class Recording:
         other.residuals = list(self.residuals)
         other.row_ids = list(self.row_ids)
         other.prefill_attention = dict(self.prefill_attention)
+        other._host = None if self._host is None else self._host.fork()
         return other
 
     # ---- forward-time capture ---------------------------------------------------------------
@@ -309,36 +313,18 @@ class Recording:
 
     # ---- to arrays -----------------------------------------------------------------------------
     def arrays(self, rows: int, prompt_length: int) -> dict:
-        """Everything recorded as step-major numpy arrays [S, rows, ...] (to the host once, here).
+        """Everything recorded as step-major numpy arrays [S, rows, ...].
 
         Steps at which some rows had retired (finished at EOS) hold fewer rows; those rows get the
         schema's fill value and `finished` True. Attention rows are zero-padded to the longest context.
+        Each step reaches the host once (`HostArrays`), so a session that rebuilds its trace after every
+        step pays for the new step only.
         """
-        import numpy as np
-
-        steps = self.steps
-        ids = self.row_ids[:steps]
-        full = all(r is None or r.shape[0] == rows for r in ids)
-        out = {}
-        for name, col in self.columns.items():
-            if col:
-                out[name] = _stack_rows(col[:steps], ids, rows, full, name).cpu().numpy()
-        if "finished" in out and not full:
-            for s, r in enumerate(ids):
-                present = np.zeros(rows, dtype=bool)
-                present[r.cpu().numpy()] = True
-                out["finished"][s, ~present] = True
-        if any(a is not None for a in self.attention[:steps]):
-            k_max = prompt_length + steps - 1
-            padded = [None if a is None else torch.nn.functional.pad(a.cpu(), (0, k_max - a.shape[-1]))
-                      for a in self.attention[:steps]]
-            out["attention"] = _stack_rows(padded, ids, rows, full, "attention", zero=True).numpy()
-        if "token_id" not in out:  # nothing recorded yet: zero steps of `rows` rows
-            out["token_id"] = np.zeros((0, rows), dtype=np.int64)
-        if any(r is not None for r in self.residuals[:steps]):
-            out["residual"] = _stack_rows([None if r is None else r.cpu() for r in self.residuals[:steps]],
-                                          ids, rows, full, "residual", zero=True).numpy()
-        return out
+        host = self._host
+        if host is None or host.rows != rows or host.prompt_length != prompt_length:
+            host = self._host = HostArrays(rows, prompt_length)
+        host.update(self, self.steps)
+        return host.views(self.steps)
 
     @contextmanager
     def attached(self, model) -> Iterator["Recording"]:
@@ -370,3 +356,137 @@ def _stack_rows(items: list, row_ids: list, rows: int, full: bool, name: str, ze
         if x is not None:
             out[s, r.to(out.device) if r is not None else slice(None)] = x.to(out.device)
     return out
+
+
+class HostArrays:
+    """Step-major numpy copies of a recording, each step converted once, in buffers that grow in chunks.
+
+    Why: a session rebuilds its trace after every click; converting only the new step keeps that
+    independent of the trace's length (stacking 400 steps of attention rows costs 100 ms). A trace
+    gets views of the buffers, and what a view shows never changes: before rows are written again (after
+    a rewind; a fork shares the buffers too), the buffers are copied unless every view of them is one
+    handed out here and none reaches those rows (copy on write; any other view, such as a slice a user
+    kept, is counted by its reference to the buffer and makes the write copy).
+    """
+
+    def __init__(self, rows: int, prompt_length: int):
+        import weakref
+
+        self.rows, self.prompt_length = rows, prompt_length
+        self.bufs: dict[str, "np.ndarray"] = {}
+        self.done = 0  # steps converted
+        self.capacity = 0
+        self._views: list[tuple] = []  # (weak reference to a view handed out, its steps)
+        self._family = weakref.WeakSet([self])  # owners sharing these buffers (forks)
+
+    def forget(self, steps: int) -> None:
+        """Steps from `steps` on are to be converted again (a rewind, or a failed step)."""
+        self.done = min(self.done, steps)
+
+    def fork(self) -> "HostArrays":
+        """A second owner of the same buffers (a forked session); either copies them before writing rows
+        that a view of the other still shows."""
+        other = HostArrays(self.rows, self.prompt_length)
+        other.bufs, other.done, other.capacity = dict(self.bufs), self.done, self.capacity
+        other._family = self._family
+        self._family.add(other)
+        return other
+
+    def _free_from(self, step: int) -> bool:
+        """Whether rows from `step` on may be written in place: every view of the buffers is one handed out
+        by this family, and none of them shows those rows."""
+        import sys
+
+        family = list(self._family)
+        live = [(v, n) for o in family for ref, n in o._views if (v := ref()) is not None]
+        for name in self.bufs:
+            owners = sum(1 for o in family if o.bufs.get(name) is self.bufs[name])
+            extents = [n for v, n in live if v.base is self.bufs[name]]
+            others = sys.getrefcount(self.bufs[name]) - 1 - owners  # 1: getrefcount's own argument
+            if others != len(extents) or any(n > step for n in extents):
+                return False
+        return True
+
+    def _resize(self, capacity: int) -> None:
+        """New buffers of `capacity` steps holding the converted prefix (the old ones stay with their views)."""
+        import weakref
+
+        import numpy as np
+
+        for name, old in self.bufs.items():
+            shape = (capacity, *old.shape[1:])
+            if name == "attention":
+                shape = shape[:-1] + (self.prompt_length + capacity - 1,)
+            new = np.zeros(shape, dtype=old.dtype)
+            k = min(old.shape[-1], shape[-1]) if name == "attention" else None
+            new[: self.done, ..., :k] = old[: self.done, ..., :k]
+            self.bufs[name] = new
+        self.capacity = capacity
+        self._family.discard(self)
+        self._family = weakref.WeakSet([self])
+        self._views = []
+
+    def _buffer(self, name: str, like: torch.Tensor, width: int | None = None) -> "np.ndarray":
+        import numpy as np
+
+        buf = self.bufs.get(name)
+        if buf is None:
+            field = SCHEMA.get(name)
+            shape = (self.capacity, self.rows, *like.shape[1:])
+            if width is not None:
+                shape = shape[:-1] + (width,)
+            dtype = torch.empty(0, dtype=like.dtype).numpy().dtype
+            fill = 0 if field is None or width is not None or name == "residual" else field.fill
+            buf = self.bufs[name] = np.full(shape, fill, dtype=dtype)
+        return buf
+
+    def update(self, rec: "Recording", steps: int) -> None:
+        """Convert the steps not yet on the host."""
+        if steps > self.capacity:
+            self._resize(max(2 * steps, 64))
+        elif self.done < steps and not self._free_from(self.done):
+            self._resize(self.capacity)  # a copy: a view still shows the rows about to be written
+        a = self.done
+        if a >= steps:
+            self.done = steps
+            return
+        ids = rec.row_ids[a:steps]
+        full = all(r is None or r.shape[0] == self.rows for r in ids)
+        for name, col in rec.columns.items():
+            if col:
+                block = _stack_rows(col[a:steps], ids, self.rows, full, name).cpu().numpy()
+                self._buffer(name, col[0])[a:steps] = block
+        if "finished" in self.bufs and not full:
+            for s, r in zip(range(a, steps), ids):
+                present = [False] * self.rows
+                for i in r.tolist():
+                    present[i] = True
+                self.bufs["finished"][s, [i for i, p in enumerate(present) if not p]] = True
+        for name, items in (("attention", rec.attention), ("residual", rec.residuals)):
+            like = next((x for x in items[:steps] if x is not None), None)
+            if like is None:
+                continue
+            width = self.prompt_length + self.capacity - 1 if name == "attention" else None
+            buf = self._buffer(name, like, width)
+            for s in range(a, steps):
+                x = items[s] if s < len(items) else None
+                buf[s] = 0
+                if x is not None:
+                    where = slice(None) if ids[s - a] is None or full else ids[s - a].cpu().numpy()
+                    buf[s, where, ..., : x.shape[-1]] = x.cpu().numpy()
+        self.done = steps
+
+    def views(self, steps: int) -> dict:
+        """The arrays of the first `steps` steps (views into the buffers, from now on never written)."""
+        import numpy as np
+
+        import weakref
+
+        self._views = [(ref, n) for ref, n in self._views if ref() is not None]
+        out = {}
+        for name, buf in self.bufs.items():
+            out[name] = buf[:steps, ..., : self.prompt_length + steps - 1] if name == "attention" else buf[:steps]
+            self._views.append((weakref.ref(out[name]), steps))
+        if "token_id" not in out:  # nothing recorded yet: zero steps of `rows` rows
+            out["token_id"] = np.zeros((0, self.rows), dtype=np.int64)
+        return out

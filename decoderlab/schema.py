@@ -4,7 +4,7 @@ Why a table: the recorder that writes an array, the trace that reads it, the bui
 trace from another source (an HTTP API gives token strings and logprobs, nothing else), and
 `Trace.load` that checks a file all need to agree on names, dimensions and dtypes. Written down
 here, that agreement is checked instead of assumed. Every array is step-major: its first two
-dimensions are (step, row). Only `token_id` is required; frames show NA where a source did not
+dimensions are (step, row), except the beam tree's, which are (step, candidate). Only `token_id` is required; frames show NA where a source did not
 record an array.
 
 A row that has finished (EOS) emits no more tokens: at its later steps `finished` is True and every
@@ -79,6 +79,17 @@ _FIELDS = [
        "Record(lens=True)"),
     _f("lens_chosen_prob", "step row layer", "float32", "logit lens: the chosen token's probability at each layer",
        "Record(lens=True)"),
+    _f("beam_candidate", "step row", "int64", "beam search: which of the step's candidates the row's token was",
+       "num_beams > 1"),
+    _f("beam_parent", "step cand", "int64", "beam search: each candidate's parent beam (its row in that step's "
+       "forward)", "num_beams > 1"),
+    _f("beam_origin", "step cand", "int64", "beam search: the candidate of the step before that the parent beam "
+       "grew from (-1 at step 0)", "num_beams > 1"),
+    _f("beam_token", "step cand", "int64", "beam search: each candidate's token", "num_beams > 1"),
+    _f("beam_logprob", "step cand", "float32", "beam search: its logprob after the processors", "num_beams > 1"),
+    _f("beam_score", "step cand", "float32", "beam search: the summed logprob of its sequence", "num_beams > 1"),
+    _f("beam_fate", "step cand", "int64", "beam search: 0 continues, 1 finished (normalised score kept), 2 pruned",
+       "num_beams > 1"),
 ]
 
 SCHEMA: dict[str, Field] = {f.name: f for f in _FIELDS}
@@ -104,6 +115,14 @@ def check_arrays(arrays: Mapping[str, np.ndarray], where: str = "trace") -> None
         raise SchemaError(f"{where}: 'token_id' must have dimensions (step, row), got shape {lead}")
     for name, arr in arrays.items():
         shape = np.shape(arr)
+        field = SCHEMA.get(name)
+        if field is not None and field.dims[1] != "row":  # per step, not per row (the beam tree)
+            if len(shape) != len(field.dims) or shape[0] != lead[0]:
+                raise SchemaError(f"{where}: array {name!r} has shape {shape}, the schema says "
+                                  f"({', '.join(field.dims)}) with {lead[0]} steps")
+            if np.dtype(arr.dtype) != np.dtype(field.dtype):
+                raise SchemaError(f"{where}: array {name!r} is {arr.dtype}, the schema says {field.dtype}")
+            continue
         if tuple(shape[:2]) != tuple(lead):
             raise SchemaError(f"{where}: array {name!r} has shape {shape}, but its (step, row) must be {lead} "
                               "like token_id's")

@@ -91,11 +91,27 @@ def _check_range(cfg: GenerationConfig, user: dict[str, Any], only_given: bool =
         if v is not None and not 0 <= v < 1:
             raise bad(word, "must be in [0, 1) (0 turns it off)")
     nb = getattr(cfg, "num_beams", None)
-    if nb is not None and nb != 1:
-        raise StrategyError(f"num_beams={nb}: beam search is not supported yet; decoderlab records num_beams=1")
+    if nb is not None and (isinstance(nb, bool) or not isinstance(nb, int) or nb < 1):
+        raise bad("num_beams", "must be a whole number >= 1 (1: no beam search)")
     nr = getattr(cfg, "num_return_sequences", None)
-    if nr is not None and nr != 1:
-        raise StrategyError(f"num_return_sequences={nr}: one run records one sequence; call generate once per seed")
+    if nr is not None and (isinstance(nr, bool) or not isinstance(nr, int) or nr < 1):
+        raise bad("num_return_sequences", "must be a whole number >= 1")
+    if nr is not None and nr > 1 and (nb or 1) == 1:
+        raise StrategyError(f"num_return_sequences={nr}: without beams one run is one sequence; use seeds=[...] for "
+                            "several samples, or num_beams >= num_return_sequences")
+    if nr is not None and nb is not None and nr > nb:
+        raise StrategyError(f"num_return_sequences={nr} is more than num_beams={nb}: at most num_beams sequences "
+                            "come back")
+    es = getattr(cfg, "early_stopping", None)
+    if es is not None and es not in (True, False, "never"):
+        raise bad("early_stopping", "must be True, False or 'never'")
+    num("length_penalty")  # any number: > 0 favours longer sequences, < 0 shorter
+    ng = getattr(cfg, "num_beam_groups", None)
+    if ng is not None and ng != 1:
+        raise StrategyError(f"num_beam_groups={ng}: diverse (group) beam search is not in decoderlab yet")
+    pa = getattr(cfg, "penalty_alpha", None)
+    if pa is not None:
+        raise StrategyError(f"penalty_alpha={pa}: contrastive search is not in decoderlab yet")
     gs = getattr(cfg, "guidance_scale", None)
     if gs is not None and gs != 1:
         raise StrategyError(f"guidance_scale={gs}: classifier-free guidance runs a second model forward inside a "
@@ -127,6 +143,10 @@ class Strategy:
         return bool(self.config.do_sample)
 
     @property
+    def num_beams(self) -> int:
+        return int(self.config.num_beams or 1)
+
+    @property
     def processor_names(self) -> list[str]:
         return [type(p).__name__ for p in self.processors]
 
@@ -139,7 +159,8 @@ class Strategy:
                   "forced_eos_token_id", "exponential_decay_length_penalty", "renormalize_logits",
                   "remove_invalid_values", "eos_token_id", "pad_token_id")
         out: dict[str, Any] = {"do_sample": self.do_sample}
-        for word in (sampling if self.do_sample else ()) + always:
+        beams = ("num_beams", "length_penalty", "early_stopping", "num_return_sequences") if self.num_beams > 1 else ()
+        for word in (sampling if self.do_sample else ()) + beams + always:
             value = getattr(cfg, word, None)
             if value is not None and value is not False:
                 out[word] = value
@@ -228,7 +249,12 @@ def resolve(
     eos_ids = [] if eos is None else [int(x) for x in torch.as_tensor(eos).flatten().tolist()]
     pad = config._pad_token_tensor
     pad_id = int(pad) if pad is not None else (eos_ids[0] if eos_ids else None)
-    if chooser is not None:
+    if chooser is not None and (config.num_beams or 1) > 1:
+        raise StrategyError("chooser= with num_beams > 1: beam search chooses by its own rule (the top continuations "
+                            "of every beam); give one or the other")
+    if (config.num_beams or 1) > 1:
+        pick, name = (sample if config.do_sample else greedy), ("beam sample" if config.do_sample else "beam search")
+    elif chooser is not None:
         pick, name = chooser, getattr(chooser, "__name__", type(chooser).__name__)
     elif config.do_sample:
         pick, name = sample, "sample"

@@ -51,6 +51,7 @@ class Trace:
 
     row_stop_reasons: list = field(default_factory=list)  # per row: "eos", or the run's stop reason
     seeds: list = field(default_factory=list)  # per row: the seed its draws came from (None: unseeded)
+    row_scores: list = field(default_factory=list)  # per row: beam search's normalised score (empty otherwise)
 
     # ---- basic facts ---------------------------------------------------------------------
     @property
@@ -133,10 +134,37 @@ class Trace:
         """One row per row of the run: its seed, text, length (tokens, EOS included) and why it stopped."""
         n = self.rows
         alive = self._alive() if self.num_steps else np.zeros((0, n), bool)
-        return pd.DataFrame({
+        frame = pd.DataFrame({
             "row": np.arange(n), "seed": pd.array(_pad(self.seeds, n, None), dtype="Int64"),
             "text": _pad(self.texts, n, ""), "length": alive.sum(axis=0).astype(np.int64),
             "stop_reason": _pad(self.row_stop_reasons, n, self.stop_reason),
+        })
+        if self.row_scores:  # beam search: each returned sequence's normalised score, best first
+            frame["score"] = np.array(_pad(self.row_scores, n, np.nan), dtype=np.float64)
+        return frame
+
+    @property
+    def beams(self) -> pd.DataFrame:
+        """Beam search's tree: one row per (step, candidate): the parent beam, the candidate it grew from at
+        the step before (`origin`), the token, its logprob, the sequence's summed score, the candidate's rank
+        among the step's K, its fate (continues, finished, pruned), and the returned rows whose path passes
+        through it (`rows`, a tuple). `generate` keeps none of this; a beam tree is drawn from it."""
+        if "beam_token" not in self.arrays:
+            raise ValueError("this trace is not a beam search: run generate(..., num_beams=B) with B > 1")
+        a = self.arrays
+        s, k = a["beam_token"].shape
+        on_path: dict[tuple[int, int], list[int]] = {}
+        alive = self._alive()
+        for t, r in zip(*np.nonzero(alive)):  # beam_candidate: each row's candidate at each of its steps
+            on_path.setdefault((int(t), int(a["beam_candidate"][t, r])), []).append(int(r))
+        fates = np.array(["continues", "finished", "pruned"], dtype=object)
+        ids = a["beam_token"].reshape(-1)
+        return pd.DataFrame({
+            "step": np.repeat(np.arange(s), k), "candidate": np.tile(np.arange(k), s),
+            "parent": a["beam_parent"].reshape(-1), "origin": a["beam_origin"].reshape(-1),
+            "token_id": ids, "token": self._tok(ids), "logprob": a["beam_logprob"].reshape(-1).astype(np.float64),
+            "score": a["beam_score"].reshape(-1).astype(np.float64), "fate": fates[a["beam_fate"].reshape(-1)],
+            "rows": [tuple(on_path.get((t, c), ())) for t in range(s) for c in range(k)],
         })
 
     def row(self, i: int) -> "Trace":
@@ -148,8 +176,8 @@ class Trace:
             return self
         length = int(self._alive()[:, i].sum()) if self.num_steps else 0
         lazy_lens = "residual" in self.arrays and self.lens_object is not None
-        arrays = {k: np.ascontiguousarray(v[:length, i : i + 1]) for k, v in self.arrays.items()
-                  if not (lazy_lens and k.startswith("lens_"))}
+        arrays = {k: np.ascontiguousarray(v[:length] if _per_step(k) else v[:length, i : i + 1])
+                  for k, v in self.arrays.items() if not (lazy_lens and k.startswith("lens_"))}
         strategy = dict(self.strategy)
         if i < len(self.seeds):
             strategy["seed"] = self.seeds[i]
@@ -158,6 +186,7 @@ class Trace:
             self, arrays=arrays, token_text=self.token_text, strategy=strategy, stop_reason=stop,
             texts=[self.texts[i]] if i < len(self.texts) else [], row_stop_reasons=[stop],
             seeds=[self.seeds[i]] if i < len(self.seeds) else [],
+            row_scores=[self.row_scores[i]] if i < len(self.row_scores) else [],
             prefill_attention={k: v[i : i + 1] for k, v in self.prefill_attention.items()},
         )
 
@@ -313,8 +342,17 @@ class Trace:
     def has_lens(self) -> bool:
         return "lens_id" in self.arrays or ("residual" in self.arrays and self.lens_object is not None)
 
-    def _ensure_lens(self, steps: Sequence[int] | None = None) -> None:
-        """Apply final norm + unembedding to the recorded residuals of `steps` (default: all), batched, once each."""
+    @property
+    def lens_layers(self) -> int:
+        """How many layers the logit lens has (0 without a lens)."""
+        for name in ("lens_id", "residual"):
+            if name in self.arrays:
+                return int(self.arrays[name].shape[2])
+        return 0
+
+    def _ensure_lens(self, steps: Sequence[int] | None = None, layers: Sequence[int] | None = None) -> None:
+        """Apply final norm + unembedding to the recorded residuals of `steps` and `layers` (default: all),
+        batched, once each (a view that shows 16 of 30 layers of one step unembeds just those)."""
         if "residual" not in self.arrays or self.lens_object is None:
             if "lens_id" in self.arrays:
                 return
@@ -329,39 +367,42 @@ class Trace:
                                lens_entropy=np.zeros((s, b, l), np.float32),
                                lens_chosen_rank=np.zeros((s, b, l), np.int64),
                                lens_chosen_prob=np.zeros((s, b, l), np.float32))
-            self._lens_done = np.zeros(s, dtype=bool)
+            self._lens_done = np.zeros((s, l), dtype=bool)
         wanted = np.arange(s) if steps is None else np.asarray(list(steps), dtype=np.int64)
-        todo = wanted[~self._lens_done[wanted]]
+        lay = np.arange(l) if layers is None else np.asarray(list(layers), dtype=np.int64)
+        todo = wanted[~self._lens_done[np.ix_(wanted, lay)].all(axis=1)]
         if len(todo) == 0:
             return
-        flat = torch.from_numpy(res[todo]).reshape(len(todo) * b, l, -1)
+        flat = torch.from_numpy(res[np.ix_(todo, np.arange(b), lay)]).reshape(len(todo) * b, len(lay), -1)
         chosen = torch.from_numpy(np.maximum(self.arrays["token_id"][todo], 0).reshape(-1))  # -1: a finished row
         k = self.arrays["lens_id"].shape[-1]
         ids, probs, entropy, rank, chosen_prob = self.lens_object.top(flat, k, chosen)
-        k = ids.shape[-1]
-        self.arrays["lens_id"][todo] = ids.numpy().reshape(len(todo), b, l, k)
-        self.arrays["lens_prob"][todo] = probs.numpy().reshape(len(todo), b, l, k)
-        self.arrays["lens_entropy"][todo] = entropy.numpy().reshape(len(todo), b, l)
-        self.arrays["lens_chosen_rank"][todo] = rank.numpy().reshape(len(todo), b, l)
-        self.arrays["lens_chosen_prob"][todo] = chosen_prob.numpy().reshape(len(todo), b, l)
-        self._lens_done[todo] = True
+        k, where = ids.shape[-1], np.ix_(todo, np.arange(b), lay)
+        self.arrays["lens_id"][where] = ids.numpy().reshape(len(todo), b, len(lay), k)
+        self.arrays["lens_prob"][where] = probs.numpy().reshape(len(todo), b, len(lay), k)
+        self.arrays["lens_entropy"][where] = entropy.numpy().reshape(len(todo), b, len(lay))
+        self.arrays["lens_chosen_rank"][where] = rank.numpy().reshape(len(todo), b, len(lay))
+        self.arrays["lens_chosen_prob"][where] = chosen_prob.numpy().reshape(len(todo), b, len(lay))
+        self._lens_done[np.ix_(todo, lay)] = True
         missing = {int(i) for i in np.unique(ids.numpy())} - set(self.token_text)
         if missing and getattr(self.lens_object, "token_text", None) is not None:
             for i in missing:
                 self.token_text[i] = self.lens_object.token_text(i)
 
-    def lens_for(self, steps: Sequence[int] | None = None) -> pd.DataFrame:
-        """The logit lens frame for some steps only (computing just those): what `trace.lens` holds for them."""
-        self._ensure_lens(steps)
+    def lens_for(self, steps: Sequence[int] | None = None, layers: Sequence[int] | None = None) -> pd.DataFrame:
+        """The logit lens frame for some steps (and layers) only, computing just those: what `trace.lens`
+        holds for them."""
+        self._ensure_lens(steps, layers)
         sel = np.arange(self.num_steps) if steps is None else np.asarray(list(steps), dtype=np.int64)
-        ids = self.arrays["lens_id"][sel]
+        lay = np.arange(self.arrays["lens_id"].shape[2]) if layers is None else np.asarray(list(layers), dtype=np.int64)
+        ids = self.arrays["lens_id"][np.ix_(sel, np.arange(self.rows), lay)]
         s, b, l, k = ids.shape
         return self._alive_only(sel, l * k, pd.DataFrame({
             "step": np.repeat(sel, b * l * k), "row": np.tile(np.repeat(np.arange(b), l * k), s),
-            "branch": self.branch, "layer": np.tile(np.repeat(np.arange(l), k), s * b),
+            "branch": self.branch, "layer": np.tile(np.repeat(lay, k), s * b),
             "rank": np.tile(np.arange(k), s * b * l),
             "token_id": ids.reshape(-1).astype(np.int64), "token": self._tok(ids.reshape(-1)),
-            "prob": self.arrays["lens_prob"][sel].reshape(-1).astype(np.float64),
+            "prob": self.arrays["lens_prob"][np.ix_(sel, np.arange(b), lay)].reshape(-1).astype(np.float64),
             "chosen": (ids == self.arrays["token_id"][sel][:, :, None, None]).reshape(-1),
         }))
 
@@ -370,18 +411,20 @@ class Trace:
         keep = np.repeat(self._alive()[sel].reshape(-1), per)
         return frame if keep.all() else frame[keep].reset_index(drop=True)
 
-    def lens_stats_for(self, steps: Sequence[int] | None = None) -> pd.DataFrame:
-        """Per (step, row, layer): the lens entropy and the chosen token's rank and prob, for some steps."""
-        self._ensure_lens(steps)
+    def lens_stats_for(self, steps: Sequence[int] | None = None, layers: Sequence[int] | None = None) -> pd.DataFrame:
+        """Per (step, row, layer): the lens entropy and the chosen token's rank and prob, for some steps (and layers)."""
+        self._ensure_lens(steps, layers)
         sel = np.arange(self.num_steps) if steps is None else np.asarray(list(steps), dtype=np.int64)
-        e = self.arrays["lens_entropy"][sel]
+        lay = np.arange(self.arrays["lens_id"].shape[2]) if layers is None else np.asarray(list(layers), dtype=np.int64)
+        where = np.ix_(sel, np.arange(self.rows), lay)
+        e = self.arrays["lens_entropy"][where]
         s, b, l = e.shape
         return self._alive_only(sel, l, pd.DataFrame({
             "step": np.repeat(sel, b * l), "row": np.tile(np.repeat(np.arange(b), l), s),
-            "branch": self.branch, "layer": np.tile(np.arange(l), s * b),
+            "branch": self.branch, "layer": np.tile(lay, s * b),
             "entropy": e.reshape(-1).astype(np.float64),
-            "chosen_rank": self.arrays["lens_chosen_rank"][sel].reshape(-1).astype(np.int64),
-            "chosen_prob": self.arrays["lens_chosen_prob"][sel].reshape(-1).astype(np.float64),
+            "chosen_rank": self.arrays["lens_chosen_rank"][where].reshape(-1).astype(np.int64),
+            "chosen_prob": self.arrays["lens_chosen_prob"][where].reshape(-1).astype(np.float64),
         }))
 
     @cached_property
@@ -408,7 +451,7 @@ class Trace:
             "stop_reason": self.stop_reason, "texts": self.texts, "chooser": self.chooser,
             "attention_layers": self.attention_layers, "attention_heads": self.attention_heads,
             "branch": self.branch, "parent": self.parent, "fork_step": self.fork_step, "lens_top_k": self.lens_top_k,
-            "row_stop_reasons": self.row_stop_reasons, "seeds": self.seeds,
+            "row_stop_reasons": self.row_stop_reasons, "seeds": self.seeds, "row_scores": self.row_scores,
             "arrays": {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in self._saved_arrays().items()},
         }
 
@@ -496,6 +539,7 @@ class Trace:
             parent=meta["parent"], fork_step=meta["fork_step"], lens_top_k=meta["lens_top_k"],
             row_stop_reasons=meta.get("row_stop_reasons", [meta["stop_reason"]] * len(meta["texts"])),
             seeds=meta.get("seeds", [meta["strategy"].get("seed")] * len(meta["texts"])),
+            row_scores=meta.get("row_scores", []),
         )
 
     # ---- rendering (thin forwards to other modules) ------------------------------------------
@@ -512,6 +556,14 @@ class Trace:
         from .html import coloured_text
 
         return f"<div><b>{escape(self.model_name)}</b> · {self.num_steps} steps · stop: {escape(self.stop_reason)}</div>" + coloured_text(self)
+
+
+def _per_step(name: str) -> bool:
+    """Arrays indexed by step alone, not (step, row): the beam tree's."""
+    from .schema import SCHEMA
+
+    field = SCHEMA.get(name)
+    return field is not None and field.dims[1] != "row"
 
 
 def _floats(values: np.ndarray | None, n: int) -> np.ndarray:

@@ -6,29 +6,30 @@ new token looked and what each layer was about to say. And a session invites the
 ("what if it had said X?"), so the explorer adds next-token, force-a-candidate, rewind and fork.
 
 Why only stock ipywidgets 8: they render in JupyterLab, Notebook 7, VS Code and Voilà with no
-front-end code of ours and nothing fetched from a CDN. The figures come from `decoderlab.plots`,
-rendered once to PNG bytes (cached per step/layer/head) and swapped into `ipywidgets.Image.value`,
-so moving through steps redraws in place: no flicker, no output area that keeps growing.
+front-end code of ours and nothing fetched from a CDN. A click must be answered at once (200 ms), so
+a step's panels are HTML built from its numbers (`decoderlab.panels`, milliseconds; a matplotlib
+figure costs half a second), cached per step/layer/head and swapped into `ipywidgets.HTML.value`:
+moving through steps redraws in place, with no flicker and no output area that keeps growing.
 
 Every part a user or a browser test needs to find carries a CSS class (`dl-...`, see `CSS_CLASSES`).
 """
 from __future__ import annotations
 
-import io
-import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
 import ipywidgets as W
+import numpy as np
 
-from .display import (TraceLike, escape, format_prob, format_rank, prob_colour, short_processor, strategy_summary,
-                      token_label)
+from . import panels
+from .display import (TraceLike, escape, format_number, format_prob, format_rank, prob_colour, short_processor,
+                      strategy_summary, token_label)
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from .session import Session
 
-__all__ = ["show", "explore", "TraceView", "SessionExplorer", "CSS_CLASSES", "figure_png"]
+__all__ = ["show", "explore", "TraceView", "SessionExplorer", "CSS_CLASSES"]
 
 # The stable selectors, for notebooks that restyle and for browser tests.
 CSS_CLASSES = {
@@ -40,12 +41,12 @@ CSS_CLASSES = {
     "dl-row": "the row picker, for a trace of several rows (a batch of seeds); absent for one row",
     "dl-step-slider": "the step slider",
     "dl-step-label": "the selected step's number, token and how it was chosen, as text",
-    "dl-distribution": "the selected step's top candidates (PNG)",
+    "dl-distribution": "the selected step's top candidates, raw and final probability bars (HTML)",
     "dl-processors": "what each logits processor did at the selected step (HTML table)",
-    "dl-attention": "the selected step's attention (PNG)",
+    "dl-attention": "the selected step's attention over its context (HTML)",
     "dl-layer": "attention layer picker",
     "dl-head": "attention head picker",
-    "dl-lens": "the selected step's logit lens (PNG)",
+    "dl-lens": "the selected step's logit lens, layers x top tokens (HTML)",
     "dl-next": "explorer: decode the next token",
     "dl-next-10": "explorer: decode ten tokens",
     "dl-candidates": "explorer: the next step's candidates",
@@ -58,64 +59,32 @@ CSS_CLASSES = {
     "dl-status": "explorer: what the last action did (dl-error when it failed)",
 }
 
-DPI = 100
-PANEL_WIDTH_PX = 620  # half a JupyterLab notebook; figures are squeezed to at most this width
-WIDE_WIDTH_PX = 1200  # full-width panels (attention)
-MAX_HEIGHT_IN = 5.5  # and to at most this height (inches at DPI): a panel stays on one screen
-
 
 # ---- small helpers -------------------------------------------------------------------------------------
-def figure_png(fig, width_px: int | None = None, max_height_in: float | None = None, dpi: int = DPI) -> bytes:
-    """A matplotlib Figure as PNG bytes, squeezed to at most `width_px` wide and `max_height_in` tall
-    (text keeps its size; the axes give way); the figure is closed."""
-    import matplotlib.pyplot as plt
+# Every token button shares one layout, and one style per (colour, forced): a button is one widget, not three.
+_TOKEN_LAYOUT = W.Layout(width="auto", height="24px", margin="1px", padding="0 3px")
+_TOKEN_STYLES: dict[tuple[str, bool], W.ButtonStyle] = {}
 
-    try:
-        w, h = fig.get_size_inches()
-        if width_px is not None and w * dpi > width_px:
-            scale = width_px / (w * dpi)
-            w, h = w * scale, max(h * scale ** 0.5, 2.4)
-        if max_height_in is not None:
-            h = min(h, max_height_in)
-        if (w, h) != tuple(fig.get_size_inches()):
-            fig.set_size_inches(w, h)
-        buf = io.BytesIO()
-        with warnings.catch_warnings():  # a missing glyph must not print into the notebook from a callback
-            warnings.simplefilter("ignore")
-            fig.savefig(buf, format="png", dpi=dpi, facecolor="white", bbox_inches="tight", pad_inches=0.08)
-        return buf.getvalue()
-    finally:
-        plt.close(fig)  # harmless for figures built without pyplot
+# The selected token's outline, and the panels' style: one sheet per view.
+VIEW_CSS = """
+.dl-token.dl-selected{outline:2px solid #222;outline-offset:-1px}
+"""
 
 
-def _image_layout() -> W.Layout:
-    """Natural size, shrunk (never stretched) to its column: a flex column would stretch an <img>."""
-    return W.Layout(max_width="100%", height="auto", align_self="flex-start")
-
+def _token_style(prob: float, forced: bool) -> W.ButtonStyle:
+    """The shared style of a token button: background by probability (to 1%), forced tokens bold and underlined."""
+    colour = prob_colour(round(float(prob), 2) if prob == prob else prob)
+    style = _TOKEN_STYLES.get((colour, forced))
+    if style is None:
+        style = _TOKEN_STYLES[(colour, forced)] = W.ButtonStyle(
+            button_color=colour, font_size="13px", font_weight="bold" if forced else "normal",
+            text_decoration="underline" if forced else "none")
+    return style
 
 def _classed(widget: W.Widget, *classes: str) -> W.Widget:
     for c in classes:
         widget.add_class(c)
     return widget
-
-
-def _message(text: str, kind: str = "info") -> str:
-    colour = {"info": "#555", "error": "#b00020"}[kind]
-    return f"<span style='color:{colour}'>{escape(text)}</span>"
-
-
-TABLE_STYLE = ("border-collapse:collapse;font-size:12px;font-family:var(--jp-code-font-family, monospace);"
-               "line-height:1.5")
-CELL = "padding:1px 8px;border-bottom:1px solid #ddd;text-align:{align}"
-
-
-def _table(header: list[str], rows: list[list[str]], aligns: str) -> str:
-    """A small HTML table (cells already escaped)."""
-    def cells(values, tag):
-        return "".join(f"<{tag} style='{CELL.format(align='left' if a == 'l' else 'right')}'>{v}</{tag}>"
-                       for v, a in zip(values, aligns))
-    body = "".join(f"<tr>{cells(r, 'td')}</tr>" for r in rows)
-    return f"<table style='{TABLE_STYLE}'><tr>{cells(header, 'th')}</tr>{body}</table>"
 
 
 # ---- the trace view --------------------------------------------------------------------------------------
@@ -138,9 +107,11 @@ class TraceView(W.VBox):
         self._trace: Trace | None = None
         self._row = 0
         self._steps_shown = 0  # the shown row's steps before it finished (padding after them is not text)
-        self._cache: dict[tuple, bytes] = {}
+        self._cache: dict[tuple, str] = {}  # rendered panels, by (panel, row, step, ...)
         self._busy = False
         self._token_buttons: list[W.Button] = []
+        self._text_key = None  # the numbers the token buttons show (see _draw_text)
+        self._text_owner = None
 
         self.header = _classed(W.HTML(), "dl-header")
         self.text = _classed(W.Box(layout=W.Layout(display="flex", flex_flow="row wrap", align_items="center",
@@ -150,16 +121,15 @@ class TraceView(W.VBox):
         self.slider = _classed(W.IntSlider(value=0, min=0, max=0, description="step", continuous_update=False,
                                            layout=W.Layout(width="420px")), "dl-step-slider")
         self.step_label = _classed(W.HTML(layout=W.Layout(margin="0 0 0 12px", flex="1 1 auto")), "dl-step-label")
-        self.distribution = _classed(W.Image(format="png", layout=_image_layout()),
-                                     "dl-distribution")
+        self.style = W.HTML(f"<style>{VIEW_CSS}{panels.PANEL_CSS}</style>", layout=W.Layout(display="none"))
+        self.distribution = _classed(W.HTML(), "dl-distribution")
         self.processors = _classed(W.HTML(), "dl-processors")
         self.layer = _classed(W.Dropdown(description="layer", layout=W.Layout(width="200px")), "dl-layer")
         self.head = _classed(W.Dropdown(description="head", layout=W.Layout(width="200px")), "dl-head")
-        self.attention = _classed(W.Image(format="png", layout=_image_layout()),
-                                  "dl-attention")
-        self.lens = _classed(W.Image(format="png", layout=_image_layout()), "dl-lens")
+        self.attention = _classed(W.HTML(layout=W.Layout(width="100%")), "dl-attention")
+        self.lens = _classed(W.HTML(), "dl-lens")
         self.problems = _classed(W.HTML(), "dl-problems")
-        self._no_tokens = W.HTML(_message("no tokens yet"))
+        self._no_tokens = W.HTML(panels.message("no tokens yet"))
 
         title = lambda text: W.HTML(f"<b>{escape(text)}</b>")  # noqa: E731
         self.distribution_panel = W.VBox([title("candidates at this step"), self.distribution,
@@ -176,7 +146,7 @@ class TraceView(W.VBox):
             self.attention_panel,
         ], layout=W.Layout(width="100%"))
         self.controls = W.HBox([self.slider, self.step_label], layout=W.Layout(align_items="center", width="100%"))
-        super().__init__([self.header, self.text, self.controls, self.problems, self.panels],
+        super().__init__([self.style, self.header, self.text, self.controls, self.problems, self.panels],
                          layout=W.Layout(width="100%"))
         self.add_class("dl-trace-view")
 
@@ -221,12 +191,22 @@ class TraceView(W.VBox):
         if row != self._row:
             self.row_picker.value = row  # -> _on_row -> _show_row
 
+    def forget_trace(self) -> None:
+        """Let go of the shown trace until `set_trace` gives a newer one: a session's next trace can then
+        reuse the host buffers in place instead of copying them (nothing else holds the old views)."""
+        self._trace = None
+        self._cache.clear()
+
     def set_trace(self, trace: TraceLike, step: int | None = None, row: int | None = None) -> None:
         """Show another trace (a session's newer state) in place; select `row` (default: the row shown,
         if the new trace has it, else 0) and `step` (default: the last)."""
         if row is not None and not 0 <= row < trace.rows:
             raise IndexError(f"row {row} is outside this trace's {trace.rows} rows")
         row = row if row is not None else self._row if self._row < trace.rows else 0
+        owner = (trace.chooser, trace.model_name)
+        if owner != self._text_owner:
+            self._text_key = None  # the buttons' words name the chooser: write them all again
+        self._text_owner = owner
         self._trace = trace
         self._cache.clear()
         self._busy = True
@@ -284,28 +264,45 @@ class TraceView(W.VBox):
         return st[st["row"] == self._row]
 
     def _draw_text(self) -> None:
+        """One button per token, coloured by its probability. Buttons are reused, share one layout and
+        one style per colour, and are touched only where what they show changed: a session's next step
+        sends the front end one new button, not four hundred updates."""
         n = self._steps_shown
         rows = self._row_steps() if n else None
-        while len(self._token_buttons) < n:  # reuse buttons: a session adds tokens one at a time
-            b = _classed(W.Button(layout=W.Layout(width="auto", height="24px", margin="1px", padding="0 3px")),
-                         "dl-token")
-            b.style.font_size = "13px"
+        while len(self._token_buttons) < n:
+            b = _classed(W.Button(layout=_TOKEN_LAYOUT), "dl-token")
             b.on_click(self._on_token)
+            b._dl_shown = None
             self._token_buttons.append(b)
-        for i in range(n):
-            r = rows.iloc[i]
-            b = self._token_buttons[i]
-            b._dl_step = i
-            forced = bool(r["forced"])
-            b.description = token_label(r["token"], 24)
-            b.tooltip = (f"step {i}: {r['token']!r} · p={format_prob(r['prob'])} (rank {format_rank(r['rank'])})"
-                         f" · final p={format_prob(r['final_prob'])} · {'forced' if forced else r['choice']}")
-            b.style.button_color = prob_colour(r["prob"])
-            b.style.font_weight = "bold" if forced else "normal"
-            b.style.text_decoration = "underline" if forced else "none"
+        if n:
+            # what each button shows, as numbers: only buttons whose numbers changed are written again
+            key = np.column_stack([rows[c].to_numpy(np.float64, na_value=np.nan)
+                                   for c in ("token_id", "prob", "final_prob", "rank", "forced")])
+            prev = self._text_key
+            same = np.zeros(n, dtype=bool)
+            if prev is not None:
+                m = min(n, len(prev))
+                same[:m] = ((key[:m] == prev[:m]) | (np.isnan(key[:m]) & np.isnan(prev[:m]))).all(axis=1)
+            self._text_key = key
+            changed = np.flatnonzero(~same)
+            sub = rows.iloc[changed] if len(changed) < n else rows
+            cols = zip(changed.tolist(), sub["token"], sub["prob"], sub["rank"], sub["final_prob"], sub["forced"],
+                       sub["choice"])
+            for i, token, prob, rank, final_prob, forced, choice in cols:
+                b = self._token_buttons[i]
+                forced = bool(forced)
+                shown = (token_label(token, 24),
+                         f"step {i}: {token!r} · p={format_prob(prob)} (rank {format_rank(rank)})"
+                         f" · final p={format_prob(final_prob)} · {'forced' if forced else choice}",
+                         _token_style(prob, forced))
+                if b._dl_shown != shown:
+                    b.description, b.tooltip, b.style = shown
+                    b._dl_shown = shown
+                b._dl_step = i
         shown = self._token_buttons[:n] or [self._no_tokens]
         if list(self.text.children) != shown:
             self.text.children = shown
+        # the dl-selected class stays on its button (classes outlive a rewrite): _redraw moves it from there
 
     def _set_pickers(self) -> None:
         tr = self.trace
@@ -327,9 +324,10 @@ class TraceView(W.VBox):
             self.head.value = keep
 
     # ---- drawing ---------------------------------------------------------------------------------------
-    def _png(self, key: tuple, make: Callable[[], Any], width: int, max_height_in: float | None = None) -> bytes:
+    def _panel(self, key: tuple, make: Callable[[], str]) -> str:
+        """A panel's HTML, made once per key (a step revisited is shown from the cache)."""
         if key not in self._cache:
-            self._cache[key] = figure_png(make(), width, max_height_in)
+            self._cache[key] = make()
         return self._cache[key]
 
     def _attention_args(self) -> tuple[int | None, int | str | None]:
@@ -344,9 +342,9 @@ class TraceView(W.VBox):
     def _redraw(self) -> None:
         """Draw the selected step's panels, then the tokens' selection and the step label, last: once the
         label names a step, every panel shows that step."""
-        from . import plots
-
         tr, n, row = self.trace, self._steps_shown, self._row
+        if tr is None:  # between forget_trace and set_trace (a failed rebuild): nothing to draw
+            return
         if n == 0:
             self._mark_selected(None)
             self.step_label.value = "step –: nothing decoded yet"
@@ -362,22 +360,21 @@ class TraceView(W.VBox):
             except Exception as err:  # one broken panel must not blank the others
                 problems.append(f"{name}: {type(err).__name__}: {err}")
 
-        # cache keys name the row too: step 3 of row 0 and step 3 of row 1 are different figures
-        panel("candidates", lambda: setattr(self.distribution, "value", self._png(
-            ("dist", row, s), lambda: plots.distribution(tr, s, k=self.k, row=row), PANEL_WIDTH_PX)))
-        panel("processors", lambda: setattr(self.processors, "value", self._processor_table(s)))
+        # cache keys name the row too: step 3 of row 0 and step 3 of row 1 are different panels
+        panel("candidates", lambda: setattr(self.distribution, "value", self._panel(
+            ("dist", row, s), lambda: panels.candidates_panel(tr, s, row=row, k=self.k))))
+        panel("processors", lambda: setattr(self.processors, "value", self._panel(
+            ("proc", row, s), lambda: panels.processors_panel(tr, s, row=row))))
         self.attention_panel.layout.display = None if tr.has_attention else "none"
         if tr.has_attention:
             layer, head = self._attention_args()
-            panel("attention", lambda: setattr(self.attention, "value", self._png(
-                ("att", row, s, layer, head),
-                lambda: plots.attention(tr, s, layer=layer, head=head, row=row, window=self.window),
-                WIDE_WIDTH_PX, MAX_HEIGHT_IN)))
+            panel("attention", lambda: setattr(self.attention, "value", self._panel(
+                ("att", row, s, layer, head), lambda: panels.attention_panel(tr, s, row=row, layer=layer, head=head))))
         self.lens_panel.layout.display = None if tr.has_lens else "none"
         if tr.has_lens:
-            panel("lens", lambda: setattr(self.lens, "value", self._png(
-                ("lens", row, s), lambda: plots.lens(tr, s, row=row, max_layers=self.lens_layers), PANEL_WIDTH_PX)))
-        self.problems.value = "<br>".join(_message(p, "error") for p in problems)
+            panel("lens", lambda: setattr(self.lens, "value", self._panel(
+                ("lens", row, s), lambda: panels.lens_panel(tr, s, row=row, max_layers=self.lens_layers))))
+        self.problems.value = "<br>".join(panels.message(p, "error") for p in problems)
 
         r = self._row_steps().iloc[s]
         how = "forced" if bool(r["forced"]) else str(r["choice"])
@@ -386,30 +383,21 @@ class TraceView(W.VBox):
         self.step_label.value = (
             f"<span style='font-size:14px'>{which}<b>step {s}</b> of 0–{n - 1}: "
             f"<code>{escape(token_label(r['token'], 32))}</code>"
-            f" · {how} · p={format_prob(r['prob'])} (rank {format_rank(r['rank'])}) · final p={format_prob(r['final_prob'])}"
-            f" · entropy {float(r['entropy']):.2f}</span>")
+            f" · {escape(how)} · p={format_prob(r['prob'])} (rank {format_rank(r['rank'])})"
+            f" · final p={format_prob(r['final_prob'])} · entropy {format_number(r['entropy'])}</span>")
         if self.on_step is not None:
             self.on_step(s)
 
     def _mark_selected(self, step: int | None) -> None:
-        for i, b in enumerate(self._token_buttons[: self._steps_shown]):
-            if i == step:
-                b.layout.border = "2px solid #222"
-                b.add_class("dl-selected")
-            else:
-                b.layout.border = "1px solid #ccc"
-                b.remove_class("dl-selected")
-
-    def _processor_table(self, step: int) -> str:
-        tr = self.trace
-        p = tr.processors
-        p = p[(p["step"] == step) & (p["row"] == self._row)].sort_values("order") if len(p) else p
-        if not len(p):
-            return _message("no logits processors ran: the choice was made on the raw logits")
-        rows = [[escape(short_processor(x["processor"])), f"{100 * x['mass_removed']:.2f}%",
-                 f"{int(x['rank_before'])} → {int(x['rank_after'])}", format_prob(x["prob_after"])]
-                for _, x in p.iterrows()]
-        return _table(["processor", "mass removed", "chosen rank", "chosen p after"], rows, "lrrr")
+        """Outline the selected token (the `dl-selected` class), touching only the old and the new one."""
+        old = getattr(self, "_selected", None)
+        if old == step:
+            return
+        if old is not None and old < len(self._token_buttons):
+            self._token_buttons[old].remove_class("dl-selected")
+        if step is not None:
+            self._token_buttons[step].add_class("dl-selected")
+        self._selected = step
 
     # ---- events ----------------------------------------------------------------------------------------
     def _on_row(self, change) -> None:
@@ -525,11 +513,11 @@ class SessionExplorer(W.VBox):
         buttons = [self.next_button, self.next10_button, self.rewind_button, self.fork_button]
         for b in buttons:
             b.disabled = True
-        self.status.value = _message("working…")
+        self.status.value = panels.message("working…")
         try:
             action()
         except Exception as err:  # shown, not lost in the kernel log
-            self.status.value = _message(f"{type(err).__name__}: {err}", "error")
+            self.status.value = panels.message(f"{type(err).__name__}: {err}", "error")
             self.status.add_class("dl-error")
         finally:
             for b in buttons:
@@ -543,6 +531,7 @@ class SessionExplorer(W.VBox):
 
     def _refresh(self, message: str = "", kind: str = "info") -> None:
         s = self.session
+        self.view.forget_trace()
         self.view.set_trace(s.trace)
         self.rewind_to.max = s.steps
         self.rewind_to.value = max(s.steps - 1, 0)
@@ -561,12 +550,12 @@ class SessionExplorer(W.VBox):
         self.status.remove_class("dl-error")
         if kind == "error":
             self.status.add_class("dl-error")
-        self.status.value = _message(message, kind)
+        self.status.value = panels.message(message, kind)
 
     def _draw_candidates(self) -> None:
         s = self.session
         if s.done:
-            self.candidates.children = [W.HTML(_message("ended at EOS: rewind or fork to continue"))]
+            self.candidates.children = [W.HTML(panels.message("ended at EOS: rewind or fork to continue"))]
             return
         cands = s.candidates(k=self.k)
         buttons = []

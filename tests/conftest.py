@@ -94,3 +94,20 @@ def tiny_lm(request, tiny_lms):
 @pytest.fixture(scope="session")
 def smol():
     return dl.load()
+
+
+# ---- timings that tests report (printed at the end of the run, never asserted) -----------------------
+TIMINGS: list[tuple[str, float]] = []
+
+
+@pytest.fixture
+def timing():
+    """`timing(what, seconds)`: report a measured time in the run's summary (speed is measured, not asserted)."""
+    return lambda what, seconds: TIMINGS.append((what, seconds))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TIMINGS:
+        terminalreporter.section("decoderlab timings (measured, not asserted)")
+        for what, seconds in TIMINGS:
+            terminalreporter.write_line(f"{1000 * seconds:8.0f} ms  {what}")

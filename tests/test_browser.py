@@ -74,7 +74,7 @@ def step_of(label) -> int:
     return int(m.group(1))
 
 
-def test_step_through_notebook(page, lab):
+def test_step_through_notebook(page, lab, timing):
     ran = open_and_run_all(page, lab, "01_step_through.ipynb")
     print(f"\n[timing] 01_step_through run-all in the browser: {ran:.1f}s")
     assert_clean_outputs(page)
@@ -90,12 +90,15 @@ def test_step_through_notebook(page, lab):
     expect(view.locator(".dl-attention")).to_be_visible()
     assert tokens.count() > 10
     start = step_of(label)
-    src = dist.get_attribute("src")
+    before = dist.inner_html()
     handle = view.locator(".dl-step-slider").get_by_role("slider")
     handle.focus()
+    t0 = time.perf_counter()
     handle.press("ArrowRight")
-    expect(label).to_contain_text(f"step {start + 1} ")
-    expect(dist).not_to_have_attribute("src", src)
+    expect(label).to_contain_text(f"step {start + 1} ")  # the label is the last thing a move updates
+    expect(dist).to_contain_text(f"step {start + 1} ")
+    timing("browser: slider move, key press to updated page (show, 01_step_through)", time.perf_counter() - t0)
+    assert dist.inner_html() != before
     selected = view.locator(".dl-token.dl-selected")
     expect(selected).to_have_count(1)
     expect(label.locator("code")).to_have_text(selected.inner_text().strip())  # the label names that step's token
@@ -115,10 +118,12 @@ def test_step_through_notebook(page, lab):
     assert n0 == 8, n0
     expect(ex_label).to_contain_text(f"step {n0 - 1} ")
 
+    t0 = time.perf_counter()
     explorer.locator(".dl-next").click()
+    expect(status).to_contain_text("decoded")  # the last thing an action updates
+    timing("browser: next token, click to updated page (explore, 01_step_through)", time.perf_counter() - t0)
     expect(ex_tokens).to_have_count(n0 + 1)
     expect(ex_label).to_contain_text(f"step {n0} ")
-    expect(status).to_contain_text("decoded")
 
     candidate = explorer.locator(".dl-candidate").nth(1)
     wanted = candidate.inner_text().rsplit(maxsplit=1)[0].strip()  # "␣brave  0.12" -> "␣brave"
@@ -150,14 +155,12 @@ def test_attention_and_lens_notebook(page, lab):
     view = page.locator(".dl-trace-view").last
     expect(view.locator(".dl-step-label")).to_contain_text("Paris")
     att = view.locator(".dl-attention")
-    src = att.get_attribute("src")
+    expect(att).to_contain_text("every layer, mean of heads")
     view.locator(".dl-layer select").select_option(label="29")
-    expect(att).not_to_have_attribute("src", src)
-    src = att.get_attribute("src")
+    expect(att).to_contain_text("layer 29, mean of heads")
     view.locator(".dl-head select").select_option(label="every head")
-    expect(att).not_to_have_attribute("src", src)
-    expect(view.locator(".dl-lens")).to_be_visible()
-    time.sleep(0.5)  # let the new PNG paint before the screenshot
+    expect(att).to_contain_text("head 8")  # one line per head
+    expect(view.locator(".dl-lens")).to_contain_text("what each layer would say")
     save_screenshot(view, "attention_lens.png", docs_name="attention_lens.png")
     assert not page.errors, page.errors
 

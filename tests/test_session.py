@@ -259,3 +259,48 @@ def test_failed_fork_adds_no_branch(lm):
         with pytest.raises(SessionError, match="fork"):
             s.fork(at=at)
     assert len(s.branches) == 1 and len(s.tree) == 1
+
+
+def test_a_kept_trace_never_changes_and_incremental_arrays_equal_a_rebuild(tiny_lms):
+    """Sessions convert each step to the host once and reuse the buffers; a trace taken earlier must stay
+    exactly as it was through later steps, rewinds and forks, and every trace must equal one built afresh."""
+    import numpy as np
+
+    lm = tiny_lms["mistral"]  # a sliding window too
+    s = lm.session("Once upon a time", record=dl.Record(attention=True, lens=True), do_sample=True, seed=5)
+    s.step(6)
+    kept = s.trace
+    snapshot = {k: np.array(v, copy=True) for k, v in kept.arrays.items()}
+    s.rewind(2)
+    s.choose(rank=3)
+    s.step(5)
+    child = s.fork(at=4)
+    child.step(3)
+    s.step(2)
+    for name, before in snapshot.items():
+        np.testing.assert_array_equal(kept.arrays[name], before, err_msg=name)
+    for branch in (s, child):
+        incremental = branch.trace.arrays
+        branch.recording._host = None  # rebuild every array from the recorded tensors
+        branch._trace = None
+        fresh = branch.trace.arrays
+        assert incremental.keys() == fresh.keys()
+        for name in fresh:
+            np.testing.assert_array_equal(incremental[name], fresh[name], err_msg=name)
+
+
+def test_a_slice_kept_without_its_trace_never_changes(tiny_lms):
+    import numpy as np
+
+    lm = tiny_lms["llama"]
+    s = lm.session("Once upon a time", record=dl.Record(attention=True), do_sample=True, seed=2)
+    s.step(6)
+    piece = s.trace.arrays["token_id"][:, 0]  # the trace itself is dropped at the next rewind
+    attention = s.trace.arrays["attention"][:, 0, 0, 0]
+    before, att_before = piece.copy(), attention.copy()
+    s.rewind(1)
+    s.choose(rank=4)
+    s.step(4)
+    assert s.trace.token_ids[1] != before[1]  # the rows were written again ...
+    np.testing.assert_array_equal(piece, before)  # ... but not under the slice
+    np.testing.assert_array_equal(attention, att_before)

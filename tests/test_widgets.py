@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 
 import decoderlab as dl
-from decoderlab import widgets
+from decoderlab import panels, widgets
+from decoderlab.builder import from_tokens
 from decoderlab.display import escape, prob_colour, strategy_summary, token_label
 from decoderlab.widgets import SessionExplorer, TraceView
 from test_plots import hand_trace, row_length, row_token
 
-PNG = b"\x89PNG\r\n\x1a\n"
 FULL = dl.Record(attention=True, lens=True)
+PANELS = ("candidates_panel", "processors_panel", "attention_panel", "lens_panel")
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +42,42 @@ def label_step(view: TraceView) -> int:
     return int(re.search(r"step (\d+)</b>", view.step_label.value).group(1))
 
 
+def step_panels(view: TraceView) -> list[W.HTML]:
+    """The panels that name the step they show (the processors table does not)."""
+    return [view.distribution, view.attention, view.lens]
+
+
+def names_step(panel: W.HTML, step: int) -> bool:
+    return f"<b>step {step}</b>" in panel.value
+
+
+def all_widgets(widget: W.Widget) -> list[W.Widget]:
+    return [widget] + [w for child in getattr(widget, "children", ()) for w in all_widgets(child)]
+
+
+def count_calls(monkeypatch) -> dict[str, list]:
+    """Spy on the panel functions the widgets call: name -> the (step, row) of each call."""
+    calls: dict[str, list] = {name: [] for name in PANELS}
+    for name in PANELS:
+        def spy(trace, step, *a, _name=name, _draw=getattr(panels, name), **kw):
+            calls[_name].append((step, kw.get("row")))
+            return _draw(trace, step, *a, **kw)
+        monkeypatch.setattr(panels, name, spy)
+    return calls
+
+
 def test_show_builds_every_panel_for_a_full_trace(trace):
     view = dl.show(trace)
     assert isinstance(view, TraceView) and isinstance(view, W.VBox)
     assert "dl-trace-view" in classes(view)
-    assert view.step == trace.num_steps - 1 == label_step(view)  # opens on the last step
-    for img in (view.distribution, view.attention, view.lens):
-        assert bytes(img.value).startswith(PNG)
+    last = trace.num_steps - 1
+    assert view.step == last == label_step(view)  # opens on the last step
+    for panel in step_panels(view):
+        assert isinstance(panel, W.HTML) and names_step(panel, last)
+    assert not [w for w in all_widgets(view) if isinstance(w, W.Image)]  # no figures: HTML only
+    assert escape(token_label(trace.steps.token[last], 32)) in view.distribution.value
+    assert "dlp-query" in view.attention.value and "what each layer would say" in view.lens.value
+    assert panels.PANEL_CSS in view.style.value  # the panels' classes are styled
     assert view.attention_panel.layout.display is None and view.lens_panel.layout.display is None
     assert len([b for b in view.text.children if "dl-token" in classes(b)]) == trace.num_steps
     assert "TopK" in view.processors.value and "TopP" in view.processors.value
@@ -59,22 +89,27 @@ def test_show_builds_every_panel_for_a_full_trace(trace):
         assert css in classes(widget) and css in widgets.CSS_CLASSES
 
 
-def test_sliding_redraws_in_place(trace):
+def test_sliding_redraws_in_place(trace, monkeypatch):
+    calls = count_calls(monkeypatch)
     view = dl.show(trace, step=0)
     assert label_step(view) == 0
-    images = (view.distribution, view.attention, view.lens)
-    before = [bytes(img.value) for img in images]
+    shown = step_panels(view) + [view.processors]
+    before = [p.value for p in shown]
+    assert all(names_step(p, 0) for p in step_panels(view))
     children = list(view.children)
     view.slider.value = 3
     assert label_step(view) == 3
     token = trace.steps.token[3]
-    assert token_label(token, 32) in view.step_label.value.replace("&#x27;", "'").replace("&quot;", '"') \
-        or token.strip() == ""
-    after = [bytes(img.value) for img in images]
-    assert all(a != b for a, b in zip(after, before))  # every panel is the new step's
+    assert escape(token_label(token, 32)) in view.step_label.value
+    assert escape(token_label(token, 32)) in view.distribution.value
+    assert all(names_step(p, 3) and not names_step(p, 0) for p in step_panels(view))  # every panel is the new step's
+    assert [p.value for p in shown] != before and view.processors.value != before[-1]
     assert list(view.children) == children  # same widgets, new values: nothing appended
+    drawn = {name: list(c) for name, c in calls.items()}
+    assert drawn == {name: [(0, 0), (3, 0)] for name in PANELS}
     view.slider.value = 0
-    assert [bytes(img.value) for img in images] == before  # cached bytes, identical figures
+    assert [p.value for p in shown] == before  # identical strings ...
+    assert calls == drawn  # ... from the cache: nothing drawn again
 
 
 def test_clicking_a_token_selects_its_step(trace):
@@ -90,29 +125,77 @@ def test_clicking_a_token_selects_its_step(trace):
 def test_token_buttons_are_coloured_by_probability(trace):
     view = dl.show(trace)
     tokens = [b for b in view.text.children if "dl-token" in classes(b)]
+    assert len(tokens) == trace.num_steps
     for b, p in zip(tokens, trace.steps.prob):
-        assert b.style.button_color == prob_colour(p)
+        assert b.style.button_color == prob_colour(round(p, 2))  # to 1%: few distinct styles
+        assert b.style.font_weight == "normal" and b.style.text_decoration == "none"
+        assert b.layout is widgets._TOKEN_LAYOUT and not b.layout.border  # selection is a class, not a border
     assert prob_colour(0.0) == "#ef8a62" and prob_colour(1.0) == "#67a9cf"
     assert prob_colour(0.5) == "#f7f7f7" and prob_colour(7) == "#67a9cf"
 
 
-def test_layer_and_head_pickers_change_the_attention_plot(trace):
+def test_token_buttons_share_layout_and_styles_and_forced_ones_are_bold():
+    tokens = [" The", " cat", " sat", " on", " the", " mat"]
+    tr = hand_trace(tokens, forced=(1, 4))
+    view = dl.show(tr)
+    buttons = [b for b in view.text.children if "dl-token" in classes(b)]
+    assert [b.description for b in buttons] == [token_label(t, 24) for t in tokens]
+    assert all(b.layout is widgets._TOKEN_LAYOUT for b in buttons)  # one layout for every token
+    for b, p, forced in zip(buttons, tr.steps.prob, tr.steps.forced):
+        assert b.style.button_color == prob_colour(round(p, 2))
+        look = ("bold", "underline") if forced else ("normal", "none")
+        assert (b.style.font_weight, b.style.text_decoration) == look
+        assert ("forced" in b.tooltip) == bool(forced)
+    # one style per (colour, forced): buttons that look the same share one ButtonStyle widget
+    looks = {(b.style.button_color, b.style.font_weight) for b in buttons}
+    assert len({id(b.style) for b in buttons}) == len(looks)
+    same = [b for b in buttons if (b.style.button_color, b.style.font_weight) == (buttons[0].style.button_color,
+                                                                                   buttons[0].style.font_weight)]
+    assert all(b.style is buttons[0].style for b in same)
+
+
+def test_exactly_one_token_is_selected_whatever_moves_the_selection():
+    tr = hand_trace([" a", " b", " c", " d", " e", " f", " g"], rows=2)  # row 1 has five steps
+
+    def selected(view):
+        return [i for i, b in enumerate(view._token_buttons) if "dl-selected" in classes(b)]
+
+    view = dl.show(tr, step=6)
+    assert selected(view) == [6]
+    view.set_trace(tr, step=2)  # a new trace in place, at another step
+    assert selected(view) == [2] and view.step == 2
+    view.select(5)
+    view.select_row(1)  # row 1 is shorter: the last of its steps
+    assert view.step == 4 and selected(view) == [4]
+    view.select_row(0)
+    view.select(1)
+    assert selected(view) == [1]
+    view.set_trace(tr.row(1))
+    assert selected(view) == [4]
+
+
+def test_layer_and_head_pickers_change_the_attention_panel(trace):
     view = dl.show(trace, step=2)
     layers = [v for _, v in view.layer.options]
     assert layers == ["every", *[str(x) for x in trace.attention_layers]]
     heads = [v for _, v in view.head.options]
     assert heads == ["mean", *[str(h) for h in trace.attention_heads]]  # no "every head" without a layer
-    seen = {bytes(view.attention.value)}
+    assert "<b>every layer, mean of heads</b>" in view.attention.value
+    seen = {view.attention.value}
     view.layer.value = "1"
     assert "all" in [v for _, v in view.head.options]
-    seen.add(bytes(view.attention.value))
+    assert "<b>layer 1, mean of heads</b>" in view.attention.value
+    seen.add(view.attention.value)
     view.head.value = "all"
-    seen.add(bytes(view.attention.value))
+    assert all(f"<th>head {h}</th>" in view.attention.value for h in trace.attention_heads)  # a row per head
+    seen.add(view.attention.value)
     view.head.value = "2"
-    seen.add(bytes(view.attention.value))
-    assert len(seen) == 4
-    view.layer.value = "every"  # the head stays if it still exists
-    assert view.head.value == "2" and "all" not in [v for _, v in view.head.options]
+    assert "<b>layer 1, head 2</b>" in view.attention.value
+    seen.add(view.attention.value)
+    assert len(seen) == 4 and all("<b>step 2</b>" in v for v in seen)
+    view.layer.value = "every"
+    assert "<b>every layer, head 2</b>" in view.attention.value
+    assert view.head.value == "2" and "all" not in [v for _, v in view.head.options]  # the head stayed
     assert view.problems.value == ""
 
 
@@ -121,39 +204,48 @@ def test_panels_only_where_the_trace_has_data(lm):
     view = dl.show(tr)
     assert view.attention_panel.layout.display == "none"
     assert view.lens_panel.layout.display == "none"
-    assert bytes(view.distribution.value).startswith(PNG)
-    assert "no logits processors ran" in view.processors.value
+    assert view.attention.value == "" and view.lens.value == ""  # never drawn
+    assert names_step(view.distribution, 3) and escape(token_label(tr.steps.token[3], 32)) in view.distribution.value
+    assert "no logits processors ran" in view.processors.value and view.problems.value == ""
 
 
 def test_show_a_saved_trace(trace, tmp_path):
     loaded = dl.Trace.load(trace.save(tmp_path / "t.parquet"))
     view = dl.show(loaded, step=1)
-    assert view.lens_panel.layout.display is None and bytes(view.lens.value).startswith(PNG)
-    assert bytes(view.attention.value).startswith(PNG) and view.problems.value == ""
+    assert view.lens_panel.layout.display is None and view.problems.value == ""
+    assert view.lens.value == panels.lens_panel(trace, 1)  # the loaded trace says what the recorded one says
+    assert view.attention.value == panels.attention_panel(trace, 1)
+    assert view.distribution.value == panels.candidates_panel(trace, 1, k=12)
 
 
-def test_a_broken_panel_is_reported_not_fatal(trace, monkeypatch):
-    from decoderlab import plots
+@pytest.mark.parametrize("broken, name, panel", [("candidates_panel", "candidates", "distribution"),
+                                                  ("processors_panel", "processors", "processors"),
+                                                  ("attention_panel", "attention", "attention"),
+                                                  ("lens_panel", "lens", "lens")])
+def test_a_broken_panel_is_reported_not_fatal(trace, monkeypatch, broken, name, panel):
+    def fails(*a, **k):
+        raise RuntimeError("not today")
 
-    def broken(*a, **k):
-        raise RuntimeError("no lens today")
-
-    monkeypatch.setattr(plots, "lens", broken)
+    monkeypatch.setattr(panels, broken, fails)
     view = dl.show(trace, step=1)
-    assert "no lens today" in view.problems.value
-    assert bytes(view.distribution.value).startswith(PNG) and label_step(view) == 1
+    assert view.problems.value == panels.message(f"{name}: RuntimeError: not today", "error")
+    assert label_step(view) == 1
+    others = [p for p in step_panels(view) if p is not getattr(view, panel)]
+    assert others and all(names_step(p, 1) for p in others)  # the others still show step 1
+    assert getattr(view, panel).value == ""  # nothing half-drawn where it broke
+    view.slider.value = 2  # still broken at the next step, still reported once
+    assert view.problems.value.count("not today") == 1 and all(names_step(p, 2) for p in others)
 
 
-def test_figure_png_closes_and_squeezes():
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(12, 9))
-    ax.plot([0, 1], [0, 1])
-    png = widgets.figure_png(fig, width_px=600, max_height_in=4)
-    assert png.startswith(PNG)
-    assert not plt.fignum_exists(fig.number)
-    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
-    assert width <= 620 and height <= 420
+def test_missing_numbers_read_as_dashes_and_the_chooser_is_escaped():
+    tr = from_tokens([" a", " b", " c"], [-0.1, -0.5, -2.0], chooser="<script>x</script>")  # no ranks, entropy
+    view = dl.show(tr, step=1)
+    label = view.step_label.value
+    assert "<b>step 1</b>" in label and "(rank –)" in label and "final p=–" in label and "entropy –" in label
+    assert "nan" not in label.lower() and "<script>" not in label and escape("<script>x</script>") in label
+    assert "no candidates were recorded" in view.distribution.value and view.problems.value == ""
+    bare = dl.show(from_tokens([" a", " b"]))  # not even logprobs
+    assert "p=– (rank –)" in bare.step_label.value and bare.problems.value == ""
 
 
 # ---- explore ------------------------------------------------------------------------------------------------
@@ -173,10 +265,29 @@ def test_explore_starts_empty_then_steps(lm):
     assert len(cands) == 8
     ex.next_button.click()
     assert s.steps == 1 and label_step(ex.view) == 0
-    assert ex.view.panels.layout.display is None and bytes(ex.view.distribution.value).startswith(PNG)
+    assert ex.view.panels.layout.display is None and all(names_step(p, 0) for p in step_panels(ex.view))
+    assert escape(token_label(s.trace.steps.token[0], 32)) in ex.view.distribution.value
     assert "decoded" in ex.status.value
     ex.next10_button.click()
     assert s.steps == 11 and label_step(ex.view) == 10 and ex.view.slider.max == 10
+    assert all(names_step(p, 10) for p in step_panels(ex.view))
+    tokens = [b for b in ex.view.text.children if "dl-token" in classes(b)]
+    assert [i for i, b in enumerate(tokens) if "dl-selected" in classes(b)] == [10]  # the old last is let go
+
+
+def test_explore_next_writes_only_the_new_token_button(lm):
+    s = make_session(lm)
+    s.step(5)
+    ex = dl.explore(s)
+    old = [b for b in ex.view.text.children if "dl-token" in classes(b)]
+    writes = []
+    for b in old:
+        b.observe(lambda change: writes.append(change["name"]), names=["description", "tooltip", "style", "layout"])
+    ex.next_button.click()
+    new = [b for b in ex.view.text.children if "dl-token" in classes(b)]
+    assert len(new) == 6 and new[:5] == old and all(a is b for a, b in zip(new, old))  # the same widgets, reused
+    assert writes == []  # numbers unchanged: not one old button written again
+    assert new[5].description == token_label(s.trace.steps.token[5], 24)
 
 
 def test_explore_candidate_click_forces_that_token(lm):
@@ -272,29 +383,26 @@ def test_row_picker_only_for_a_trace_of_several_rows():
     assert find(view, "dl-row") == [] and view.row == 0
 
 
-def test_picking_a_row_shows_that_rows_text_step_and_figures(monkeypatch):
-    from decoderlab import plots
-
+def test_picking_a_row_shows_that_rows_text_step_and_panels(monkeypatch):
     tokens = [" The", " cat", " sat", " on", " the", " mat"]
     tr = hand_trace(tokens, rows=2)
     n1 = row_length(len(tokens), 1)
     view = dl.show(tr, step=n1 - 1)
     assert token_texts(view) == [token_label(t, 24) for t in tokens]
-    row0_dist = bytes(view.distribution.value)
+    row0_dist = view.distribution.value
+    assert escape(token_label(tokens[n1 - 1], 32)) in row0_dist
 
-    rows_drawn = []
-    for name in ("distribution", "attention", "lens"):
-        def spy(*a, _draw=getattr(plots, name), **kw):
-            rows_drawn.append(kw.get("row"))
-            return _draw(*a, **kw)
-        monkeypatch.setattr(plots, name, spy)
+    calls = count_calls(monkeypatch)
     view.row_picker.value = 1
     assert view.row == 1 and view.step == n1 - 1 == label_step(view)
     assert token_texts(view) == [token_label(row_token(1, s), 24) for s in range(n1)]  # no padding steps
     assert "row 1 · " in view.step_label.value
     assert escape(token_label(row_token(1, n1 - 1), 32)) in view.step_label.value
-    assert rows_drawn == [1, 1, 1]  # every figure is row 1's ...
-    assert bytes(view.distribution.value) != row0_dist  # ... and not row 0's cached one
+    assert calls == {name: [(n1 - 1, 1)] for name in PANELS}  # every panel is row 1's ...
+    assert view.distribution.value != row0_dist  # ... and not row 0's cached one
+    assert escape(token_label(row_token(1, n1 - 1), 32)) in view.distribution.value
+    assert "alt3_1r1" in view.distribution.value and "alt3_1r1" not in row0_dist  # row 1's candidates
+    assert "␣r1s3" in view.lens.value and "␣r1s2" in view.attention.value  # row 1's lens and context
     assert view.slider.max == n1 - 1
     with pytest.raises(IndexError):
         view.select(n1)  # a padding step of row 1
@@ -304,7 +412,8 @@ def test_picking_a_row_shows_that_rows_text_step_and_figures(monkeypatch):
     assert view.step == 0 and view.row == 1 and "row 1 · <b>step 0</b>" in view.step_label.value
     view.select_row(0)
     assert view.row == 0 and view.step == 0 and token_texts(view)[:2] == ["␣The", "␣cat"]
-    assert bytes(view.distribution.value) != bytes(dl.show(tr, row=1, step=0).distribution.value)
+    assert view.distribution.value != dl.show(tr, row=1, step=0).distribution.value
+    assert escape(token_label(" The", 32)) in view.distribution.value
 
 
 def test_show_opens_on_the_row_asked_for():

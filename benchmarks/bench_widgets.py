@@ -1,0 +1,102 @@
+"""How fast the widgets answer a click: every action of `show` and `explore`, timed in the Python process.
+
+    .venv/bin/python benchmarks/bench_widgets.py [--steps 40 400] [--repeats 7] [--model PATH]
+
+The default model, `Record(attention=True, lens=True)`, a chat answer of exactly N tokens (EOS off).
+An action's time is from the call that a click makes (a slider's new value, a button's handler) until
+it returns, every widget updated: what the kernel spends before the browser draws anything. Each
+action runs `--repeats` times, on steps not shown before (nothing cached from an earlier repeat);
+the table gives the median and the worst. The budget (README): median <= 200 ms, worst <= 400 ms.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+
+import decoderlab as dl
+from decoderlab.widgets import SessionExplorer, TraceView
+
+PROMPT = "Tell me a long story about a lighthouse keeper and a storm."
+RECORD = dl.Record(attention=True, lens=True)
+
+
+def timed(fn, view) -> float:
+    """Seconds `fn` takes; a panel that failed would be fast for the wrong reason, so none may have."""
+    t0 = time.perf_counter()
+    fn()
+    took = time.perf_counter() - t0
+    if view.problems.value:
+        raise RuntimeError(f"a panel failed, the timing is void: {view.problems.value}")
+    return took
+
+
+def trace_view_actions(lm, steps: int, repeats: int, rng: random.Random) -> dict[str, list[float]]:
+    trace = lm.generate(PROMPT, chat=True, max_new_tokens=steps, eos_token_id=[], progress=False, record=RECORD)
+    view = TraceView(trace)
+    out: dict[str, list[float]] = {"show: open the view": [timed(lambda: TraceView(trace), view)]}
+    unseen = list(range(steps - 1))
+    rng.shuffle(unseen)
+    out["show: move the step slider"] = [timed(lambda s=s: setattr(view.slider, "value", s), view)
+                                         for s in unseen[:repeats]]
+    buttons = view._token_buttons
+    out["show: click a token"] = [timed(lambda s=s: buttons[s].click(), view) for s in unseen[repeats: 2 * repeats]]
+    layers = [v for _, v in view.layer.options if v != "every"]
+    out["show: pick a layer"] = [timed(lambda v=v: setattr(view.layer, "value", v), view)
+                                 for v in rng.sample(layers, min(repeats, len(layers)))]
+    heads = [v for _, v in view.head.options if v not in ("mean",)]
+    out["show: pick a head"] = [timed(lambda v=v: setattr(view.head, "value", v), view)
+                                for v in rng.sample(heads, min(repeats, len(heads)))]
+    return out
+
+
+def explorer_actions(lm, steps: int, repeats: int) -> dict[str, list[float]]:
+    session = lm.session(PROMPT, chat=True, eos_token_id=[], record=RECORD)
+    session.step(steps)
+    ex = SessionExplorer(session)
+    out: dict[str, list[float]] = {k: [] for k in ("explore: next token", "explore: force a candidate",
+                                                  "explore: rewind one step", "explore: fork",
+                                                  "explore: switch branch")}
+    for _ in range(repeats):
+        out["explore: next token"].append(timed(lambda: ex.next_button.click(), ex.view))
+        cand = ex.candidates.children[1]  # the model's second choice
+        out["explore: force a candidate"].append(timed(lambda: cand.click(), ex.view))
+        ex.rewind_to.value = ex.session.steps - 1
+        out["explore: rewind one step"].append(timed(lambda: ex.rewind_button.click(), ex.view))
+        out["explore: fork"].append(timed(lambda: ex.fork_button.click(), ex.view))
+        out["explore: switch branch"].append(timed(lambda: setattr(ex.branches, "value", ex.session.parent), ex.view))
+        if "dl-error" in ex.status._dom_classes:
+            raise RuntimeError(f"an action failed, the timing is void: {ex.status.value}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, nargs="+", default=[40, 400])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = dl.load(args.model)
+    rng = random.Random(0)
+    print(f"model={lm.name} threads={torch.get_num_threads()} record={RECORD}")
+    print(f"{'action':<32} {'steps':>5} {'median ms':>10} {'worst ms':>9}  budget (200 / 400 ms)")
+    for steps in args.steps:
+        results = {**trace_view_actions(lm, steps, args.repeats, rng), **explorer_actions(lm, steps, args.repeats)}
+        for name, ts in results.items():
+            med, worst = 1000 * statistics.median(ts), 1000 * max(ts)
+            ok = "ok" if med <= 200 and worst <= 400 else "MISSED"
+            print(f"{name:<32} {steps:>5} {med:10.0f} {worst:9.0f}  {ok}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

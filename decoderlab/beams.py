@@ -1,0 +1,235 @@
+"""Beam search, one step at a time, every candidate recorded: the tree `generate` keeps to itself.
+
+Read it as transformers 5's `GenerationMixin._beam_search` (generation/utils.py) for one prompt, in
+the loop's parts (`loop.forward`, `loop.process`, the observers): the processors act on the
+log-softmax of the raw logits; running scores are added and flattened to B·V; K = max(2, 1 + #EOS)·B
+continuations are kept (top-k, or drawn without replacement when sampling); a continuation that
+ends (EOS, or the length limit) is finalised only if it ranks within the top B of the K, with its
+summed logprob divided by (generated length) ** length_penalty; the first step expands beam 0
+only; stopping follows `early_stopping`. Each step, the observers see the K continuations as rows
+(their parent beam's logits and scores, and the continuation's token), so the usual recorders
+record every candidate; `tree` says which continued, which finished and which were pruned, and
+`hypotheses` the finished sequences with the candidate path that made each.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from . import loop
+from .loop import Observer, State, StepContext
+from .strategy import Strategy
+
+CONTINUES, FINISHED, PRUNED = 0, 1, 2  # a candidate's fate
+NEG = -1.0e9  # transformers' "impossible" score
+
+
+@dataclass
+class Hypothesis:
+    """A finished sequence: its generated ids, its normalised score, and at each step the candidate
+    (index among that step's K) it came from."""
+
+    ids: list[int]
+    score: float
+    path: list[int]
+
+
+@dataclass
+class BeamTree:
+    """Per step, the K candidates: parent beam, the candidate it grew from, token, logprob, score, fate."""
+
+    parent: list[torch.Tensor] = field(default_factory=list)  # [K] beam row (in that step's forward)
+    origin: list[torch.Tensor] = field(default_factory=list)  # [K] candidate index at the step before (-1 at 0)
+    token: list[torch.Tensor] = field(default_factory=list)  # [K]
+    logprob: list[torch.Tensor] = field(default_factory=list)  # [K] the token's processed logprob
+    score: list[torch.Tensor] = field(default_factory=list)  # [K] cumulative (unnormalised)
+    fate: list[torch.Tensor] = field(default_factory=list)  # [K] CONTINUES / FINISHED / PRUNED
+
+
+@dataclass
+class BeamRun:
+    """What `beam_search` returns: the returned hypotheses best first, the tree, and why it stopped."""
+
+    hypotheses: list[Hypothesis]
+    tree: BeamTree
+    stop_reason: str
+    steps: int
+
+
+def beam_search(model, prompt_ids: torch.Tensor, strategy: Strategy, observers: Sequence[Observer] = (),
+                generator: torch.Generator | None = None) -> BeamRun:
+    """Beam search from `prompt_ids` [1, P] as `generate(num_beams=B, ...)` runs it; observers see every candidate."""
+    cfg = strategy.config
+    beams = strategy.num_beams
+    length_penalty, early_stopping = float(cfg.length_penalty), cfg.early_stopping
+    prompt_length = prompt_ids.shape[1]
+    max_length = prompt_length + strategy.max_new_tokens
+    device = prompt_ids.device
+    eos = strategy.eos_tensor(device) if strategy.eos_token_ids else None
+    keep_k = max(2, 1 + len(strategy.eos_token_ids)) * beams
+    top_b = torch.arange(keep_k, device=device) < beams
+
+    state = loop.prefill(model, prompt_ids.expand(beams, -1), strategy, observers, seeds=[None] * beams)
+    running_scores = torch.full((beams,), NEG, device=device)
+    running_scores[0] = 0.0
+    paths: list[list[int]] = [[] for _ in range(beams)]
+    finished: list[Hypothesis | None] = [None] * beams
+    finished_scores = torch.full((beams,), NEG, device=device)
+    improvable = True
+    tree = BeamTree()
+    origin_of_row = torch.full((beams,), -1, dtype=torch.long, device=device)
+    keep = any(o.keep_stages for o in observers)
+    stop = "max_new_tokens"
+    while True:
+        cur_len = state.ids.shape[1]
+        logits = loop.ensure_logits(model, state, observers)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        scores, stages = loop.process(strategy, state.ids, log_probs, keep)
+        vocab = scores.shape[-1]
+        total = (scores + running_scores[:, None]).reshape(-1)
+        if strategy.do_sample:
+            idx = torch.multinomial(torch.softmax(total, -1), keep_k, generator=generator)
+            top, order = total[idx].sort(descending=True)
+            idx = idx[order]
+        else:
+            top, idx = torch.topk(total, keep_k)
+        parent, token = idx // vocab, idx % vocab
+        ends = torch.zeros(keep_k, dtype=torch.bool, device=device) if eos is None else torch.isin(token, eos)
+        ends = ends | (cur_len + 1 >= max_length)
+
+        ctx = StepContext(state.steps, state.ids[parent], logits[parent], scores[parent], [s[parent] for s in stages],
+                          token, torch.zeros_like(ends), torch.zeros_like(ends), parent)
+        for o in observers:
+            o.on_step(ctx)
+
+        # the B best continuations that go on (transformers' _get_running_beams_for_next_iteration)
+        running = top + ends.float() * NEG
+        sel = torch.topk(running, beams).indices
+        # finalise the top-B continuations that end (transformers' _update_finished_beams)
+        just_finished = ends & top_b
+        normalised = top / ((cur_len + 1 - prompt_length) ** length_penalty)
+        full = all(h is not None for h in finished)
+        if full and early_stopping is True:
+            normalised = normalised + NEG
+        if not improvable:
+            normalised = normalised + NEG
+        normalised = normalised + (~just_finished).float() * NEG
+        merged = torch.cat([finished_scores, normalised])
+        best = torch.topk(merged, beams).indices.tolist()
+        fate = torch.full((keep_k,), PRUNED, dtype=torch.long, device=device)
+        fate[sel] = CONTINUES
+        new_finished, new_scores = [], []
+        for i in best:
+            if i < beams:
+                new_finished.append(finished[i])
+            else:
+                k = i - beams
+                if bool(just_finished[k]):
+                    fate[k] = FINISHED
+                    b = int(parent[k])
+                    new_finished.append(Hypothesis(ids=state.ids[b, prompt_length:].tolist() + [int(token[k])],
+                                                   score=float(merged[i]), path=paths[b] + [k]))
+                else:
+                    new_finished.append(None)
+            new_scores.append(merged[i])
+        finished, finished_scores = new_finished, torch.stack(new_scores)
+
+        tree.parent.append(parent)
+        tree.origin.append(origin_of_row[parent])
+        tree.token.append(token)
+        tree.logprob.append(scores[parent, token])
+        tree.score.append(top)
+        tree.fate.append(fate)
+
+        # the running beams for the next step: ids, scores, paths, cache rows
+        rows = parent[sel]
+        paths = [paths[int(b)] + [int(k)] for b, k in zip(rows, sel)]
+        origin_of_row = sel.clone()
+        running_scores = running[sel]
+        state.ids = torch.cat([state.ids[rows], token[sel][:, None]], dim=-1)
+        state.cache.reorder_cache(rows)
+        state.pending = token[sel]
+        state.next_logits = None
+
+        # stop? (transformers' _check_early_stop_heuristic and _beam_search_has_unfinished_sequences)
+        cur_len += 1
+        best_len = (max_length if early_stopping == "never" and length_penalty > 0 else cur_len) - prompt_length
+        best_possible = running_scores[0] / (best_len ** length_penalty)
+        is_finished = torch.tensor([h is not None for h in finished], device=device)
+        worst = torch.where(is_finished, finished_scores.min(), torch.full_like(finished_scores, NEG))
+        improvable = improvable and bool((best_possible > worst).any())
+        if not improvable:
+            stop = "no better beam possible"
+            break
+        if bool(is_finished.all()) and early_stopping is True:
+            stop = "beams finished"
+            break
+        if bool(ends.all()):
+            stop = "max_new_tokens" if cur_len >= max_length else "eos"
+            break
+    hyps = [h for h in finished if h is not None]  # best first: the order of transformers' topk
+    return BeamRun(hypotheses=hyps[: int(cfg.num_return_sequences or 1)], tree=tree, stop_reason=stop,
+                   steps=len(tree.token))
+
+
+def beam_arrays(run: BeamRun, recording, prompt_length: int) -> dict:
+    """The trace's arrays: one row per returned hypothesis, each step taken from the candidate on its path
+    (attention and residuals from its parent beam's forward), plus the whole tree as `beam_*` arrays."""
+    import numpy as np
+
+    from .schema import SCHEMA
+
+    steps, rows = run.steps, len(run.hypotheses)
+    paths = [h.path for h in run.hypotheses]
+    out: dict[str, np.ndarray] = {}
+    finished = np.ones((steps, rows), dtype=bool)
+    for r, path in enumerate(paths):
+        finished[: len(path), r] = False
+
+    for name, col in recording.columns.items():
+        if not col or name == "finished":
+            continue
+        field = SCHEMA.get(name)
+        fill = 0 if field is None else field.fill
+        first = col[0]
+        arr = np.full((steps, rows, *first.shape[1:]), fill, dtype=torch.empty(0, dtype=first.dtype).numpy().dtype)
+        for t in range(steps):
+            block = col[t].cpu().numpy()
+            for r, path in enumerate(paths):
+                if t < len(path):
+                    arr[t, r] = block[path[t]]
+        out[name] = arr
+    out["finished"] = finished
+    candidate = np.full((steps, rows), -1, dtype=np.int64)
+    for r, path in enumerate(paths):
+        candidate[: len(path), r] = path
+    out["beam_candidate"] = candidate
+    if "token_id" not in out:
+        out["token_id"] = np.zeros((0, rows), dtype=np.int64)
+    for name, items in (("attention", recording.attention), ("residual", recording.residuals)):
+        like = next((x for x in items[:steps] if x is not None), None)
+        if like is None:
+            continue
+        width = prompt_length + steps - 1 if name == "attention" else like.shape[-1]
+        dtype = torch.empty(0, dtype=like.dtype).numpy().dtype
+        arr = np.zeros((steps, rows, *like.shape[1:-1], width), dtype=dtype)
+        for t in range(min(steps, len(items))):
+            if items[t] is None:
+                continue
+            block = items[t].cpu().numpy()
+            parents = run.tree.parent[t].tolist()
+            for r, path in enumerate(paths):
+                if t < len(path):
+                    arr[t, r, ..., : block.shape[-1]] = block[parents[path[t]]]
+        out[name] = arr
+    tree = run.tree
+    if steps:
+        out.update(beam_parent=torch.stack(tree.parent).cpu().numpy().astype(np.int64),
+                   beam_origin=torch.stack(tree.origin).cpu().numpy().astype(np.int64),
+                   beam_token=torch.stack(tree.token).cpu().numpy().astype(np.int64),
+                   beam_logprob=torch.stack(tree.logprob).float().cpu().numpy(),
+                   beam_score=torch.stack(tree.score).float().cpu().numpy(),
+                   beam_fate=torch.stack(tree.fate).cpu().numpy().astype(np.int64))
+    return out

@@ -1,0 +1,236 @@
+"""One step of a trace as HTML panels: its candidates, what each processor did, where it attended, and
+its logit lens. What the widgets show beside the text.
+
+Why HTML and not figures: a widget must answer a click at once (200 ms), and a matplotlib figure
+costs about half a second to draw and encode as PNG; these fragments are strings built from a
+step's numbers in a few milliseconds, drawn by the browser, offline, with no JavaScript, and with
+every number in a hover title. The figures of `decoderlab.plots` stay for notebooks and papers.
+
+Each function takes a trace (its public frames and accessors, `display.TraceLike`), a step and a row,
+and returns one HTML fragment whose every string from the model or the user is escaped.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Sequence
+
+import numpy as np
+
+from .display import (CHOSEN_FINAL_COLOR, CHOSEN_RAW_COLOR, FINAL_COLOR, LENS_SCALE, RAW_COLOR,
+                      WEIGHT_SCALE, TraceLike, escape, format_number, format_prob, format_rank,
+                      scale_colours, short_processor, text_colour, token_label)
+
+__all__ = ["candidates_panel", "processors_panel", "attention_panel", "lens_panel", "message", "PANEL_CSS"]
+
+# Class names start with `dlp-`: a <style> in a notebook applies to the whole page.
+PANEL_CSS = """
+.dlp{font:12px/1.45 var(--jp-ui-font-family, system-ui, sans-serif);color:#111}
+.dlp-title{font-size:13px;margin:0 0 4px}
+.dlp table{border-collapse:collapse}
+.dlp td,.dlp th{padding:1px 6px;border-bottom:1px solid #e4e4e4;white-space:nowrap}
+.dlp th{color:#555;font-weight:600;text-align:left}
+.dlp .num{text-align:right;font-variant-numeric:tabular-nums}
+.dlp code{font:12px var(--jp-code-font-family, ui-monospace, monospace);white-space:pre}
+.dlp-bar{height:10px;border-radius:2px;min-width:1px}
+.dlp-track{width:120px}
+.dlp-chosen td{font-weight:700}
+.dlp-ctx{white-space:pre-wrap;word-break:break-word;line-height:1.9;font:12px/1.9 var(--jp-code-font-family, monospace)}
+.dlp-tok{border-radius:2px;padding:1px 0}
+.dlp-query{outline:2px solid #e6550d}
+.dlp-sep{color:#888;padding:0 4px}
+.dlp-cell{text-align:center;min-width:4.5em}
+.dlp-hit{outline:2px solid #d62728;outline-offset:-2px}
+.dlp-note{color:#666;margin-top:3px}
+"""
+
+
+def message(text: str, kind: str = "info") -> str:
+    """A line of text in place of a panel (nothing recorded, or an error)."""
+    colour = {"info": "#555", "error": "#b00020"}[kind]
+    return f"<div class='dlp' style='color:{colour}'>{escape(text)}</div>"
+
+
+def _code(text: str, max_len: int = 24) -> str:
+    return f"<code>{escape(token_label(text, max_len))}</code>"
+
+
+def _step_row(trace: TraceLike, step: int, row: int) -> Any:
+    st = trace.steps
+    hit = st[(st["step"] == step) & (st["row"] == row)]
+    if not len(hit):
+        raise IndexError(f"row {row} has no step {step}")
+    return hit.iloc[0]
+
+
+def _bar(p: float, top: float, colour: str) -> str:
+    width = 0.0 if not np.isfinite(p) or top <= 0 else 100.0 * min(p / top, 1.0)
+    return (f"<td class='dlp-track'><div class='dlp-bar' style='width:{width:.1f}%;background:{colour}'></div></td>"
+            f"<td class='num'>{format_prob(p)}</td>")
+
+
+def candidates_panel(trace: TraceLike, step: int, row: int = 0, k: int = 12) -> str:
+    """The top-k candidates by raw logit: raw and final probability bars, the chosen token in bold."""
+    chosen = _step_row(trace, step, row)
+    how = "forced" if bool(chosen["forced"]) else str(chosen["choice"])
+    title = (f"<div class='dlp-title'><b>step {step}</b> · {escape(how)} {_code(chosen['token'], 32)} · raw p="
+             f"{format_prob(chosen['prob'])} (rank {format_rank(chosen['rank'])}) · final p="
+             f"{format_prob(chosen['final_prob'])} (rank {format_rank(chosen['final_rank'])})</div>")
+    cand = trace.candidates
+    c = cand[(cand["step"] == step) & (cand["row"] == row)].sort_values("rank").head(k) if len(cand) else cand
+    if not len(c):
+        return f"<div class='dlp'>{title}{message('no candidates were recorded at this step')}</div>"
+    probs = c["prob"].to_numpy(np.float64)
+    finals = c["final_prob"].to_numpy(np.float64)
+    top = float(np.nanmax(np.concatenate([probs, finals, [1e-12]])))
+    rows = []
+    for (_, r), p, fp in zip(c.iterrows(), probs, finals):
+        is_chosen = bool(r["chosen"])
+        rows.append(
+            f"<tr{' class=dlp-chosen' if is_chosen else ''} title='{escape(repr(r['token']))} · id {int(r['token_id'])}'>"
+            f"<td class='num'>{int(r['rank'])}</td><td>{_code(r['token'], 20)}{' ◀' if is_chosen else ''}</td>"
+            f"{_bar(p, top, CHOSEN_RAW_COLOR if is_chosen else RAW_COLOR)}"
+            f"{_bar(fp, top, CHOSEN_FINAL_COLOR if is_chosen else FINAL_COLOR)}</tr>")
+    note = ""
+    if not c["chosen"].any():
+        note = (f"<div class='dlp-note'>the chosen token {_code(chosen['token'])} is raw rank "
+                f"{format_rank(chosen['rank'])}, outside this top-{len(c)}</div>")
+    head = "<tr><th>#</th><th>token</th><th colspan=2>raw p (model)</th><th colspan=2>final p</th></tr>"
+    return f"<div class='dlp'>{title}<table>{head}{''.join(rows)}</table>{note}</div>"
+
+
+def processors_panel(trace: TraceLike, step: int, row: int = 0) -> str:
+    """Per processor, in order: the probability mass it removed and what it did to the chosen token."""
+    p = trace.processors
+    p = p[(p["step"] == step) & (p["row"] == row)].sort_values("order") if len(p) else p
+    if not len(p):
+        return message("no logits processors ran: the choice was made on the raw logits")
+    rows = "".join(
+        f"<tr><td><code>{escape(short_processor(x.processor))}</code></td>"
+        f"<td class='num'>{100 * x.mass_removed:.2f}%</td><td class='num'>{int(x.rank_before)} → {int(x.rank_after)}</td>"
+        f"<td class='num'>{format_prob(x.prob_after)}</td></tr>" for x in p.itertuples(index=False))
+    head = "<tr><th>processor</th><th>mass removed</th><th>chosen rank</th><th>chosen p after</th></tr>"
+    return f"<div class='dlp'><table>{head}{rows}</table></div>"
+
+
+def attention_weights_for(trace: TraceLike, step: int, row: int, layer: int | None,
+                          head: int | str | None) -> tuple[np.ndarray, list[str]]:
+    """The step's attention as rows over the context, and a label per row.
+
+    layer None averages the recorded layers; head None averages the heads, an int picks one, and
+    "all" (with a layer) gives one row per head."""
+    w = trace.attention_weights(step, row)  # [L', H', K]
+    layers, heads = list(trace.attention_layers), list(trace.attention_heads)
+    if layer is not None:
+        if layer not in layers:
+            raise ValueError(f"layer {layer} was not recorded (recorded: {layers})")
+        w = w[layers.index(layer)][None]
+    where = "every layer" if layer is None else f"layer {layer}"
+    if head == "all":
+        if layer is None:
+            raise ValueError("head='all' needs one layer")
+        return w[0], [f"head {h}" for h in heads]
+    if head is None:
+        return w.mean(axis=(0, 1))[None], [f"{where}, mean of heads"]
+    if head not in heads:
+        raise ValueError(f"head {head} was not recorded (recorded: {heads})")
+    return w[:, heads.index(head)].mean(axis=0)[None], [f"{where}, head {head}"]
+
+
+def _shades(weights: np.ndarray) -> list[str]:
+    """Background colours for attention weights: sqrt of weight / max on WEIGHT_SCALE (small weights stay visible)."""
+    top = float(weights.max()) if weights.size and weights.max() > 0 else 1.0
+    return scale_colours(np.sqrt(np.maximum(weights, 0) / top), WEIGHT_SCALE)
+
+
+def _context_line(weights: np.ndarray, tokens: Sequence[str], prompt_length: int) -> str:
+    spans = []
+    last = len(tokens) - 1
+    for i, (wt, tok, bg) in enumerate(zip(weights.tolist(), tokens, _shades(weights))):
+        if i == prompt_length:
+            spans.append("<span class='dlp-sep' title='generated tokens follow'>│</span>")
+        spans.append(f"<span class='dlp-tok{' dlp-query' if i == last else ''}' style='background:{bg};color:"
+                     f"{text_colour(bg)}' title='position {i} · {_title(tok)} · weight {wt:.4f}'>{_escaped_label(tok)}</span>")
+    return "".join(spans)
+
+
+@lru_cache(maxsize=65536)
+def _title(token: str) -> str:
+    return escape(repr(token))
+
+
+@lru_cache(maxsize=65536)
+def _escaped_label(token: str) -> str:
+    return escape(token_label(token, 40))
+
+
+def attention_panel(trace: TraceLike, step: int, row: int = 0, layer: int | None = None,
+                    head: int | str | None = None, top: int = 5) -> str:
+    """Where the step's query looked: the whole context shaded by attention weight (one line per head
+    with head='all'), and the most attended positions."""
+    weights, labels = attention_weights_for(trace, step, row, layer, head)
+    tokens = trace.context_tokens(step, row)
+    p = len(trace.prompt_ids)
+    query = tokens[-1] if tokens else ""
+    title = (f"<div class='dlp-title'><b>step {step}</b>: the query is {_code(query)} (position {len(tokens) - 1}); "
+             f"shade = weight, darker = more</div>")
+    parts = [f"<div class='dlp'>{title}"]
+    for lab, w in zip(labels, weights):
+        best = np.argsort(-w, kind="stable")[:top]
+        chips = " · ".join(f"{_code(tokens[i], 16)} <span class='num'>{w[i]:.3f}</span> (pos {i})" for i in best)
+        parts.append(f"<div class='dlp-note'><b>{escape(lab)}</b> · most attended: {chips}</div>")
+        if len(labels) == 1:
+            parts.append(f"<div class='dlp-ctx'>{_context_line(w, tokens, p)}</div>")
+    if len(labels) > 1:  # every head: a strip of shaded cells per head, over the context's last positions
+        window = min(len(tokens), 60)
+        a = len(tokens) - window
+        head_row = "".join(f"<th class='dlp-cell' title='position {a + j}'>{escape(token_label(t, 6))}</th>"
+                           for j, t in enumerate(tokens[a:]))
+        body = []
+        for lab, w in zip(labels, weights):
+            cells = "".join(f"<td style='background:{bg}' title='{escape(lab)} · position {a + j} · weight {x:.4f}'></td>"
+                            for j, (x, bg) in enumerate(zip(w[a:].tolist(), _shades(w)[a:])))
+            body.append(f"<tr><th>{escape(lab)}</th>{cells}</tr>")
+        parts.append(f"<div style='overflow-x:auto'><table><tr><th></th>{head_row}</tr>{''.join(body)}</table></div>")
+        if a:
+            parts.append(f"<div class='dlp-note'>last {window} of {len(tokens)} positions</div>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def lens_panel(trace: TraceLike, step: int, row: int = 0, max_layers: int = 16) -> str:
+    """Logit lens at one step: per layer its top tokens shaded by probability (the finally chosen token
+    outlined), and the chosen token's rank and probability at that layer. Only the layers shown (at most
+    `max_layers`, evenly spread, the last always) are unembedded."""
+    n_layers = trace.lens_layers
+    m = min(n_layers, max_layers)
+    keep = (np.unique(np.linspace(0, n_layers - 1, m).round().astype(int)) if m > 1
+            else np.array([n_layers - 1]))  # linspace(0, n - 1, 1) is [0]: one layer shown is the last
+    lf = trace.lens_for([step], layers=keep)
+    sel = lf[lf["row"] == row].sort_values(["layer", "rank"])
+    if not len(sel):
+        return message(f"row {row} has no logit lens at step {step}")
+    k = int(sel["rank"].max()) + 1
+    prob = sel["prob"].to_numpy(np.float64).reshape(len(keep), k)
+    tokens = sel["token"].to_numpy(object).reshape(len(keep), k)
+    chosen = sel["chosen"].to_numpy(bool).reshape(len(keep), k)
+    stats = trace.lens_stats_for([step], layers=keep)
+    st = stats[stats["row"] == row].sort_values("layer")
+    shades = np.array(scale_colours(prob.reshape(-1), LENS_SCALE), dtype=object).reshape(len(keep), k)
+    rows = []
+    for i in range(len(keep) - 1, -1, -1):  # the last layer on top, as the model's output
+        layer = int(keep[i])
+        cells = "".join(
+            f"<td class='dlp-cell{' dlp-hit' if chosen[i, j] else ''}' style='background:{shades[i, j]};color:"
+            f"{text_colour(shades[i, j])}' title='layer {layer} · {_title(tokens[i, j])} · p={format_prob(prob[i, j])}'>"
+            f"{escape(token_label(tokens[i, j], 10))}</td>" for j in range(k))
+        s = st.iloc[i]
+        rows.append(f"<tr><th class='num'>{layer}</th>{cells}<td class='num'>#{format_rank(s['chosen_rank'])}</td>"
+                    f"<td class='num'>{format_prob(s['chosen_prob'])}</td><td class='num'>{format_number(s['entropy'])}</td></tr>")
+    head = (f"<tr><th>layer</th>{''.join(f'<th class=dlp-cell>#{j}</th>' for j in range(k))}"
+            "<th colspan=2>chosen: rank, p</th><th>entropy</th></tr>")
+    target = trace.steps
+    target = target[(target["step"] == step) & (target["row"] == row)]
+    title = (f"<div class='dlp-title'><b>step {step}</b>: what each layer would say · finally chosen "
+             f"{_code(target['token'].iloc[0]) if len(target) else '–'} (outlined where it is in a layer's top {k})</div>")
+    note = f"<div class='dlp-note'>{len(keep)} of {n_layers} layers shown</div>" if len(keep) < n_layers else ""
+    return f"<div class='dlp'>{title}<table>{head}{''.join(rows)}</table>{note}</div>"
