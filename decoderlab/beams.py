@@ -119,7 +119,7 @@ def beam_search(model, prompt_ids: torch.Tensor, strategy: Strategy, observers: 
         merged = torch.cat([finished_scores, normalised])
         best = torch.topk(merged, beams).indices.tolist()
         fate = torch.full((keep_k,), PRUNED, dtype=torch.long, device=device)
-        fate[sel] = CONTINUES
+        fate[sel[~ends[sel]]] = CONTINUES  # an ended candidate is never expanded again
         new_finished, new_scores = [], []
         for i in best:
             if i < beams:
@@ -160,14 +160,14 @@ def beam_search(model, prompt_ids: torch.Tensor, strategy: Strategy, observers: 
         is_finished = torch.tensor([h is not None for h in finished], device=device)
         worst = torch.where(is_finished, finished_scores.min(), torch.full_like(finished_scores, NEG))
         improvable = improvable and bool((best_possible > worst).any())
+        if bool(ends.all()):
+            stop = "max_new_tokens" if cur_len >= max_length else "eos"
+            break
         if not improvable:
             stop = "no better beam possible"
             break
         if bool(is_finished.all()) and early_stopping is True:
             stop = "beams finished"
-            break
-        if bool(ends.all()):
-            stop = "max_new_tokens" if cur_len >= max_length else "eos"
             break
     hyps = [h for h in finished if h is not None]  # best first: the order of transformers' topk
     return BeamRun(hypotheses=hyps[: int(cfg.num_return_sequences or 1)], tree=tree, stop_reason=stop,

@@ -67,7 +67,7 @@ def build_trace(arrays: Mapping[str, Any], model: ModelInfo, run: RunInfo) -> Tr
     steps, rows = arrays["token_id"].shape
     token_text = dict(run.token_text or {})
     seen = {int(i) for i in prompt_ids}
-    for name in ("token_id", "cand_id"):
+    for name in ("token_id", "cand_id", "beam_token"):
         if name in arrays:
             seen.update(int(i) for i in np.unique(arrays[name]) if i >= 0)
     missing = sorted(seen - set(token_text))

@@ -30,6 +30,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="PATH", help="a local transformers folder or .gguf file (default: bundled SmolLM2-135M-Instruct)")
     p.add_argument("--save", default=None, metavar="FILE", help="save the trace to this parquet file")
     p.add_argument("--alternatives", type=int, default=3, metavar="N", help="alternatives shown per step (default 3)")
+    p.add_argument("--num-beams", type=int, default=None, metavar="B",
+                   help="beam search with B beams: prints the best sequence's table and every returned beam's score")
+    p.add_argument("--num-return-sequences", type=int, default=None, metavar="R",
+                   help="with --num-beams: how many beams come back (default: all B)")
     return p
 
 
@@ -56,6 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, name) is not None:
             words[name] = getattr(args, name)
     words["do_sample"] = args.sample or any(k in words for k in ("top_k", "top_p", "temperature"))
+    if args.num_beams is not None:
+        words.update(num_beams=args.num_beams, num_return_sequences=args.num_return_sequences or args.num_beams)
+    elif args.num_return_sequences is not None:
+        words["num_return_sequences"] = args.num_return_sequences  # refused, with the reason, without beams
     try:
         lm = dl.load(args.model)
         extra = {"system": args.system} if args.system is not None else {}
@@ -64,8 +72,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (dl.PromptError, dl.StrategyError, dl.ModelNotFoundError, ValueError) as err:
         print(f"decoderlab: error: {err}", file=sys.stderr)
         return 2
-    print(f"\n\n[{trace.num_steps} tokens, stopped: {trace.stop_reason}]\n")
-    print(table(trace, args.alternatives))
+    if trace.has_beams:
+        print(trace.text, end="")
+    best = trace.row(0)
+    print(f"\n\n[{best.num_steps} tokens, stopped: {best.stop_reason}]\n")
+    print(table(best, args.alternatives))
+    if trace.has_beams:
+        print("\nbeams returned, best first (score = summed logprob / length ** length_penalty):")
+        for r in trace.runs.itertuples():
+            print(f"{r.row:>4}  {r.score:9.4f}  {r.length:>4} tokens  {r.stop_reason:<15} {r.text!r}")
     if args.save:
         try:
             print(f"\nsaved to {trace.save(args.save)}")

@@ -229,6 +229,8 @@ class LM:
                        attention_heads=record.attention_heads, lens_top_k=record.lens_top_k)
         trace = build_trace(arrays, self.model_info(lens=record.lens), info)
         trace.row_scores = [h.score for h in run.hypotheses]
+        # a returned sequence that did not end at EOS was finalised at the length limit
+        trace.row_stop_reasons = ["eos" if r == "eos" else "max_new_tokens" for r in trace.row_stop_reasons]
         return trace
 
     def session(self, prompt: Any, *, chat: bool = False, system: str | None = DEFAULT_SYSTEM,

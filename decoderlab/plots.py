@@ -35,7 +35,7 @@ from .display import (CHOSEN_EDGE, CHOSEN_FINAL_COLOR, CHOSEN_RAW_COLOR, FINAL_C
 
 # token_label is re-exported: users call plots.token_label; it is defined once, in display.py.
 __all__ = ["TraceFigure", "token_label", "distribution", "probability_timeline", "candidates_heatmap", "attention",
-           "attention_map", "lens", "font_families", "MAX_LABELS"]
+           "attention_map", "lens", "beam_tree", "font_families", "MAX_LABELS"]
 
 MAX_LABELS = 60  # the most tick labels one axis carries
 DEFAULT_WINDOW = 60  # steps or positions shown when no window is given
@@ -546,6 +546,59 @@ def lens(trace: TraceLike, step: int, row: int = 0, max_layers: int = 48) -> Fig
     fig.colorbar(im, ax=right, shrink=0.8, pad=0.02, label="lens probability")
     target = _label(trace.token_text.get(int(trace.array("token_id")[step, row]), ""), 24)
     ax.set_title(f"step {step}: logit lens · finally chosen {target}", fontsize=10)
+    return _finish(fig)
+
+
+def beam_tree(trace: TraceLike, start: int | None = None, window: int | None = 24) -> Figure:
+    """Beam search as a tree: per step (x) the K candidates by rank (y), each joined to the candidate it grew
+    from; pruned candidates faded, finished ones marked with their normalised score, the returned rows' paths
+    drawn bold in their own colours. Reads `trace.beams` and `trace.runs`."""
+    tree = trace.beams  # raises for a trace that is not a beam search
+    if not len(tree):
+        raise ValueError("this trace has no steps")
+    n = int(tree["step"].max()) + 1
+    a, b = _window(n, start, window)
+    k = int(tree["candidate"].max()) + 1
+    shown = tree[(tree["step"] >= a) & (tree["step"] < b)]
+    penalty = float(trace.strategy.get("length_penalty", 1.0) or 0.0)
+    fig = TraceFigure(figsize=(max(7.0, 1.25 * (b - a) + 2.5), max(3.5, 0.5 * k + 1.6)), layout="constrained")
+    ax = fig.add_subplot()
+    fate_style = {"continues": dict(color="#555555", alpha=0.9, lw=1.0),
+                  "finished": dict(color=CHOSEN_FINAL_COLOR, alpha=0.9, lw=1.0),
+                  "pruned": dict(color="#bbbbbb", alpha=0.5, lw=0.7)}
+    row_colours = ["#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
+    for r in shown.itertuples(index=False):
+        style = fate_style[r.fate]
+        if r.step > a and r.origin >= 0:
+            ax.plot([r.step - 1, r.step], [r.origin, r.candidate], zorder=1, **style)
+        for i, row in enumerate(r.rows):
+            if r.step > a and r.origin >= 0:
+                ax.plot([r.step - 1, r.step], [r.origin, r.candidate], color=row_colours[row % len(row_colours)],
+                        lw=3.0, alpha=0.8, zorder=2, gid=f"row-{row}")
+        marker = {"continues": "o", "finished": "s", "pruned": "o"}[r.fate]
+        ax.scatter([r.step], [r.candidate], s=28, marker=marker, color=style["color"], alpha=style["alpha"], zorder=3)
+        ax.text(r.step, r.candidate - 0.22, _label(r.token, 10), ha="center", va="bottom", fontsize=7,
+                color="#222222" if r.fate != "pruned" else "#999999", zorder=4)
+        if r.fate == "finished":
+            score = r.score / ((r.step + 1) ** penalty)
+            ax.text(r.step + 0.08, r.candidate + 0.18, f"{score:.2f}", ha="left", va="top", fontsize=7,
+                    color=CHOSEN_FINAL_COLOR, gid="finished-score")
+    runs = trace.runs
+    handles = [Patch(facecolor=row_colours[i % len(row_colours)],
+                     label=f"row {i}: {runs['score'][i]:.3f}" if "score" in runs else f"row {i}")
+               for i in range(trace.rows)]
+    handles += [Patch(facecolor="#555555", label="continues"), Patch(facecolor=CHOSEN_FINAL_COLOR, label="finished"),
+                Patch(facecolor="#bbbbbb", label="pruned")]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
+              title="returned (score)", title_fontsize=8)
+    ax.set_xlim(a - 0.5, b - 0.5)
+    ax.set_ylim(k - 0.4, -0.8)
+    ax.set_xticks(range(a, b))
+    ax.set_yticks(range(k))
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"candidate (rank among the step's {k})")
+    shown_steps = f"steps {a}–{b - 1} of {n}" if (a, b) != (0, n) else f"{n} steps"
+    ax.set_title(f"beam search tree · {trace.strategy.get('num_beams', '?')} beams · {shown_steps}", fontsize=10)
     return _finish(fig)
 
 

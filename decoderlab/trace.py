@@ -144,12 +144,17 @@ class Trace:
         return frame
 
     @property
+    def has_beams(self) -> bool:
+        """Whether this trace is a beam search (and `beams` holds its tree)."""
+        return "beam_token" in self.arrays
+
+    @property
     def beams(self) -> pd.DataFrame:
         """Beam search's tree: one row per (step, candidate): the parent beam, the candidate it grew from at
         the step before (`origin`), the token, its logprob, the sequence's summed score, the candidate's rank
         among the step's K, its fate (continues, finished, pruned), and the returned rows whose path passes
         through it (`rows`, a tuple). `generate` keeps none of this; a beam tree is drawn from it."""
-        if "beam_token" not in self.arrays:
+        if not self.has_beams:
             raise ValueError("this trace is not a beam search: run generate(..., num_beams=B) with B > 1")
         a = self.arrays
         s, k = a["beam_token"].shape

@@ -55,6 +55,7 @@ CSS_CLASSES = {
     "dl-rewind": "explorer: rewind",
     "dl-fork": "explorer: fork a new branch here",
     "dl-branches": "explorer: the branch shown",
+    "dl-beams": "a beam search's tree (PNG), for beam traces only",
     "dl-problems": "a panel that could not be drawn, and why (empty when all is well)",
     "dl-status": "explorer: what the last action did (dl-error when it failed)",
 }
@@ -146,8 +147,11 @@ class TraceView(W.VBox):
             self.attention_panel,
         ], layout=W.Layout(width="100%"))
         self.controls = W.HBox([self.slider, self.step_label], layout=W.Layout(align_items="center", width="100%"))
-        super().__init__([self.style, self.header, self.text, self.controls, self.problems, self.panels],
-                         layout=W.Layout(width="100%"))
+        self.beam_tree = _classed(W.Image(format="png", layout=W.Layout(max_width="100%", height="auto")), "dl-beams")
+        self.beam_panel = W.VBox([title("beam search: every candidate, the returned rows in colour"), self.beam_tree],
+                                 layout=W.Layout(width="100%", display="none"))
+        super().__init__([self.style, self.header, self.text, self.controls, self.problems, self.beam_panel,
+                          self.panels], layout=W.Layout(width="100%"))
         self.add_class("dl-trace-view")
 
         self.row_picker.observe(self._on_row, names="value")
@@ -216,6 +220,7 @@ class TraceView(W.VBox):
         finally:
             self._busy = False
         self._draw_header()
+        self._draw_beam_tree()
         self._show_row(row, step)
 
     # ---- building -------------------------------------------------------------------------------------
@@ -244,6 +249,22 @@ class TraceView(W.VBox):
         shown = [self.row_picker, self.slider, self.step_label] if tr.rows > 1 else [self.slider, self.step_label]
         if list(self.controls.children) != shown:
             self.controls.children = shown
+
+    def _draw_beam_tree(self) -> None:
+        """A beam search's tree, drawn once per trace (a figure, so it costs a few hundred ms when the view
+        opens, never on a click)."""
+        import io
+
+        tr = self.trace
+        if not tr.has_beams:
+            self.beam_panel.layout.display = "none"
+            return
+        from . import plots
+
+        buf = io.BytesIO()
+        plots.beam_tree(tr).savefig(buf, format="png", dpi=80)
+        self.beam_tree.value = buf.getvalue()
+        self.beam_panel.layout.display = None
 
     def _draw_header(self) -> None:
         tr = self.trace

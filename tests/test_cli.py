@@ -58,3 +58,18 @@ def test_unwritable_save_path_is_a_clear_error(tmp_path):
     out = run("Hi", "--max-new-tokens", "2", "--save", str(blocker / "run.parquet"))
     assert out.returncode == 2 and "cannot save" in out.stderr and "Traceback" not in out.stderr
     assert "step" in out.stdout  # the table was printed before the save failed
+
+
+@pytest.mark.integration
+def test_beam_search_prints_the_best_sequence_and_every_beams_score():
+    out = run("What is the capital of France?", "--chat", "--num-beams", "3", "--max-new-tokens", "12")
+    assert out.returncode == 0, out.stderr
+    lm = dl.load()
+    trace = lm.generate("What is the capital of France?", chat=True, num_beams=3, num_return_sequences=3,
+                        max_new_tokens=12, progress=False)
+    assert out.stdout.startswith(trace.text)
+    listed = out.stdout.split("beams returned, best first")[1].strip().splitlines()[1:]
+    assert len(listed) == 3
+    for line, r in zip(listed, trace.runs.itertuples()):
+        assert line.split()[:2] == [str(r.row), f"{r.score:.4f}"]
+

@@ -411,3 +411,22 @@ def test_right_to_left_labels_in_visual_order():
     labels = tick_texts(plots.probability_timeline(tr).axes[1].xaxis)
     assert labels == ["םולש", "␣ابحرم", "a םוֹלשָׁ!"]  # matplotlib draws left to right; marks stay on their letter
     assert token_label("שלום") == "שלום"  # the public label keeps logical order (HTML does its own bidi)
+
+
+def test_beam_tree_draws_every_candidate_and_the_returned_paths(tiny_lms):
+    tr = tiny_lms["llama"].generate("Once upon a time", num_beams=3, num_return_sequences=2, max_new_tokens=5,
+                                    eos_token_id=[], progress=False)
+    fig = plots.beam_tree(tr)
+    ax = fig.axes[0]
+    beams = tr.beams
+    # one marker per candidate, one bold line per step of each returned row after the first
+    assert sum(len(c.get_offsets()) for c in ax.collections) == len(beams)
+    for row in range(tr.rows):
+        bold = [l for l in ax.lines if l.get_gid() == f"row-{row}"]
+        assert len(bold) == tr.runs.length[row] - 1
+    scores = [t.get_text() for t in ax.texts if t.get_gid() == "finished-score"]
+    assert len(scores) == (beams.fate == "finished").sum()
+    assert f"{tr.runs.score[0]:.2f}" in scores
+    assert not draw(fig)
+    with pytest.raises(ValueError, match="not a beam search"):
+        plots.beam_tree(hand_trace([" a", " b"]))

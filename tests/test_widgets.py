@@ -74,7 +74,9 @@ def test_show_builds_every_panel_for_a_full_trace(trace):
     assert view.step == last == label_step(view)  # opens on the last step
     for panel in step_panels(view):
         assert isinstance(panel, W.HTML) and names_step(panel, last)
-    assert not [w for w in all_widgets(view) if isinstance(w, W.Image)]  # no figures: HTML only
+    # no figures: HTML only (the beam tree's image is for beam traces, and hidden here)
+    assert not [w for w in all_widgets(view) if isinstance(w, W.Image) and w is not view.beam_tree]
+    assert view.beam_panel.layout.display == "none" and not view.beam_tree.value
     assert escape(token_label(trace.steps.token[last], 32)) in view.distribution.value
     assert "dlp-query" in view.attention.value and "what each layer would say" in view.lens.value
     assert panels.PANEL_CSS in view.style.value  # the panels' classes are styled
@@ -427,3 +429,14 @@ def test_show_opens_on_the_row_asked_for():
     assert escape(strategy_summary(tr)) in view.header.value  # the page's wording of the strategy
     with pytest.raises(IndexError):
         dl.show(tr, row=2)
+
+
+def test_show_draws_the_beam_tree_for_beam_traces_only(tiny_lms):
+    lm = tiny_lms["llama"]
+    beams = lm.generate("Once upon a time", num_beams=2, num_return_sequences=2, max_new_tokens=4, progress=False)
+    view = dl.show(beams)
+    assert view.beam_panel.layout.display is None and bytes(view.beam_tree.value).startswith(b"\x89PNG")
+    assert "dl-beams" in view.beam_tree._dom_classes
+    assert [v for _, v in view.row_picker.options] == [0, 1]
+    plain = dl.show(lm.generate("Once upon a time", max_new_tokens=4, progress=False))
+    assert plain.beam_panel.layout.display == "none"
