@@ -172,6 +172,8 @@ class LM:
                 raise StrategyError("seeds= with num_beams > 1: a beam search returns its own rows "
                                     "(num_return_sequences); give seed= for beam sampling")
             return self._beam_search(ids, prompt_text, strat, record)
+        if strat.method != "token" and seeds is not None:
+            raise StrategyError(f"seeds= with {strat.method} decoding: one run at a time (give seed=)")
         row_seeds = list(seeds) if seeds is not None else [strat.seed]
         recording = Recording(record)
         observers: list = [recording]
@@ -191,9 +193,12 @@ class LM:
         info = self.model_info(lens=record.lens)
         state = None
         try:
+            step_fn = _step_function(strat)
             with recording.attached(self.model):
-                state = loop.prefill(self.model, batch, strat, observers, seeds=row_seeds)
-                loop.run(self.model, state, strat, observers, max_length=self.context_window, on_token=stream)
+                state = loop.prefill(self.model, batch, strat, observers, seeds=row_seeds,
+                                     keep_hidden=step_fn is not loop.step)
+                loop.run(self.model, state, strat, observers, max_length=self.context_window, on_token=stream,
+                         step_fn=step_fn)
         except KeyboardInterrupt:
             if state is None:
                 raise
@@ -213,6 +218,9 @@ class LM:
         """`generate` with num_beams > 1: the returned sequences as rows, best first, and the tree."""
         from .beams import beam_arrays, beam_search
         from .builder import RunInfo, build_trace
+
+        if strat.method == "group beam":
+            from .group_beams import group_beam_search as beam_search  # noqa: F811 (the same contract)
 
         generator = None
         if strat.seed is not None:
@@ -289,6 +297,19 @@ def _model_name(model) -> str:
     source = str(getattr(model.config, "_name_or_path", "") or "")
     name = Path(source).name if source else type(model).__name__
     return DEFAULT_NAME if name.startswith(DEFAULT_NAME + "-") else name
+
+
+def _step_function(strategy: Strategy) -> Callable:
+    """The step of the strategy's rule: the loop's own, or DoLa's or contrastive search's (same signature)."""
+    if strategy.method == "dola":
+        from .dola import step as dola_step
+
+        return dola_step
+    if strategy.method == "contrastive":
+        from .contrastive import step as contrastive_step
+
+        return contrastive_step
+    return loop.step
 
 
 def _check_seeds(seeds: Sequence[int] | None, words: dict) -> int:

@@ -37,6 +37,9 @@ class State:
     stop_reason: str | None = None
     row_ids: torch.Tensor | None = None  # [B] each running row's index in the run (rows retire at EOS)
     retired: dict = field(default_factory=dict)  # run row index -> its ids [T'] when it finished
+    keep_hidden: bool = False  # keep every layer's hidden states of the last forward (DoLa, contrastive search)
+    hidden: tuple | None = None  # those: (embeddings, layer 1, ..., last layer after the final norm), [B, T_new, D]
+    extra: dict = field(default_factory=dict)  # what a strategy's own rule carries from step to step
 
     def __post_init__(self):
         if self.row_ids is None:
@@ -76,6 +79,7 @@ class StepContext:
     forced: torch.Tensor  # [B] bool: chosen by the user, not the chooser
     finished: torch.Tensor  # [B] bool: rows already done before this step (they emit padding)
     rows: torch.Tensor | None = None  # [B] each row's index in the run (None: 0..B-1)
+    decision: dict = field(default_factory=dict)  # what a strategy's own rule decided, per row [B, ...]
     memo: dict = field(default_factory=dict)  # work recorders share within one step
 
 
@@ -109,6 +113,21 @@ def forward(model, input_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor
     return out.logits[:, -1].to(dtype=torch.float32, device=input_ids.device, copy=True)
 
 
+@torch.inference_mode()
+def forward_hidden(model, input_ids: torch.Tensor, cache: DynamicCache) -> tuple[torch.Tensor, tuple]:
+    """`forward`, also returning every layer's hidden states at the new positions (as `output_hidden_states`)."""
+    out = model(input_ids=input_ids, use_cache=True, output_hidden_states=True, **{_cache_word(model): cache})
+    logits = out.logits[:, -1].to(dtype=torch.float32, device=input_ids.device, copy=True)
+    return logits, tuple(out.hidden_states)
+
+
+def _forward(model, state: "State", input_ids: torch.Tensor) -> torch.Tensor:
+    if state.keep_hidden:
+        logits, state.hidden = forward_hidden(model, input_ids, state.cache)
+        return logits
+    return forward(model, input_ids, state.cache)
+
+
 def _notify_forward(observers: Sequence[Observer], state: State, step: int) -> None:
     for o in observers:
         o.before_forward(state, step)
@@ -121,6 +140,7 @@ def prefill(
     observers: Sequence[Observer] = (),
     seeds: Sequence[int | None] | None = None,
     cache: DynamicCache | None = None,
+    keep_hidden: bool = False,
 ) -> State:
     """Forward the prompt once and return a state whose next logits are step 0's.
 
@@ -134,9 +154,10 @@ def prefill(
         prompt_length=prompt_ids.shape[1],
         generators=strategy.generators(rows, prompt_ids.device, seeds),
         finished=torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device),
+        keep_hidden=keep_hidden,
     )
     _notify_forward(observers, state, 0)
-    state.next_logits = forward(model, prompt_ids, state.cache)
+    state.next_logits = _forward(model, state, prompt_ids)
     return state
 
 
@@ -144,7 +165,7 @@ def ensure_logits(model, state: State, observers: Sequence[Observer] = ()) -> to
     """Forward the pending token, if any, so that `state.next_logits` is the next step's."""
     if state.pending is not None:
         _notify_forward(observers, state, state.steps)
-        state.next_logits = forward(model, state.pending[:, None], state.cache)
+        state.next_logits = _forward(model, state, state.pending[:, None])
         state.pending = None
     return state.next_logits
 
@@ -270,16 +291,18 @@ def run(
     max_length: int | None = None,
     on_token: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     max_steps: int | None = None,
+    step_fn: Callable = step,
 ) -> State:
     """Step until EOS, `max_new_tokens`, the context window, or `max_steps` more steps.
 
     `on_token(step, tokens, rows)` sees each step's tokens of the running rows and their run indices.
+    `step_fn` is the step of a strategy with its own rule (DoLa, contrastive search), `step`'s signature.
     Rows that reach EOS leave the batch while others run on (`retire_finished`).
     """
     taken = 0
     state.stop_reason = should_stop(state, strategy, max_length)
     while state.stop_reason is None and (max_steps is None or taken < max_steps):
-        token = step(model, state, strategy, observers)
+        token = step_fn(model, state, strategy, observers)
         taken += 1
         if on_token is not None:
             on_token(state.steps - 1, token, state.row_ids)

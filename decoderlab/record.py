@@ -233,7 +233,7 @@ class Recording:
         self._flush_forward()
         if ctx.step != self.steps:
             raise RuntimeError(f"recording out of order: step {ctx.step} after {self.steps} steps")
-        row: dict[str, torch.Tensor] = {}
+        row: dict[str, torch.Tensor] = dict(ctx.decision)  # a strategy's own decision (contrastive scores, ...)
         for name in self.names:
             row.update(STEP_RECORDERS[name](ctx, self.opts))
         for key, value in row.items():  # all columns or none: an interrupted step leaves no ragged columns

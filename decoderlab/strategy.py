@@ -107,11 +107,22 @@ def _check_range(cfg: GenerationConfig, user: dict[str, Any], only_given: bool =
         raise bad("early_stopping", "must be True, False or 'never'")
     num("length_penalty")  # any number: > 0 favours longer sequences, < 0 shorter
     ng = getattr(cfg, "num_beam_groups", None)
-    if ng is not None and ng != 1:
-        raise StrategyError(f"num_beam_groups={ng}: diverse (group) beam search is not in decoderlab yet")
-    pa = getattr(cfg, "penalty_alpha", None)
-    if pa is not None:
-        raise StrategyError(f"penalty_alpha={pa}: contrastive search is not in decoderlab yet")
+    if ng is not None and (isinstance(ng, bool) or not isinstance(ng, int) or ng < 1):
+        raise bad("num_beam_groups", "must be a whole number >= 1")
+    if ng is not None and ng > 1 and (not isinstance(nb, int) or nb % ng):
+        raise StrategyError(f"num_beam_groups={ng}: num_beams={nb} must be a multiple of it (each group keeps "
+                            "num_beams / num_beam_groups beams)")
+    dp = num("diversity_penalty")
+    if dp is not None and dp < 0:
+        raise bad("diversity_penalty", "must be >= 0")
+    pa = num("penalty_alpha")
+    if pa is not None and not 0 <= pa <= 1:
+        raise bad("penalty_alpha", "must be in [0, 1] (0: greedy)")
+    dl_ = getattr(cfg, "dola_layers", None)
+    if dl_ is not None and dl_ not in ("low", "high") and not (
+            isinstance(dl_, (list, tuple)) and dl_ and all(isinstance(i, int) and not isinstance(i, bool)
+                                                             and i >= 0 for i in dl_)):
+        raise bad("dola_layers", "must be 'low', 'high', or a list of layer indices >= 0")
     gs = getattr(cfg, "guidance_scale", None)
     if gs is not None and gs != 1:
         raise StrategyError(f"guidance_scale={gs}: classifier-free guidance runs a second model forward inside a "
@@ -147,6 +158,19 @@ class Strategy:
         return int(self.config.num_beams or 1)
 
     @property
+    def method(self) -> str:
+        """Which decoding rule runs: "beam", "group beam", "contrastive", "dola", or "token" (a processor list
+        and a chooser, one token per row per step), decided from the words as `generate` decides."""
+        cfg = self.config
+        if self.num_beams > 1:
+            return "group beam" if (cfg.num_beam_groups or 1) > 1 else "beam"
+        if cfg.dola_layers is not None:
+            return "dola"
+        if not self.do_sample and cfg.penalty_alpha is not None and cfg.penalty_alpha > 0 and (cfg.top_k or 0) > 1:
+            return "contrastive"
+        return "token"
+
+    @property
     def processor_names(self) -> list[str]:
         return [type(p).__name__ for p in self.processors]
 
@@ -160,6 +184,8 @@ class Strategy:
                   "remove_invalid_values", "eos_token_id", "pad_token_id")
         out: dict[str, Any] = {"do_sample": self.do_sample}
         beams = ("num_beams", "length_penalty", "early_stopping", "num_return_sequences") if self.num_beams > 1 else ()
+        beams += {"group beam": ("num_beam_groups", "diversity_penalty"), "contrastive": ("penalty_alpha", "top_k"),
+                  "dola": ("dola_layers",)}.get(self.method, ())
         for word in (sampling if self.do_sample else ()) + beams + always:
             value = getattr(cfg, word, None)
             if value is not None and value is not False:
@@ -253,7 +279,15 @@ def resolve(
         raise StrategyError("chooser= with num_beams > 1: beam search chooses by its own rule (the top continuations "
                             "of every beam); give one or the other")
     if (config.num_beams or 1) > 1:
-        pick, name = (sample if config.do_sample else greedy), ("beam sample" if config.do_sample else "beam search")
+        pick = sample if config.do_sample else greedy
+        name = "group beam search" if (config.num_beam_groups or 1) > 1 else (
+            "beam sample" if config.do_sample else "beam search")
+    elif (not config.do_sample and config.dola_layers is None and (config.penalty_alpha or 0) > 0
+          and (config.top_k or 0) > 1):
+        if chooser is not None:
+            raise StrategyError("chooser= with penalty_alpha: contrastive search chooses by its own rule; give one "
+                                "or the other")
+        pick, name = greedy, "contrastive search"
     elif chooser is not None:
         pick, name = chooser, getattr(chooser, "__name__", type(chooser).__name__)
     elif config.do_sample:
