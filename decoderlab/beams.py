@@ -46,6 +46,19 @@ class BeamTree:
     logprob: list[torch.Tensor] = field(default_factory=list)  # [K] the token's processed logprob
     score: list[torch.Tensor] = field(default_factory=list)  # [K] cumulative (unnormalised)
     fate: list[torch.Tensor] = field(default_factory=list)  # [K] CONTINUES / FINISHED / PRUNED
+    group: list[torch.Tensor] = field(default_factory=list)  # [K] the candidate's beam group (group beam search)
+
+    def add(self, parent: torch.Tensor, origin: torch.Tensor, token: torch.Tensor, logprob: torch.Tensor,
+            score: torch.Tensor, fate: torch.Tensor, group: torch.Tensor | None = None) -> None:
+        """One step's K candidates."""
+        self.parent.append(parent)
+        self.origin.append(origin)
+        self.token.append(token)
+        self.logprob.append(logprob)
+        self.score.append(score)
+        self.fate.append(fate)
+        if group is not None:
+            self.group.append(group)
 
 
 @dataclass
@@ -56,6 +69,25 @@ class BeamRun:
     tree: BeamTree
     stop_reason: str
     steps: int
+
+
+def show_candidates(observers: Sequence[Observer], state: State, logits: torch.Tensor, scores: torch.Tensor,
+                    stages: list[torch.Tensor], token: torch.Tensor, parent: torch.Tensor) -> None:
+    """Observers see the step's K candidates as rows: each its parent beam's ids and raw logits, its scores
+    (`scores` and `stages` already one row per candidate), and its token."""
+    no = torch.zeros(token.shape, dtype=torch.bool, device=token.device)
+    ctx = StepContext(state.steps, state.ids[parent], logits[parent], scores, stages, token, no, no.clone(), parent)
+    for o in observers:
+        o.on_step(ctx)
+
+
+def advance(state: State, rows: torch.Tensor, token: torch.Tensor) -> None:
+    """The running beams of the next step: beam i extends row `rows[i]` (ids and KV cache reordered) with
+    `token[i]`, which the next step forwards."""
+    state.ids = torch.cat([state.ids[rows], token[:, None]], dim=-1)
+    state.cache.reorder_cache(rows)
+    state.pending = token
+    state.next_logits = None
 
 
 def beam_search(model, prompt_ids: torch.Tensor, strategy: Strategy, observers: Sequence[Observer] = (),
@@ -99,10 +131,7 @@ def beam_search(model, prompt_ids: torch.Tensor, strategy: Strategy, observers: 
         ends = torch.zeros(keep_k, dtype=torch.bool, device=device) if eos is None else torch.isin(token, eos)
         ends = ends | (cur_len + 1 >= max_length)
 
-        ctx = StepContext(state.steps, state.ids[parent], logits[parent], scores[parent], [s[parent] for s in stages],
-                          token, torch.zeros_like(ends), torch.zeros_like(ends), parent)
-        for o in observers:
-            o.on_step(ctx)
+        show_candidates(observers, state, logits, scores[parent], [s[parent] for s in stages], token, parent)
 
         # the B best continuations that go on (transformers' _get_running_beams_for_next_iteration)
         running = top + ends.float() * NEG
@@ -136,22 +165,14 @@ def beam_search(model, prompt_ids: torch.Tensor, strategy: Strategy, observers: 
             new_scores.append(merged[i])
         finished, finished_scores = new_finished, torch.stack(new_scores)
 
-        tree.parent.append(parent)
-        tree.origin.append(origin_of_row[parent])
-        tree.token.append(token)
-        tree.logprob.append(scores[parent, token])
-        tree.score.append(top)
-        tree.fate.append(fate)
+        tree.add(parent, origin_of_row[parent], token, scores[parent, token], top, fate)
 
         # the running beams for the next step: ids, scores, paths, cache rows
         rows = parent[sel]
         paths = [paths[int(b)] + [int(k)] for b, k in zip(rows, sel)]
         origin_of_row = sel.clone()
         running_scores = running[sel]
-        state.ids = torch.cat([state.ids[rows], token[sel][:, None]], dim=-1)
-        state.cache.reorder_cache(rows)
-        state.pending = token[sel]
-        state.next_logits = None
+        advance(state, rows, token[sel])
 
         # stop? (transformers' _check_early_stop_heuristic and _beam_search_has_unfinished_sequences)
         cur_len += 1
@@ -232,4 +253,6 @@ def beam_arrays(run: BeamRun, recording, prompt_length: int) -> dict:
                    beam_logprob=torch.stack(tree.logprob).float().cpu().numpy(),
                    beam_score=torch.stack(tree.score).float().cpu().numpy(),
                    beam_fate=torch.stack(tree.fate).cpu().numpy().astype(np.int64))
+        if tree.group:  # group beam search: each candidate's group
+            out["beam_group"] = torch.stack(tree.group).cpu().numpy().astype(np.int64)
     return out

@@ -246,6 +246,9 @@ class LM:
         """An interactive `Session`: step, choose, rewind and fork over one KV cache (one row)."""
         if "seeds" in strategy:
             raise SessionError("a session steps one sequence: give seed=, not seeds= (or use generate(seeds=...))")
+        if strategy.get("penalty_alpha") or strategy.get("dola_layers") is not None:
+            raise SessionError("a session steps with processors and a chooser; contrastive search and DoLa run in "
+                               "generate(...) (their traces record what each step decided)")
         if (strategy.get("num_beams") or 1) != 1:
             raise SessionError("a session steps one sequence, and beam search keeps several: use "
                                "generate(..., num_beams=B), whose trace holds the returned beams and trace.beams the tree")

@@ -128,7 +128,7 @@ def _forward(model, state: "State", input_ids: torch.Tensor) -> torch.Tensor:
     return forward(model, input_ids, state.cache)
 
 
-def _notify_forward(observers: Sequence[Observer], state: State, step: int) -> None:
+def notify_forward(observers: Sequence[Observer], state: State, step: int) -> None:
     for o in observers:
         o.before_forward(state, step)
 
@@ -156,7 +156,7 @@ def prefill(
         finished=torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device),
         keep_hidden=keep_hidden,
     )
-    _notify_forward(observers, state, 0)
+    notify_forward(observers, state, 0)
     state.next_logits = _forward(model, state, prompt_ids)
     return state
 
@@ -164,7 +164,7 @@ def prefill(
 def ensure_logits(model, state: State, observers: Sequence[Observer] = ()) -> torch.Tensor:
     """Forward the pending token, if any, so that `state.next_logits` is the next step's."""
     if state.pending is not None:
-        _notify_forward(observers, state, state.steps)
+        notify_forward(observers, state, state.steps)
         state.next_logits = _forward(model, state, state.pending[:, None])
         state.pending = None
     return state.next_logits
@@ -197,6 +197,23 @@ def step(
     logits = ensure_logits(model, state, observers)
     keep = any(o.keep_stages for o in observers)
     scores, stages = process(strategy, state.ids, logits, keep)
+    return choose(state, strategy, logits, scores, stages, observers, force)
+
+
+@torch.inference_mode()
+def choose(
+    state: State,
+    strategy: Strategy,
+    logits: torch.Tensor,
+    scores: torch.Tensor,
+    stages: list[torch.Tensor],
+    observers: Sequence[Observer] = (),
+    force: torch.Tensor | None = None,
+    decision: dict | None = None,
+) -> torch.Tensor:
+    """The end of every step: the chooser picks from `scores` (`force` overrides it, finished rows get padding),
+    observers see the step (`decision`: what a strategy's own rule decided, e.g. DoLa's layer), and the token
+    is appended, to be forwarded at the start of the next step. `step` and DoLa's step end here."""
     token = strategy.chooser(scores, state.generators)
     forced = torch.zeros_like(state.finished)
     if force is not None:
@@ -204,7 +221,8 @@ def step(
         token = torch.where(forced, force, token)
     if strategy.pad_token_id is not None:
         token = torch.where(state.finished, torch.full_like(token, strategy.pad_token_id), token)
-    ctx = StepContext(state.steps, state.ids, logits, scores, stages, token, forced, state.finished, state.row_ids)
+    ctx = StepContext(state.steps, state.ids, logits, scores, stages, token, forced, state.finished, state.row_ids,
+                      {} if decision is None else decision)
     for o in observers:
         o.on_step(ctx)
     state.ids = torch.cat([state.ids, token[:, None]], dim=-1)

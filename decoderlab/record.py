@@ -289,6 +289,14 @@ class Recording:
         if full is not None and self.opts.prefill_attention:
             self.prefill_attention[layer] = full.to(torch.float16)
 
+    def keep_forward_rows(self, step: int, rows: torch.Tensor) -> None:
+        """The forward that made step `step`'s distribution ran more rows than the run keeps (contrastive
+        search's look-ahead forwards every candidate): keep only `rows` of what it captured."""
+        self._flush_forward()
+        for buf in (self.attention, self.residuals):
+            if step < len(buf) and buf[step] is not None:
+                buf[step] = buf[step][rows.to(buf[step].device)]
+
     def _residual_sink(self, layer: int, hidden: torch.Tensor) -> None:
         self._res_layers[layer] = hidden.float()
 

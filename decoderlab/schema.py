@@ -79,6 +79,19 @@ _FIELDS = [
        "Record(lens=True)"),
     _f("lens_chosen_prob", "step row layer", "float32", "logit lens: the chosen token's probability at each layer",
        "Record(lens=True)"),
+    _f("contrastive_id", "step row contrastive_k", "int64", "contrastive search: the top-k candidates of the "
+       "processed distribution", "penalty_alpha"),
+    _f("contrastive_confidence", "step row contrastive_k", "float32", "contrastive search: each candidate's "
+       "probability p(v) (model confidence)", "penalty_alpha"),
+    _f("contrastive_penalty", "step row contrastive_k", "float32", "contrastive search: its degeneration penalty, "
+       "max cosine similarity with the context's hidden states", "penalty_alpha"),
+    _f("contrastive_score", "step row contrastive_k", "float32", "contrastive search: (1 - alpha) p(v) - alpha "
+       "penalty; the largest is chosen", "penalty_alpha"),
+    _f("dola_layer", "step row", "int64", "DoLa: the premature layer contrasted with the final one (a hidden-states "
+       "index: 0 the embeddings), the candidate furthest from it", "dola_layers"),
+    _f("dola_divergence", "step row dola_candidate", "float32", "DoLa: each candidate layer's Jensen-Shannon "
+       "divergence from the final distribution (transformers' formula), in dola_candidate_layers order",
+       "dola_layers"),
     _f("beam_candidate", "step row", "int64", "beam search: which of the step's candidates the row's token was",
        "num_beams > 1"),
     _f("beam_parent", "step cand", "int64", "beam search: each candidate's parent beam (its row in that step's "
@@ -90,6 +103,8 @@ _FIELDS = [
     _f("beam_score", "step cand", "float32", "beam search: the summed logprob of its sequence", "num_beams > 1"),
     _f("beam_fate", "step cand", "int64", "beam search: 0 continues, 1 finished (normalised score kept), 2 pruned",
        "num_beams > 1"),
+    _f("beam_group", "step cand", "int64", "group beam search: the beam group each candidate belongs to",
+       "num_beam_groups > 1"),
 ]
 
 SCHEMA: dict[str, Field] = {f.name: f for f in _FIELDS}

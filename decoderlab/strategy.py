@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -112,6 +113,9 @@ def _check_range(cfg: GenerationConfig, user: dict[str, Any], only_given: bool =
     if ng is not None and ng > 1 and (not isinstance(nb, int) or nb % ng):
         raise StrategyError(f"num_beam_groups={ng}: num_beams={nb} must be a multiple of it (each group keeps "
                             "num_beams / num_beam_groups beams)")
+    if ng is not None and ng > 1 and getattr(cfg, "do_sample", False):
+        raise StrategyError(f"do_sample=True with num_beam_groups={ng}: group (diverse) beam search does not sample; "
+                            "pass do_sample=False, or num_beam_groups=1 for beam sampling")
     dp = num("diversity_penalty")
     if dp is not None and dp < 0:
         raise bad("diversity_penalty", "must be >= 0")
@@ -190,6 +194,9 @@ class Strategy:
             value = getattr(cfg, word, None)
             if value is not None and value is not False:
                 out[word] = value
+        if self.method == "dola" and getattr(self, "dola_candidate_layers", None) is not None:
+            # the candidate layers depend on the model: dola.step sets them on the strategy at its first step
+            out["dola_candidate_layers"] = list(self.dola_candidate_layers)
         out.update(max_new_tokens=self.max_new_tokens, seed=self.seed, chooser=self.chooser_name,
                    processors=self.processor_names)
         return out
@@ -206,6 +213,20 @@ class Strategy:
                 g.manual_seed(int(s))
                 out.append(g)
         return out
+
+
+@contextmanager
+def _quiet_transformers():
+    """transformers logs that words of the strategies it moved to the hub (penalty_alpha, top_k with it, ...)
+    "may be ignored": decoderlab runs those strategies itself, so the message would mislead."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def resolve(
@@ -235,7 +256,7 @@ def resolve(
         raise StrategyError("chooser must be a function (scores [B, V], generators) -> token ids [B]")
     has_default_max_length = words.get("max_length") is None and model.generation_config.max_length is None
     _check_range(GenerationConfig(), words, only_given=True)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_transformers():
         warnings.simplefilter("ignore")
         try:
             config, _ = model._prepare_generation_config(None, **words)

@@ -153,7 +153,8 @@ class Trace:
         """Beam search's tree: one row per (step, candidate): the parent beam, the candidate it grew from at
         the step before (`origin`), the token, its logprob, the sequence's summed score, the candidate's rank
         among the step's K, its fate (continues, finished, pruned), and the returned rows whose path passes
-        through it (`rows`, a tuple). `generate` keeps none of this; a beam tree is drawn from it."""
+        through it (`rows`, a tuple); a group beam search adds each candidate's `group`. `generate` keeps none of
+        this; a beam tree is drawn from it."""
         if not self.has_beams:
             raise ValueError("this trace is not a beam search: run generate(..., num_beams=B) with B > 1")
         a = self.arrays
@@ -164,13 +165,16 @@ class Trace:
             on_path.setdefault((int(t), int(a["beam_candidate"][t, r])), []).append(int(r))
         fates = np.array(["continues", "finished", "pruned"], dtype=object)
         ids = a["beam_token"].reshape(-1)
-        return pd.DataFrame({
+        frame = pd.DataFrame({
             "step": np.repeat(np.arange(s), k), "candidate": np.tile(np.arange(k), s),
             "parent": a["beam_parent"].reshape(-1), "origin": a["beam_origin"].reshape(-1),
             "token_id": ids, "token": self._tok(ids), "logprob": a["beam_logprob"].reshape(-1).astype(np.float64),
             "score": a["beam_score"].reshape(-1).astype(np.float64), "fate": fates[a["beam_fate"].reshape(-1)],
             "rows": [tuple(on_path.get((t, c), ())) for t in range(s) for c in range(k)],
         })
+        if "beam_group" in a:  # group (diverse) beam search: the group each candidate belongs to
+            frame.insert(2, "group", a["beam_group"].reshape(-1))
+        return frame
 
     def row(self, i: int) -> "Trace":
         """Row `i` as a one-row trace (every frame, plot and widget works on it)."""

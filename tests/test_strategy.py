@@ -41,8 +41,10 @@ def test_processor_order_is_generates(tiny_lms):
     (dict(num_beams=2, early_stopping="soon"), "early_stopping"),
     (dict(num_beams=2, length_penalty="long"), "length_penalty"),
     (dict(num_beams=2, chooser=lambda s, g: s.argmax(-1)), "chooser= with num_beams"),
-    (dict(num_beams=2, num_beam_groups=2, diversity_penalty=1.0), "num_beam_groups"),
-    (dict(penalty_alpha=0.6, top_k=4), "contrastive search"),
+    (dict(num_beams=4, num_beam_groups=3, diversity_penalty=1.0), "multiple"),
+    (dict(num_beams=4, num_beam_groups=2, diversity_penalty=-1.0), "diversity_penalty"),
+    (dict(penalty_alpha=1.5, top_k=4), "penalty_alpha"),
+    (dict(dola_layers="middle"), "dola_layers"),
     (dict(topp=0.9), "unknown strategy word"),
     (dict(seed="x"), "seed"),
 ])
