@@ -24,7 +24,8 @@ the loop makes anyway (with every layer's hidden states, `State.keep_hidden`):
    side gets −1e-3 there); DoLa scores = log_softmax(final) − log_softmax(premature) on the kept tokens.
 5. the strategy's processors act on the DoLa scores (the reference's `logits_processor(input_ids,
    next_token_logits)`, warpers included since 4.45), and the chooser chooses (greedy, or sampling from
-   softmax of the processed DoLa scores, with the row's generator).
+   softmax of the processed DoLa scores, with the row's generator: seeded with s, it draws what
+   `torch.manual_seed(s)` before the reference draws).
 
 Recorded: `ctx.logits` are the model's final logits (so a trace's raw logprob, rank and candidates are the
 model's own), `ctx.scores` the processed DoLa scores (its final logprob and rank). `ctx.decision` holds
@@ -47,10 +48,8 @@ Departures from the reference, and why:
 Nothing else: the premature logits keep the output layer's dtype (as the reference, which casts only the
 final logits to float32), and the arithmetic is the reference's, op for op.
 
-Known limit of the recording: the `processors` recorder compares the first processor's output with the raw
-logits (`ctx.logits`), not with the DoLa scores it was given, so under DoLa that processor's
-`proc_mass_removed` also counts what the relative-top filter removed, and its `proc_rank_before` is the
-raw rank.
+The recorded raw logits are the model's; the processors' effects are measured against the DoLa scores they
+were given (`StepContext.inputs`), so what the relative-top filter removed is not counted as theirs.
 """
 from __future__ import annotations
 
@@ -185,10 +184,10 @@ def step(
 ) -> torch.Tensor:
     """One DoLa step for every row (the loop's `step` contract): the processors and the chooser act on the
     DoLa scores; the recorded raw logits are the model's."""
-    layers = candidate_layers(model, strategy.config.dola_layers)
-    strategy.dola_candidate_layers = layers  # for describe(): the strategy does not know the model
     if model.get_output_embeddings() is None:
         raise StrategyError("dola_layers: DoLa needs the model's output layer (get_output_embeddings() is None)")
+    layers = candidate_layers(model, strategy.config.dola_layers)
+    strategy.dola_candidate_layers = layers  # for describe(): the strategy does not know the model
     logits = loop.ensure_logits(model, state, observers)
     if state.hidden is None:
         raise ValueError("DoLa reads every layer's hidden states: prefill with keep_hidden=True")
@@ -198,4 +197,4 @@ def step(
     scores, stages = loop.process(strategy, state.ids, dola_scores.to(state.ids.device), keep)
     decision = {"dola_layer": torch.tensor(layers, dtype=torch.long, device=chosen.device)[chosen],
                 "dola_divergence": js.T.to(torch.float32)}
-    return loop.choose(state, strategy, logits, scores, stages, observers, force, decision)
+    return loop.choose(state, strategy, logits, scores, stages, observers, force, decision, inputs=dola_scores)

@@ -94,7 +94,8 @@ class _GroupHypotheses:
     """transformers 4.x's `BeamHypotheses` for one group: the S best finished sequences, in insertion order."""
 
     def __init__(self, size: int, length_penalty: float, early_stopping, max_length: int):
-        self.size, self.length_penalty, self.early_stopping, self.max_length = size, length_penalty, early_stopping, max_length
+        self.size, self.length_penalty, self.early_stopping = size, length_penalty, early_stopping
+        self.max_length = max_length
         self.beams: list[_Finished] = []
         self.worst_score = 1e9
 
@@ -199,27 +200,29 @@ def group_beam_search(model, prompt_ids: torch.Tensor, strategy: Strategy, obser
                 current[rows] = strategy.pad_token_id
                 for r in rows.tolist():
                     next_paths[r] = paths[int(rows[0])]
-            else:
-                chosen = 0
-                tokens, scores_list, parents = token.tolist(), top.tolist(), (local + g * size).tolist()
-                for rank, (tok, score, parent) in enumerate(zip(tokens, scores_list, parents)):
+            else:  # BeamSearchScorer.process for this group
+                chosen: list[int] = []  # the ranks that become the group's running beams
+                parents = (local + g * size).tolist()
+                for rank, (tok, score) in enumerate(zip(token.tolist(), top.tolist())):
                     if tok in eos_ids:
                         if rank >= size:  # an EOS outside the group's top S is not a hypothesis
                             continue
-                        hyps[g].add(score, state.ids[parent, prompt_length:].tolist() + [tok],
-                                    paths[parent] + [offset + rank], cur_len + 1 - prompt_length, t)
+                        b = parents[rank]
+                        hyps[g].add(score, state.ids[b, prompt_length:].tolist() + [tok], paths[b] + [offset + rank],
+                                    cur_len + 1 - prompt_length, t)
                     else:
-                        row = g * size + chosen
-                        reorder[row], current[row], next_scores[row] = parent, tok, score
-                        next_origin[row] = offset + rank
-                        next_paths[row] = paths[parent] + [offset + rank]
-                        fate[rank] = CONTINUES
-                        chosen += 1
-                    if chosen == size:
+                        chosen.append(rank)
+                    if len(chosen) == size:
                         break
-                if chosen < size:
-                    raise RuntimeError(f"group {g} found {chosen} of its {size} beams among {keep_k} candidates "
+                if len(chosen) < size:
+                    raise RuntimeError(f"group {g} found {len(chosen)} of its {size} beams among {keep_k} candidates "
                                        "(too many scores are -inf)")
+                sel = torch.tensor(chosen, device=device)
+                reorder[rows], current[rows], next_scores[rows] = local[sel] + g * size, token[sel], top[sel]
+                next_origin[rows] = offset + sel
+                fate[sel] = CONTINUES
+                for row, rank in zip(rows.tolist(), chosen):
+                    next_paths[row] = paths[parents[rank]] + [offset + rank]
                 done[g] = done[g] or hyps[g].is_done(float(top.max()), cur_len + 1, prompt_length)
             cand_parent.append(local + g * size)
             cand_token.append(token)

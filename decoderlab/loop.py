@@ -80,6 +80,7 @@ class StepContext:
     finished: torch.Tensor  # [B] bool: rows already done before this step (they emit padding)
     rows: torch.Tensor | None = None  # [B] each row's index in the run (None: 0..B-1)
     decision: dict = field(default_factory=dict)  # what a strategy's own rule decided, per row [B, ...]
+    inputs: torch.Tensor | None = None  # [B, V] what the first processor received, when not the raw logits (DoLa)
     memo: dict = field(default_factory=dict)  # work recorders share within one step
 
 
@@ -210,6 +211,7 @@ def choose(
     observers: Sequence[Observer] = (),
     force: torch.Tensor | None = None,
     decision: dict | None = None,
+    inputs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The end of every step: the chooser picks from `scores` (`force` overrides it, finished rows get padding),
     observers see the step (`decision`: what a strategy's own rule decided, e.g. DoLa's layer), and the token
@@ -222,7 +224,7 @@ def choose(
     if strategy.pad_token_id is not None:
         token = torch.where(state.finished, torch.full_like(token, strategy.pad_token_id), token)
     ctx = StepContext(state.steps, state.ids, logits, scores, stages, token, forced, state.finished, state.row_ids,
-                      {} if decision is None else decision)
+                      {} if decision is None else decision, inputs)
     for o in observers:
         o.on_step(ctx)
     state.ids = torch.cat([state.ids, token[:, None]], dim=-1)

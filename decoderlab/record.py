@@ -167,7 +167,8 @@ def record_processors(ctx: StepContext, opts: Record) -> dict:
         empty = ctx.logits.new_zeros(ctx.logits.shape[0], 0)
         return {"proc_mass_removed": empty, "proc_rank_before": empty.long(), "proc_rank_after": empty.long(),
                 "proc_prob_after": empty}
-    before = [ctx.logits, *ctx.stages[:-1]]
+    first = ctx.logits if ctx.inputs is None else ctx.inputs  # what the first processor received
+    before = [first, *ctx.stages[:-1]]
     mass, rank_before, rank_after, prob_after = [], [], [], []
     for prev, cur in zip(before, ctx.stages):  # each stage's softmax is computed once, shared with its neighbour
         p_prev = scores_distribution(ctx, prev)[2]

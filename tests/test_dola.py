@@ -144,6 +144,10 @@ def test_dola_equals_the_hand_computation(models, name, spec, penalty):
     ids, _ = lm.encode(PROMPT)
     hand = hand_dola(lm.model, ids, candidates, STEPS, processors)
     check_trace(trace, hand, candidates)
+    if spec == "list":  # the chosen layer is not always the first candidate
+        assert any(h["layer"] != layers[0] for h in hand)
+    if penalty is not None:  # the penalty acted on the DoLa scores
+        assert any(not torch.equal(h["scores"], h["dola"]) for h in hand)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -169,26 +173,30 @@ def test_dola_sampling_draws_from_the_processed_dola_scores(models, name, seed):
 
 
 def test_dola_chooses_the_layer_per_row(models):
-    """Two rows in one batch each get the layer and tokens they get alone (the reference would average the
-    divergences over the batch)."""
+    """Two rows in one batch each get the layers and tokens they get alone. These two prompts choose
+    different layers at every step, so the reference's one layer per batch (from divergences averaged over
+    the rows) would change one row's choice."""
     lm = models["llama12"]
-    prompts = [torch.tensor([[1, 504, 2365, 6354, 16438]]), torch.tensor([[1, 9049, 2645, 253, 1003]])]
+    prompts = [torch.tensor([[504, 2365, 6354, 16438]]), torch.tensor([[9049, 2645, 253, 1003]])]
     words = dict(dola_layers=[11, 0, 6, 1], max_new_tokens=STEPS, eos_token_id=[])
     alone = [lm.generate_ids(p, progress=False, **words) for p in prompts]
-    strat = lm.strategy(5, **words)
+    assert (alone[0].arrays["dola_layer"] != alone[1].arrays["dola_layer"]).any()
+    strat = lm.strategy(4, **words)
     recording = Recording(dl.Record())
     state = loop.prefill(lm.model, torch.cat(prompts), strat, [recording], keep_hidden=True)
     loop.run(lm.model, state, strat, [recording], step_fn=dola.step)
     layers = torch.stack(recording.columns["dola_layer"]).T  # [row, step]
+    divergence = torch.stack(recording.columns["dola_divergence"], 1)  # [row, step, candidate]
     for row, t in enumerate(alone):
-        assert state.ids[row, 5:].tolist() == t.token_ids
+        assert state.ids[row, 4:].tolist() == t.token_ids
         assert layers[row].tolist() == t.arrays["dola_layer"][:, 0].tolist()
+        np.testing.assert_allclose(divergence[row].numpy(), t.arrays["dola_divergence"][:, 0], rtol=1e-4)
 
 
 def test_dola_step_takes_a_forced_token(models):
     lm = models["llama12"]
-    strat = lm.strategy(5, dola_layers="low", max_new_tokens=STEPS)
-    state = loop.prefill(lm.model, torch.tensor([[1, 504, 2365, 6354, 16438]]), strat, keep_hidden=True)
+    strat = lm.strategy(4, dola_layers="low", max_new_tokens=STEPS)
+    state = loop.prefill(lm.model, torch.tensor([[504, 2365, 6354, 16438]]), strat, keep_hidden=True)
     token = dola.step(lm.model, state, strat, force=torch.tensor([7]))
     assert token.tolist() == [7] and state.ids[0, -1].item() == 7 and state.pending.tolist() == [7]
 
@@ -220,3 +228,14 @@ def test_bad_dola_requests_are_clear(tiny_lms):
         lm.generate(PROMPT, dola_layers="low", do_sample=True, seeds=[1, 2], max_new_tokens=2, progress=False)
     with pytest.raises(dl.StrategyError, match="dola_layers='low' leaves no premature layer in this 3-layer"):
         premature_layers(3, True, "low")
+
+
+def test_processors_effects_are_measured_against_the_dola_scores(tiny_lms):
+    """The repetition penalty never sets a token to -inf: it removes no mass from the DoLa scores it is given
+    (the relative-top filter's -inf tokens are DoLa's, not the processor's), and its rank before is the DoLa rank."""
+    lm = tiny_lms["llama"]
+    trace = lm.generate("Once upon a time", dola_layers="high", repetition_penalty=1.2, max_new_tokens=4,
+                        eos_token_id=[], progress=False)
+    proc = trace.processors
+    assert proc.processor.unique().tolist() == ["RepetitionPenaltyLogitsProcessor"]
+    assert (proc.mass_removed == 0).all()

@@ -58,11 +58,12 @@ def hand_group_beam_search(model, prompt: list[int], beams: int, groups: int, pe
                 scores[:, tok] -= penalty
             total = scores + torch.tensor([running[r] for r in rows])[:, None]
             top, idx = torch.topk(total.reshape(-1), k)
-            group = [dict(group=g, parent=rows[0] + i // vocab, token=i % vocab, logprob=float(scores[i // vocab, i % vocab]),
-                          raw=float(logp[rows[0] + i // vocab, i % vocab]),
-                          final=float(torch.log_softmax(scores[i // vocab], -1)[i % vocab]), score=float(s),
-                          fate="pruned", index=g * k + rank)
-                     for rank, (s, i) in enumerate(zip(top.tolist(), idx.tolist()))]
+            group = []
+            for rank, (s, i) in enumerate(zip(top.tolist(), idx.tolist())):
+                b, tok = i // vocab, i % vocab  # the beam within the group, the token
+                group.append(dict(group=g, parent=rows[0] + b, token=tok, logprob=float(scores[b, tok]),
+                                  raw=float(logp[rows[0] + b, tok]), final=float(torch.log_softmax(scores[b], -1)[tok]),
+                                  score=float(s), fate="pruned", index=g * k + rank))
             if done[g]:
                 for r in rows:
                     new_seqs[r], new_paths[r], new_running[r] = seqs[rows[0]] + [pad], paths[rows[0]], 0.0
@@ -72,15 +73,18 @@ def hand_group_beam_search(model, prompt: list[int], beams: int, groups: int, pe
                 for rank, c in enumerate(group):
                     if c["token"] in eos:
                         if rank < size:
-                            offer(g, c["score"], seqs[c["parent"]][plen:] + [c["token"]], paths[c["parent"]] + [c["index"]],
-                                  len(seqs[c["parent"]]) + 1 - plen, t)
+                            b = c["parent"]
+                            offer(g, c["score"], seqs[b][plen:] + [c["token"]], paths[b] + [c["index"]],
+                                  len(seqs[b]) + 1 - plen, t)
                     else:
                         kept.append(c)
                     if len(kept) == size:
                         break
                 for r, c in zip(rows, kept):
                     c["fate"] = "continues"
-                    new_seqs[r], new_paths[r], new_running[r] = seqs[c["parent"]] + [c["token"]], paths[c["parent"]] + [c["index"]], c["score"]
+                    b = c["parent"]
+                    new_seqs[r], new_paths[r] = seqs[b] + [c["token"]], paths[b] + [c["index"]]
+                    new_running[r] = c["score"]
                 chosen_now += [c["token"] for c in kept]
                 cur_len = len(seqs[0]) + 1
                 if len(hyps[g]) >= size:
@@ -169,7 +173,8 @@ def test_group_beams_match_a_hand_computation(tiny_lms, groups, penalty, max_new
     # no EOS: every group keeps S beams running, its only hypotheses once the length limit finalises them
     tree = trace.beams
     last = tree.step == trace.num_steps - 1
-    assert (tree[~last].fate == "continues").sum() == 4 * (trace.num_steps - 1) and (tree[~last].fate == "finished").sum() == 0
+    assert (tree[~last].fate == "continues").sum() == 4 * (trace.num_steps - 1)
+    assert (tree[~last].fate == "finished").sum() == 0
     assert (tree[last].fate == "continues").sum() == 0 and (tree[last].fate == "finished").sum() == 4
 
 
@@ -180,18 +185,21 @@ def ending_eos(lm, groups, n, picks):
     return sorted({tr.row(r).token_ids[t] for r, t in picks})
 
 
-@pytest.mark.parametrize("groups,picks,words,padded", [
-    (2, [(0, 2)], {}, False),
-    (4, [(1, 1)], dict(early_stopping=True), True),
-    (4, [(0, 3)], dict(early_stopping="never", length_penalty=2.0), False),
-    (4, [(0, 1), (2, 3)], dict(length_penalty=-0.5), True),  # two EOS ids: K = 3·S per group
+@pytest.mark.parametrize("groups,picks,words,padded,stop", [
+    (2, [(0, 2)], {}, False, "max_new_tokens"),
+    (4, [(1, 1)], dict(early_stopping=True), True, "max_new_tokens"),
+    (4, [(0, 3)], dict(early_stopping="never", length_penalty=2.0), False, "max_new_tokens"),
+    (4, [(0, 1), (2, 3)], dict(length_penalty=-0.5), True, "max_new_tokens"),  # two EOS ids: K = 3·S per group
+    (4, [(0, 2), (1, 2), (2, 2), (3, 2)], {}, False, "no better beam possible"),  # every group done before the limit
 ])
-def test_group_beams_that_end_at_eos_match_a_hand_computation(tiny_lms, groups, picks, words, padded):
+def test_group_beams_that_end_at_eos_match_a_hand_computation(tiny_lms, groups, picks, words, padded, stop):
     lm = tiny_lms["llama"]
     n = 6
     eos = ending_eos(lm, groups, n, picks)
     trace, hand = run_both(lm, 4, groups, 2.0, n, eos=eos, **words)
     check_against_hand(trace, hand, 4, groups, eos)
+    assert trace.stop_reason == stop
+    assert (trace.num_steps < n) == (stop != "max_new_tokens") == (len(hand["done_at"]) == groups)
     tree = trace.beams
     ended = tree[(tree.fate == "finished") & tree.token_id.isin(eos)]
     assert len(ended), "no beam ended at EOS: the test would not exercise finished hypotheses"
@@ -265,7 +273,7 @@ def test_group_column_and_save(tiny_lms, tmp_path):
     (dict(num_beams=4, num_beam_groups=3, diversity_penalty=1.0), "multiple"),
     (dict(num_beams=6, num_beam_groups=4), "multiple"),
     (dict(num_beams=4, num_beam_groups=2, diversity_penalty=-0.5), "diversity_penalty"),
-    (dict(num_beams=4, num_beam_groups=2, diversity_penalty=1.0, do_sample=True), "do_sample=True with num_beam_groups"),
+    (dict(num_beams=4, num_beam_groups=2, diversity_penalty=1.0, do_sample=True), "do_sample=True with num_beam_gro"),
 ])
 def test_requests_that_cannot_be_served_are_clear(tiny_lms, words, match):
     with pytest.raises(dl.StrategyError, match=match):
