@@ -146,7 +146,9 @@ class LM:
         `seed`, `logits_processor` (a list of transformers LogitsProcessors) and `chooser`.
 
         `seeds=[s1, s2, ...]` runs one row per seed as one batch (each row draws what `seed=s` draws
-        alone, and stops at its own EOS); `on_token(step, text)` streams row `stream_row`.
+        alone, and stops at its own EOS); `on_token(step, text)` streams row `stream_row`. With
+        `num_beams > 1` the rows are the returned beams and `on_token` is not called (a beam's tokens are
+        known only once the search ends).
         On Ctrl-C the trace so far is returned (stop_reason "interrupted"); on another error, the
         trace so far is attached to the exception as `err.trace`.
         """
@@ -234,7 +236,10 @@ class LM:
                        processor_names=strat.processor_names, chooser=strat.chooser_name,
                        eos_token_ids=strat.eos_token_ids, stop_reason=run.stop_reason,
                        seeds=[strat.seed] * len(run.hypotheses), attention_layers=record.attention_layers,
-                       attention_heads=record.attention_heads, lens_top_k=record.lens_top_k)
+                       attention_heads=record.attention_heads, lens_top_k=record.lens_top_k,
+                       # the prompt's matrices are the same for every beam: one row per returned sequence
+                       prefill_attention={k: v[:1].expand(len(run.hypotheses), *v.shape[1:]).cpu().numpy()
+                                          for k, v in recording.prefill_attention.items()})
         trace = build_trace(arrays, self.model_info(lens=record.lens), info)
         trace.row_scores = [h.score for h in run.hypotheses]
         # a returned sequence that did not end at EOS was finalised at the length limit
@@ -286,6 +291,9 @@ class LM:
         self._check_room(ids.shape[1] + cont.numel() - 1, "prompt + continuation (less its last token)")
         strategy.setdefault("max_new_tokens", int(cont.numel()))
         strat = self.strategy(ids.shape[1], **strategy)
+        if strat.method != "token":
+            raise StrategyError(f"score() scores given tokens with processors; {strat.method} search chooses by its "
+                                "own rule, so there is nothing of it to score: drop its words")
         recording = Recording(record)
         state = loop.teacher_force(self.model, ids, cont, strat, [recording])
         return from_recording(recording, state, strat, self.model_info(), text, chooser="given")

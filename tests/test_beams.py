@@ -163,3 +163,15 @@ def test_beams_match_generate_on_smollm2(smol, beams):
     trace = check_parity(smol, "What is the capital of France?", chat=True, num_beams=beams, num_return_sequences=2,
                          max_new_tokens=16, eos_token_id=smol.model.generation_config.eos_token_id)
     assert "eos" in trace.runs.stop_reason.tolist()
+
+
+def test_score_refuses_a_search_and_prefill_attention_comes_per_row(tiny_lms):
+    lm = tiny_lms["llama"]
+    with pytest.raises(dl.StrategyError, match="score"):
+        lm.score(PROMPT, " and then", num_beams=2)
+    trace = lm.generate(PROMPT, num_beams=2, num_return_sequences=2, max_new_tokens=3, progress=False,
+                        record=dl.Record(prefill_attention=True))
+    plain = lm.generate(PROMPT, max_new_tokens=1, progress=False, record=dl.Record(prefill_attention=True))
+    for layer, m in trace.prefill_attention.items():
+        assert m.shape[0] == 2
+        np.testing.assert_allclose(m[1], plain.prefill_attention[layer][0], atol=2e-3)
