@@ -5,6 +5,7 @@
     trace = lm.generate("What is the capital of France?", chat=True, max_new_tokens=32)
     trace.steps, trace.candidates, trace.processors  # tidy pandas frames
 """
+from .compare import Comparison, compare
 from .custom_decoder import CustomDecoder
 from .lm import DEFAULT_SYSTEM, LM, PromptError, load
 from .models import ModelNotFoundError
@@ -30,6 +31,6 @@ def explore(session, **kwargs):
     return _explore(session, **kwargs)
 
 
-__all__ = ["load", "LM", "Record", "Trace", "Session", "CustomDecoder", "show", "explore", "recorder",
+__all__ = ["load", "LM", "compare", "Comparison", "Record", "Trace", "Session", "CustomDecoder", "show", "explore", "recorder",
            "STEP_RECORDERS", "greedy", "sample", "PromptError", "StrategyError", "SessionError",
            "ModelNotFoundError", "DEFAULT_SYSTEM"]

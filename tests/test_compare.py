@@ -1,0 +1,86 @@
+"""dl.compare: all runs of a prompt as rows of one batch, each run token for token what it draws alone."""
+from __future__ import annotations
+
+import pytest
+
+import decoderlab as dl
+
+PROMPT = "Once upon a time, in a land far away,"
+STRATEGIES = {
+    "greedy": {},
+    "top-k 20": {"do_sample": True, "top_k": 20},
+    "nucleus 0.9": {"do_sample": True, "top_p": 0.9, "top_k": 0},
+    "temperature 0.7": {"do_sample": True, "temperature": 0.7},
+    "min-p 0.1": {"do_sample": True, "min_p": 0.1, "top_k": 0},
+    "typical 0.9": {"do_sample": True, "typical_p": 0.9},
+    "repetition 1.3": {"do_sample": True, "repetition_penalty": 1.3, "no_repeat_ngram_size": 2},
+    "beam 3": {"num_beams": 3},
+}
+SEEDS = [1, 2, 3]
+
+
+def eos_from(lm, n):
+    """EOS ids taken from sampled runs' own tokens, so that rows end at different steps."""
+    a = lm.generate(PROMPT, seed=1, do_sample=True, top_k=20, max_new_tokens=n, eos_token_id=[], progress=False)
+    b = lm.generate(PROMPT, seed=2, do_sample=True, top_p=0.9, top_k=0, max_new_tokens=n, eos_token_id=[],
+                    progress=False)
+    return sorted({a.token_ids[2], b.token_ids[n // 2]})
+
+
+def check(lm, strategies, n):
+    eos = eos_from(lm, n)
+    strategies = {name: {**words, "eos_token_id": eos} for name, words in strategies.items()}
+    cmp = dl.compare(lm, PROMPT, strategies, seeds=SEEDS, max_new_tokens=n, progress=False)
+    runs = cmp.runs
+    for name, words in strategies.items():
+        sampling = words.get("do_sample", False)
+        for seed in SEEDS if sampling else [SEEDS[0]]:
+            alone = lm.generate(PROMPT, seed=seed if sampling else None, max_new_tokens=n, progress=False, **words)
+            got = cmp.trace(name, seed=seed if sampling else None)
+            assert got.token_ids == alone.token_ids, (name, seed)
+            assert got.text == alone.text
+    # strategies that do not sample ran once
+    assert (runs.strategy == "greedy").sum() == 1 and (runs.strategy == "top-k 20").sum() == len(SEEDS)
+    assert "eos" in runs.stop_reason.tolist()
+    return cmp
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_every_run_equals_the_run_made_alone(tiny_lms, arch):
+    check(tiny_lms[arch], STRATEGIES, 12)
+
+
+@pytest.mark.integration
+def test_every_run_equals_the_run_made_alone_on_smollm2(smol):
+    check(smol, {k: v for k, v in STRATEGIES.items() if k != "beam 3"}, 16)
+
+
+def test_runs_and_summary_hold_the_metrics(tiny_lms):
+    from decoderlab import metrics
+
+    lm = tiny_lms["llama"]
+    cmp = dl.compare(lm, [PROMPT, "The weather today"], {"greedy": {}, "top-k 20": {"do_sample": True, "top_k": 20}},
+                     seeds=[1, 2], max_new_tokens=8, progress=False)
+    runs = cmp.runs
+    assert len(runs) == 2 * (1 + 2)
+    one = runs[(runs.strategy == "top-k 20") & (runs.seed == 2) & (runs.prompt == "The weather today")].iloc[0]
+    tr = cmp.trace("top-k 20", seed=2, prompt="The weather today")
+    assert one.mean_logprob == pytest.approx(tr.steps.logprob.mean())
+    assert one.distinct_2 == pytest.approx(metrics.distinct_n(tr.token_ids, 2))
+    summary = cmp.summary.set_index("strategy")
+    seqs = [cmp.trace("top-k 20", seed=s, prompt=p).token_ids for p in cmp.prompts for s in (1, 2)]
+    assert summary.loc["top-k 20", "self_bleu_4"] == pytest.approx(metrics.self_bleu(seqs))
+    assert summary.loc["top-k 20", "runs"] == 4 and summary.loc["greedy", "runs"] == 2
+
+
+def test_bad_comparisons_are_clear(tiny_lms):
+    lm = tiny_lms["llama"]
+    with pytest.raises(dl.StrategyError, match="seed="):
+        dl.compare(lm, PROMPT, {"x": {"seed": 1}})
+    with pytest.raises(dl.StrategyError, match="attention"):
+        dl.compare(lm, PROMPT, {"x": {}}, record=dl.Record(attention=True))
+    with pytest.raises(dl.StrategyError, match="top_p"):
+        dl.compare(lm, PROMPT, {"x": {"do_sample": True, "top_p": 2.0}})
+    cmp = dl.compare(lm, PROMPT, {"g": {}}, max_new_tokens=2, progress=False)
+    with pytest.raises(KeyError, match="strategies"):
+        cmp.trace("nope")
