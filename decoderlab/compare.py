@@ -169,6 +169,43 @@ class Comparison:
             out.append(row)
         return pd.DataFrame(out)
 
+    def _each_run(self):
+        """(prompt, strategy, seed, one-row trace) for every run."""
+        for (prompt, name), tr in self.traces.items():
+            for r in range(tr.rows):
+                seed = tr.seeds[r] if r < len(tr.seeds) else None
+                yield prompt, name, seed, tr.row(r)
+
+    @property
+    def by_step(self) -> pd.DataFrame:
+        """The runs aligned by step: one row per (prompt, strategy, seed, step) with the token, its probability
+        and the entropy; see `divergence` for where each pair of runs parts ways."""
+        frames = []
+        for prompt, name, seed, tr in self._each_run():
+            st = tr.steps
+            frames.append(pd.DataFrame({"prompt": prompt, "strategy": name, "seed": seed, "step": st["step"],
+                                        "token_id": st["token_id"], "token": st["token"], "prob": st["prob"],
+                                        "entropy": st["entropy"]}))
+        return pd.concat(frames, ignore_index=True).astype({"seed": "Int64"})
+
+    @property
+    def divergence(self) -> pd.DataFrame:
+        """For each pair of runs of one prompt: the first step where their tokens differ (NA if one is a prefix
+        of the other) and the two tokens there."""
+        runs = list(self._each_run())
+        rows = []
+        for i, (p1, n1, s1, t1) in enumerate(runs):
+            for p2, n2, s2, t2 in runs[i + 1 :]:
+                if p1 != p2:
+                    continue
+                a, b = t1.token_ids, t2.token_ids
+                first = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
+                rows.append({"prompt": p1, "strategy_a": n1, "seed_a": s1, "strategy_b": n2, "seed_b": s2,
+                             "first_divergence": first,
+                             "token_a": t1.tokens[first] if first is not None else None,
+                             "token_b": t2.tokens[first] if first is not None else None})
+        return pd.DataFrame(rows).astype({"seed_a": "Int64", "seed_b": "Int64", "first_divergence": "Int64"})
+
     def __repr__(self) -> str:
         return f"Comparison({len(self.strategies)} strategies, {len(self.prompts)} prompts, {len(self.runs)} runs)"
 

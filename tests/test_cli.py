@@ -73,3 +73,22 @@ def test_beam_search_prints_the_best_sequence_and_every_beams_score():
     for line, r in zip(listed, trace.runs.itertuples()):
         assert line.split()[:2] == [str(r.row), f"{r.score:.4f}"]
 
+
+
+def test_strategy_words_are_parsed():
+    assert cli.strategy_words("greedy") == {}
+    assert cli.strategy_words("top_p=0.9") == {"top_p": 0.9, "do_sample": True}
+    assert cli.strategy_words("top_k=50, temperature=0.7") == {"top_k": 50, "temperature": 0.7, "do_sample": True}
+    assert cli.strategy_words("num_beams=4,early_stopping=never") == {"num_beams": 4, "early_stopping": "never"}
+    with pytest.raises(ValueError, match="name=value"):
+        cli.strategy_words("nucleus")
+
+
+@pytest.mark.integration
+def test_compare_prints_one_line_per_strategy():
+    out = run("compare", "Write one sentence about the sea.", "--chat", "--strategy", "greedy", "--strategy",
+              "top_p=0.9", "--seeds", "2", "--max-new-tokens", "12")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].split()[:3] == ["strategy", "runs", "length"]
+    assert lines[1].split()[:2] == ["greedy", "1"] and lines[2].split()[:2] == ["top_p=0.9", "2"]

@@ -84,3 +84,21 @@ def test_bad_comparisons_are_clear(tiny_lms):
     cmp = dl.compare(lm, PROMPT, {"g": {}}, max_new_tokens=2, progress=False)
     with pytest.raises(KeyError, match="strategies"):
         cmp.trace("nope")
+
+
+def test_by_step_and_divergence(tiny_lms):
+    lm = tiny_lms["qwen2"]
+    no_eos = {"eos_token_id": []}
+    cmp = dl.compare(lm, PROMPT, {"greedy": no_eos, "top-k 20": {"do_sample": True, "top_k": 20, **no_eos}},
+                     seeds=[1, 2], max_new_tokens=6, progress=False)
+    by = cmp.by_step
+    assert len(by) == 3 * 6
+    g = by[by.strategy == "greedy"].sort_values("step")
+    assert g.token_id.tolist() == cmp.trace("greedy").token_ids
+    div = cmp.divergence
+    assert len(div) == 3  # three runs: three pairs
+    for r in div.itertuples():
+        a = cmp.trace(r.strategy_a, seed=None if r.strategy_a == "greedy" else r.seed_a).token_ids
+        b = cmp.trace(r.strategy_b, seed=None if r.strategy_b == "greedy" else r.seed_b).token_ids
+        k = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)  # by hand
+        assert r.first_divergence == k and a[:k] == b[:k]
