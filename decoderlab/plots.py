@@ -35,7 +35,7 @@ from .display import (CHOSEN_EDGE, CHOSEN_FINAL_COLOR, CHOSEN_RAW_COLOR, FINAL_C
 
 # token_label is re-exported: users call plots.token_label; it is defined once, in display.py.
 __all__ = ["TraceFigure", "token_label", "distribution", "probability_timeline", "candidates_heatmap", "attention",
-           "attention_map", "lens", "beam_tree", "font_families", "MAX_LABELS"]
+           "attention_map", "lens", "beam_tree", "compare", "divergence", "font_families", "MAX_LABELS"]
 
 MAX_LABELS = 60  # the most tick labels one axis carries
 DEFAULT_WINDOW = 60  # steps or positions shown when no window is given
@@ -600,6 +600,72 @@ def beam_tree(trace: TraceLike, start: int | None = None, window: int | None = 2
     shown_steps = f"steps {a}–{b - 1} of {n}" if (a, b) != (0, n) else f"{n} steps"
     ax.set_title(f"beam search tree · {trace.strategy.get('num_beams', '?')} beams · {shown_steps}", fontsize=10)
     return _finish(fig)
+
+
+def compare(cmp, metrics: Sequence[str] = ("perplexity", "mean_entropy", "distinct_2", "repeated_4gram_share",
+                                           "length")) -> Figure:
+    """One panel per metric: each strategy's mean over its runs, with the spread (one standard deviation) and
+    every run as a dot. Reads `cmp.runs` (a `decoderlab.Comparison`, or anything with that frame)."""
+    runs = cmp.runs
+    if not len(runs):
+        raise ValueError("this comparison has no runs")
+    names = list(dict.fromkeys(runs["strategy"]))
+    fig = TraceFigure(figsize=(max(7.0, 1.0 * len(names) + 2.0), 2.3 * len(metrics) + 0.6), layout="constrained")
+    axes = fig.subplots(len(metrics), 1, sharex=True, squeeze=False)[:, 0]
+    x = np.arange(len(names))
+    for ax, metric in zip(axes, metrics):
+        per = [runs.loc[runs["strategy"] == n, metric].astype(float).to_numpy() for n in names]
+        means = [np.nanmean(v) if len(v) else np.nan for v in per]
+        spread = [np.nanstd(v) if len(v) > 1 else 0.0 for v in per]
+        ax.bar(x, means, yerr=spread, color=FINAL_COLOR, alpha=0.75, capsize=3, gid=f"bars-{metric}")
+        for i, v in enumerate(per):
+            ax.scatter(np.full(len(v), x[i]), v, s=10, color="#222222", zorder=3)
+        ax.set_ylabel(metric.replace("_", " "), fontsize=9)
+    _token_ticks(axes[-1].xaxis, x, [_label(n, 20) for n in names], rotation=30, ha="right", fontsize=8)
+    axes[0].set_title(f"{len(runs)} runs of {len(names)} strategies: mean ± sd, dots are runs", fontsize=10)
+    return _finish(fig)
+
+
+def divergence(cmp, prompt: str | None = None) -> Figure:
+    """Where runs part ways: for each pair of runs of a prompt, the first step at which their tokens differ
+    (blank: one is a prefix of the other). Reads `cmp.divergence`."""
+    div = cmp.divergence
+    if prompt is not None:
+        div = div[div["prompt"] == prompt]
+    elif len(div):
+        div = div[div["prompt"] == div["prompt"].iloc[0]]
+    if not len(div):
+        raise ValueError("no pair of runs to compare (a comparison needs two runs of one prompt)")
+
+    def label(name, seed):
+        return name if _is_na(seed) else f"{name} · seed {seed}"
+
+    keys = list(dict.fromkeys([label(r.strategy_a, r.seed_a) for r in div.itertuples()] +
+                              [label(r.strategy_b, r.seed_b) for r in div.itertuples()]))
+    m = np.full((len(keys), len(keys)), np.nan)
+    for r in div.itertuples():
+        i, j = keys.index(label(r.strategy_a, r.seed_a)), keys.index(label(r.strategy_b, r.seed_b))
+        if not _is_na(r.first_divergence):
+            m[i, j] = m[j, i] = float(r.first_divergence)
+    fig = TraceFigure(figsize=(max(5.0, 0.45 * len(keys) + 3.0), max(4.0, 0.45 * len(keys) + 2.0)),
+                      layout="constrained")
+    ax = fig.add_subplot()
+    cmap = _heat_cmap("viridis").with_extremes(bad="#eeeeee")
+    im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, interpolation="nearest")
+    for i in range(len(keys)):
+        for j in range(len(keys)):
+            if np.isfinite(m[i, j]):
+                ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=7, color="white", gid="step")
+    _token_ticks(ax.xaxis, np.arange(len(keys)), [_label(k, 24) for k in keys], rotation=60, ha="right", fontsize=7)
+    _token_ticks(ax.yaxis, np.arange(len(keys)), [_label(k, 24) for k in keys], rotation=0, fontsize=7)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="first step where the two runs differ")
+    ax.set_title("where runs part ways", fontsize=10)
+    return _finish(fig)
+
+
+def _is_na(x) -> bool:
+    """None, NaN or pandas' NA."""
+    return x is None or type(x).__name__ == "NAType" or (isinstance(x, float) and math.isnan(x))
 
 
 # ---- colour maps -----------------------------------------------------------------------------------

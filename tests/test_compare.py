@@ -102,3 +102,20 @@ def test_by_step_and_divergence(tiny_lms):
         b = cmp.trace(r.strategy_b, seed=None if r.strategy_b == "greedy" else r.seed_b).token_ids
         k = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)  # by hand
         assert r.first_divergence == k and a[:k] == b[:k]
+
+
+def test_comparison_plots(tiny_lms):
+    from decoderlab import plots
+
+    lm = tiny_lms["llama"]
+    cmp = dl.compare(lm, PROMPT, {"greedy": {"eos_token_id": []},
+                                  "top-k 20": {"do_sample": True, "top_k": 20, "eos_token_id": []}},
+                     seeds=[1, 2], max_new_tokens=5, progress=False)
+    fig = plots.compare(cmp, metrics=("perplexity", "distinct_2"))
+    runs = cmp.runs
+    heights = [bar.get_height() for bar in fig.axes[0].patches]
+    expected = [runs[runs.strategy == n].perplexity.mean() for n in ("greedy", "top-k 20")]
+    assert heights == pytest.approx(expected)
+    fig = plots.divergence(cmp)
+    steps = sorted(int(t.get_text()) for t in fig.axes[0].texts if t.get_gid() == "step")
+    assert steps == sorted(2 * [int(s) for s in cmp.divergence.first_divergence.dropna()])  # both halves
