@@ -34,7 +34,6 @@ class Group:
 
     name: str
     strategy: Strategy
-    words: dict
     runs: list[int]  # run indices (rows of the batch at the start)
     recording: Recording
     seeds: list[int | None] = field(default_factory=list)
@@ -244,7 +243,7 @@ def compare(lm: "LM", prompts: str | Sequence[str], strategies: Mapping[str, Map
                 continue
             run_seeds = seeds if strat.do_sample else [seeds[0]]
             first = sum(len(g.runs) for g in groups)
-            groups.append(Group(name, strat, words, list(range(first, first + len(run_seeds))), Recording(record),
+            groups.append(Group(name, strat, list(range(first, first + len(run_seeds))), Recording(record),
                                 list(run_seeds)))
         if groups:
             bar = _progress_bar(max_new_tokens, progress, sum(len(g.runs) for g in groups))

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = ["TraceLike", "PROB_SCALE", "prob_colour", "token_label", "is_invisible", "char_escape", "format_prob",
-           "format_rank", "format_number", "escape", "short_processor", "strategy_summary", "STRATEGY_WORDS"]
+           "format_rank", "format_number", "is_missing", "escape", "short_processor", "strategy_summary", "STRATEGY_WORDS"]
 
 
 class TraceLike(Protocol):
@@ -172,12 +172,12 @@ def token_label(text: str, max_len: int = 16) -> str:
 # ---- numbers and markup -----------------------------------------------------------------------------------
 def format_prob(p: float | None) -> str:
     """A probability in a few characters: '0.731', '0.000', '3.2e-05' below 0.001; '–' when missing (None, NaN)."""
-    if _missing(p):
+    if is_missing(p):
         return "–"
     return f"{p:.3f}" if p >= 0.001 or p == 0 else f"{p:.1e}"
 
 
-def _missing(x: Any) -> bool:
+def is_missing(x: Any) -> bool:
     """None, NaN, or pandas' NA (a number a source did not record)."""
     if x is None or type(x).__name__ == "NAType":
         return True
@@ -189,12 +189,12 @@ def _missing(x: Any) -> bool:
 
 def format_rank(r: Any) -> str:
     """A 0-based rank as text; '–' when a source did not record it (NA, or -1)."""
-    return "–" if _missing(r) or int(r) < 0 else str(int(r))
+    return "–" if is_missing(r) or int(r) < 0 else str(int(r))
 
 
 def format_number(x: Any, digits: int = 2) -> str:
     """A number such as an entropy with `digits` decimals; '–' when missing."""
-    return "–" if _missing(x) else f"{float(x):.{digits}f}"
+    return "–" if is_missing(x) else f"{float(x):.{digits}f}"
 
 
 def escape(value: Any) -> str:

@@ -31,7 +31,8 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.text import Text
 
 from .display import (CHOSEN_EDGE, CHOSEN_FINAL_COLOR, CHOSEN_RAW_COLOR, FINAL_COLOR, PROB_SCALE, RAW_COLOR,
-                      TraceLike, format_prob, format_rank, short_processor, text_colour, token_label)
+                      TraceLike, format_prob, format_rank, is_missing, short_processor, text_colour,
+                      token_label)
 
 # token_label is re-exported: users call plots.token_label; it is defined once, in display.py.
 __all__ = ["TraceFigure", "token_label", "distribution", "probability_timeline", "candidates_heatmap", "attention",
@@ -638,14 +639,14 @@ def divergence(cmp, prompt: str | None = None) -> Figure:
         raise ValueError("no pair of runs to compare (a comparison needs two runs of one prompt)")
 
     def label(name, seed):
-        return name if _is_na(seed) else f"{name} · seed {seed}"
+        return name if is_missing(seed) else f"{name} · seed {seed}"
 
     keys = list(dict.fromkeys([label(r.strategy_a, r.seed_a) for r in div.itertuples()] +
                               [label(r.strategy_b, r.seed_b) for r in div.itertuples()]))
     m = np.full((len(keys), len(keys)), np.nan)
     for r in div.itertuples():
         i, j = keys.index(label(r.strategy_a, r.seed_a)), keys.index(label(r.strategy_b, r.seed_b))
-        if not _is_na(r.first_divergence):
+        if not is_missing(r.first_divergence):
             m[i, j] = m[j, i] = float(r.first_divergence)
     fig = TraceFigure(figsize=(max(5.0, 0.45 * len(keys) + 3.0), max(4.0, 0.45 * len(keys) + 2.0)),
                       layout="constrained")
@@ -661,11 +662,6 @@ def divergence(cmp, prompt: str | None = None) -> Figure:
     fig.colorbar(im, ax=ax, shrink=0.8, label="first step where the two runs differ")
     ax.set_title("where runs part ways", fontsize=10)
     return _finish(fig)
-
-
-def _is_na(x) -> bool:
-    """None, NaN or pandas' NA."""
-    return x is None or type(x).__name__ == "NAType" or (isinstance(x, float) and math.isnan(x))
 
 
 # ---- colour maps -----------------------------------------------------------------------------------
