@@ -104,9 +104,11 @@ def build_trace(arrays: Mapping[str, Any], model: ModelInfo, run: RunInfo) -> Tr
 
 def from_recording(recording: "Recording", state: "State", strategy: "Strategy", model: ModelInfo,
                    prompt_text: str, *, chooser: str | None = None, seeds: Sequence[int | None] | None = None,
-                   branch: int = 0, parent: int | None = None, fork_step: int | None = None) -> Trace:
-    """The trace of a local run (generate, a session's branch, teacher forcing)."""
-    rows = state.total_rows
+                   branch: int = 0, parent: int | None = None, fork_step: int | None = None,
+                   rows: int | None = None) -> Trace:
+    """The trace of a local run (generate, a session's branch, teacher forcing, a comparison's group: `rows`, the
+    group's, when the recording holds only some of the state's rows)."""
+    rows = state.total_rows if rows is None else rows
     arrays = recording.arrays(rows, state.prompt_length)
     opts = recording.opts
     if seeds is None:

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from . import loop, metrics
-from .builder import RunInfo, build_trace
+from .builder import from_recording
 from .record import Record, Recording
 from .strategy import Strategy, StrategyError
 from .trace import Trace
@@ -75,36 +75,21 @@ def step(model, state: loop.State, groups: list[Group]) -> torch.Tensor:
 
 def run_batch(lm: "LM", ids: torch.Tensor, groups: list[Group], max_new_tokens: int,
               progress: Any = None) -> loop.State:
-    """Decode every group's runs as rows of one batch until each row ends (EOS) or `max_new_tokens`."""
+    """Decode every group's runs as rows of one batch until each row ends (EOS) or `max_new_tokens`: the loop's
+    own `run`, with the groups' step. (Its stop check reads the first group's strategy: every group was
+    resolved with this `max_new_tokens`, and all rows can have ended only if that group's rows can end.)"""
     seeds = [s for group in groups for s in group.seeds]
-    batch = ids.expand(len(seeds), -1)
-    gens_strategy = groups[0].strategy  # any group's: generators come from the seeds given
-    state = loop.prefill(lm.model, batch, gens_strategy, seeds=seeds)
-    window = lm.context_window
-    while True:
-        if bool(state.finished.all()):
-            state.stop_reason = "eos"
-            break
-        if state.steps >= max_new_tokens:
-            state.stop_reason = "max_new_tokens"
-            break
-        if loop.window_full(state.ids.shape[1], window):
-            state.stop_reason = "context_window"
-            break
-        step(lm.model, state, groups)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(rows_running=int((~state.finished).sum()), refresh=False)
-        loop.retire_finished(state)
-    return state
+    state = loop.prefill(lm.model, ids.expand(len(seeds), -1), groups[0].strategy, seeds=seeds)
 
+    def grouped_step(model, state, strategy, observers=()):
+        return step(model, state, groups)
 
-def _group_trace(lm: "LM", group: Group, state: loop.State, prompt_text: str, prompt_ids: torch.Tensor) -> Trace:
-    arrays = group.recording.arrays(len(group.runs), prompt_ids.shape[1])
-    info = RunInfo(prompt=prompt_text, prompt_ids=prompt_ids[0].tolist(), strategy=group.strategy.describe(),
-                   processor_names=group.strategy.processor_names, chooser=group.strategy.chooser_name,
-                   eos_token_ids=group.strategy.eos_token_ids, stop_reason=state.stop_reason, seeds=group.seeds)
-    return build_trace(arrays, lm.model_info(), info)
+    def tick(step_index: int, token: torch.Tensor, rows: torch.Tensor) -> None:
+        progress.update(1)
+        progress.set_postfix(rows_running=len(rows), refresh=False)
+
+    return loop.run(lm.model, state, groups[0].strategy, max_length=lm.context_window,
+                    on_token=tick if progress is not None else None, step_fn=grouped_step)
 
 
 class Comparison:
@@ -253,7 +238,8 @@ def compare(lm: "LM", prompts: str | Sequence[str], strategies: Mapping[str, Map
                 if bar is not None:
                     bar.close()
             for group in groups:
-                traces[(prompt, group.name)] = _group_trace(lm, group, state, text, ids)
+                traces[(prompt, group.name)] = from_recording(group.recording, state, group.strategy, lm.model_info(),
+                                                              text, seeds=group.seeds, rows=len(group.runs))
         for name, words in alone:
             traces[(prompt, name)] = lm.generate_ids(ids, text, max_new_tokens=max_new_tokens, progress=False,
                                                     record=record, **words)
