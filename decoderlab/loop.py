@@ -117,7 +117,8 @@ def forward(model, input_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor
 @torch.inference_mode()
 def forward_hidden(model, input_ids: torch.Tensor, cache: DynamicCache) -> tuple[torch.Tensor, tuple]:
     """`forward`, also returning every layer's hidden states at the new positions (as `output_hidden_states`)."""
-    out = model(input_ids=input_ids, use_cache=True, output_hidden_states=True, **{_cache_word(model): cache})
+    out = model(input_ids=input_ids, use_cache=True, output_hidden_states=True, logits_to_keep=1,
+                **{_cache_word(model): cache})
     logits = out.logits[:, -1].to(dtype=torch.float32, device=input_ids.device, copy=True)
     return logits, tuple(out.hidden_states)
 
