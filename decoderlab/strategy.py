@@ -187,10 +187,10 @@ class Strategy:
                   "forced_eos_token_id", "exponential_decay_length_penalty", "renormalize_logits",
                   "remove_invalid_values", "eos_token_id", "pad_token_id")
         out: dict[str, Any] = {"do_sample": self.do_sample}
-        beams = ("num_beams", "length_penalty", "early_stopping", "num_return_sequences") if self.num_beams > 1 else ()
-        beams += {"group beam": ("num_beam_groups", "diversity_penalty"), "contrastive": ("penalty_alpha", "top_k"),
-                  "dola": ("dola_layers",)}.get(self.method, ())
-        for word in (sampling if self.do_sample else ()) + beams + always:
+        rule_words = ("num_beams", "length_penalty", "early_stopping", "num_return_sequences") if self.num_beams > 1 else ()
+        rule_words += {"group beam": ("num_beam_groups", "diversity_penalty"), "contrastive": ("penalty_alpha", "top_k"),
+                      "dola": ("dola_layers",)}.get(self.method, ())
+        for word in (sampling if self.do_sample else ()) + rule_words + always:
             value = getattr(cfg, word, None)
             if value is not None and value is not False:
                 out[word] = value
