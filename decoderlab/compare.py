@@ -92,117 +92,201 @@ def run_batch(lm: "LM", ids: torch.Tensor, groups: list[Group], max_new_tokens: 
                     on_token=tick if progress is not None else None, step_fn=grouped_step)
 
 
+@dataclass(frozen=True)
+class Run:
+    """One run of a comparison: which model, prompt, strategy and seed, and its one-row trace."""
+
+    model: str
+    prompt: str
+    strategy: str
+    seed: int | None
+    trace: Trace
+
+
 class Comparison:
-    """Runs of several strategies (× seeds × prompts) and the frames that compare them."""
+    """Runs of several strategies (× seeds × prompts × models) and the frames that compare them."""
 
-    def __init__(self, traces: dict[tuple[str, str], Trace], prompts: list[str], strategies: list[str]):
-        self.traces = traces  # (prompt, strategy) -> a trace with one row per seed
-        self.prompts, self.strategies = prompts, strategies
+    def __init__(self, runs: list[Run], prompts: list[str], strategies: list[str], models: list[str]):
+        self.run_list = runs
+        self.prompts, self.strategies, self.models = prompts, strategies, models
 
-    def trace(self, strategy: str, seed: int | None = None, prompt: str | None = None) -> Trace:
-        """One run's trace (every frame, plot and widget works on it)."""
+    def trace(self, strategy: str, seed: int | None = None, prompt: str | None = None,
+              model: str | None = None) -> Trace:
+        """One run's trace (every frame, plot and widget works on it). Defaults: the first prompt, the first model,
+        the strategy's first seed."""
         prompt = self.prompts[0] if prompt is None else prompt
-        key = (prompt, strategy)
-        if key not in self.traces:
-            raise KeyError(f"no run of strategy {strategy!r} on prompt {prompt!r}; strategies: {self.strategies}")
-        tr = self.traces[key]
+        model = self.models[0] if model is None else model
+        mine = [r for r in self.run_list if (r.model, r.prompt, r.strategy) == (model, prompt, strategy)]
+        if not mine:
+            raise KeyError(f"no run of strategy {strategy!r} on prompt {prompt!r} with model {model!r}; "
+                           f"strategies: {self.strategies}, models: {self.models}")
         if seed is None:
-            return tr.row(0)
-        if seed not in tr.seeds:
-            raise KeyError(f"strategy {strategy!r} ran with seeds {tr.seeds}, not {seed}")
-        return tr.row(tr.seeds.index(seed))
+            return mine[0].trace
+        for r in mine:
+            if r.seed == seed:
+                return r.trace
+        raise KeyError(f"strategy {strategy!r} ran with seeds {[r.seed for r in mine]}, not {seed}")
 
     @property
     def runs(self) -> pd.DataFrame:
-        """One row per run: strategy, seed, prompt, text, length, stop reason, the output's mean logprob and
+        """One row per run: model, strategy, seed, prompt, text, length, stop reason, the output's mean logprob and
         perplexity under the model's raw distribution, mean entropy, distinct-1/2/3 and repetition."""
         rows = []
-        for (prompt, name), tr in self.traces.items():
-            runs = tr.runs
-            for r in range(tr.rows):
-                st = tr.steps[tr.steps["row"] == r]
-                ids = st["token_id"].tolist()
-                mean_lp = float(st["logprob"].mean()) if len(st) else float("nan")
-                rows.append({
-                    "strategy": name, "seed": runs["seed"][r], "prompt": prompt, "text": runs["text"][r],
-                    "length": int(runs["length"][r]), "stop_reason": runs["stop_reason"][r],
-                    "mean_logprob": mean_lp, "perplexity": float(np.exp(-mean_lp)),
-                    "mean_entropy": float(st["entropy"].mean()) if len(st) else float("nan"),
-                    "distinct_1": metrics.distinct_n(ids, 1), "distinct_2": metrics.distinct_n(ids, 2),
-                    "distinct_3": metrics.distinct_n(ids, 3), "repetitive": metrics.is_repetitive(ids) if ids else False,
-                    "repeated_4gram_share": metrics.repeated_ngram_share(ids),
-                })
+        for run in self.run_list:
+            st, ids = run.trace.steps, run.trace.token_ids
+            mean_lp = float(st["logprob"].mean()) if len(st) else float("nan")
+            rows.append({
+                "model": run.model, "strategy": run.strategy, "seed": run.seed, "prompt": run.prompt,
+                "text": run.trace.text, "length": len(ids), "stop_reason": run.trace.stop_reason,
+                "mean_logprob": mean_lp, "perplexity": float(np.exp(-mean_lp)),
+                "mean_entropy": float(st["entropy"].mean()) if len(st) else float("nan"),
+                "distinct_1": metrics.distinct_n(ids, 1), "distinct_2": metrics.distinct_n(ids, 2),
+                "distinct_3": metrics.distinct_n(ids, 3), "repetitive": metrics.is_repetitive(ids) if ids else False,
+                "repeated_4gram_share": metrics.repeated_ngram_share(ids),
+            })
         return pd.DataFrame(rows).astype({"seed": "Int64"})
 
     @property
     def summary(self) -> pd.DataFrame:
-        """One row per strategy: the runs' metrics, mean and standard deviation over seeds and prompts, with the
-        share of repetitive runs and across-run diversity (distinct-n over all its runs, Self-BLEU-4)."""
+        """One row per (model, strategy): the runs' metrics, mean and standard deviation over seeds and prompts,
+        with the share of repetitive runs and across-run diversity (distinct-n over all its runs, Self-BLEU-4)."""
         runs = self.runs
         out = []
-        for name in self.strategies:
-            mine = runs[runs["strategy"] == name]
-            row: dict[str, Any] = {"strategy": name, "runs": len(mine)}
-            for col in ("length", "perplexity", "mean_entropy", "distinct_2", "repeated_4gram_share"):
-                row[col] = mine[col].mean()
-                row[col + "_sd"] = mine[col].std(ddof=0)
-            row["repetition_pct"] = 100.0 * mine["repetitive"].mean()
-            seqs = [tr.row(r).token_ids for (p, n), tr in self.traces.items() if n == name for r in range(tr.rows)]
-            row["distinct_2_all"] = metrics.distinct_n(seqs, 2)
-            row["self_bleu_4"] = metrics.self_bleu(seqs)
-            out.append(row)
+        for model in self.models:
+            for name in self.strategies:
+                mine = runs[(runs["strategy"] == name) & (runs["model"] == model)]
+                row: dict[str, Any] = {"model": model, "strategy": name, "runs": len(mine)}
+                for col in ("length", "perplexity", "mean_entropy", "distinct_2", "repeated_4gram_share"):
+                    row[col] = mine[col].mean()
+                    row[col + "_sd"] = mine[col].std(ddof=0)
+                row["repetition_pct"] = 100.0 * mine["repetitive"].mean()
+                seqs = [r.trace.token_ids for r in self.run_list if (r.model, r.strategy) == (model, name)]
+                row["distinct_2_all"] = metrics.distinct_n(seqs, 2)
+                row["self_bleu_4"] = metrics.self_bleu(seqs)
+                out.append(row)
         return pd.DataFrame(out)
-
-    def _each_run(self):
-        """(prompt, strategy, seed, one-row trace) for every run."""
-        for (prompt, name), tr in self.traces.items():
-            for r in range(tr.rows):
-                seed = tr.seeds[r] if r < len(tr.seeds) else None
-                yield prompt, name, seed, tr.row(r)
 
     @property
     def by_step(self) -> pd.DataFrame:
-        """The runs aligned by step: one row per (prompt, strategy, seed, step) with the token, its probability
-        and the entropy; see `divergence` for where each pair of runs parts ways."""
+        """The runs aligned by step: one row per (model, prompt, strategy, seed, step) with the token, its
+        probability and the entropy; see `divergence` for where each pair of runs parts ways."""
         frames = []
-        for prompt, name, seed, tr in self._each_run():
-            st = tr.steps
-            frames.append(pd.DataFrame({"prompt": prompt, "strategy": name, "seed": seed, "step": st["step"],
-                                        "token_id": st["token_id"], "token": st["token"], "prob": st["prob"],
+        for run in self.run_list:
+            st = run.trace.steps
+            frames.append(pd.DataFrame({"model": run.model, "prompt": run.prompt, "strategy": run.strategy,
+                                        "seed": run.seed, "step": st["step"], "token_id": st["token_id"],
+                                        "token": st["token"], "prob": st["prob"], "logprob": st["logprob"],
                                         "entropy": st["entropy"]}))
         return pd.concat(frames, ignore_index=True).astype({"seed": "Int64"})
 
     @property
     def divergence(self) -> pd.DataFrame:
         """For each pair of runs of one prompt: the first step where their tokens differ (NA if one is a prefix
-        of the other) and the two tokens there."""
-        runs = list(self._each_run())
+        of the other), the two tokens there and each run's logprob of its own token. Runs of one model compare
+        token ids; runs of different models or backends compare token texts (their ids need not agree)."""
         rows = []
-        for i, (p1, n1, s1, t1) in enumerate(runs):
-            for p2, n2, s2, t2 in runs[i + 1 :]:
-                if p1 != p2:
+        for i, a in enumerate(self.run_list):
+            for b in self.run_list[i + 1 :]:
+                if a.prompt != b.prompt:
                     continue
-                a, b = t1.token_ids, t2.token_ids
-                first = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
-                rows.append({"prompt": p1, "strategy_a": n1, "seed_a": s1, "strategy_b": n2, "seed_b": s2,
+                same = a.model == b.model
+                x, y = (a.trace.token_ids, b.trace.token_ids) if same else (a.trace.tokens, b.trace.tokens)
+                first = next((k for k, (u, v) in enumerate(zip(x, y)) if u != v), None)
+                lp_a = a.trace.steps["logprob"].to_numpy() if first is not None else None
+                lp_b = b.trace.steps["logprob"].to_numpy() if first is not None else None
+                rows.append({"prompt": a.prompt, "model_a": a.model, "strategy_a": a.strategy, "seed_a": a.seed,
+                             "model_b": b.model, "strategy_b": b.strategy, "seed_b": b.seed,
                              "first_divergence": first,
-                             "token_a": t1.tokens[first] if first is not None else None,
-                             "token_b": t2.tokens[first] if first is not None else None})
+                             "token_a": a.trace.tokens[first] if first is not None else None,
+                             "token_b": b.trace.tokens[first] if first is not None else None,
+                             "logprob_a": float(lp_a[first]) if first is not None else float("nan"),
+                             "logprob_b": float(lp_b[first]) if first is not None else float("nan")})
         return pd.DataFrame(rows).astype({"seed_a": "Int64", "seed_b": "Int64", "first_divergence": "Int64"})
 
     def __repr__(self) -> str:
-        return f"Comparison({len(self.strategies)} strategies, {len(self.prompts)} prompts, {len(self.runs)} runs)"
+        models = f", {len(self.models)} models" if len(self.models) > 1 else ""
+        return (f"Comparison({len(self.strategies)} strategies, {len(self.prompts)} prompts{models}, "
+                f"{len(self.run_list)} runs)")
 
 
-def compare(lm: "LM", prompts: str | Sequence[str], strategies: Mapping[str, Mapping[str, Any]], *,
-            seeds: Sequence[int] = range(1), max_new_tokens: int = 64, chat: bool = False, record: Record | None = None,
-            progress: bool | None = None) -> Comparison:
-    """Run every strategy (× seeds, for strategies that sample) on every prompt, all runs of a prompt as one batch.
-
-    `strategies` maps a name to `generate`'s words. Strategies that do not sample run once, not once per seed.
-    """
+def _batched_runs(lm: "LM", model: str, prompt: str, strategies: Mapping[str, Mapping[str, Any]], seeds: list[int],
+                  max_new_tokens: int, chat: bool, record: Record, progress: bool | None) -> list[Run]:
+    """Every run of one prompt on a local model: the token strategies as rows of one batch, the strategies with
+    a rule of their own (beams, contrastive, DoLa) alone."""
     from .lm import _progress_bar
 
+    ids, text = lm.encode(prompt, chat=chat)
+    groups, alone = [], []
+    for name, words in strategies.items():
+        strat = lm.strategy(ids.shape[1], max_new_tokens=max_new_tokens, **words)
+        if strat.method != "token":
+            alone.append((name, words))
+            continue
+        run_seeds = seeds if strat.do_sample else [seeds[0]]
+        first = sum(len(g.runs) for g in groups)
+        groups.append(Group(name, strat, list(range(first, first + len(run_seeds))), Recording(record),
+                            list(run_seeds)))
+    runs: list[Run] = []
+    if groups:
+        bar = _progress_bar(max_new_tokens, progress, sum(len(g.runs) for g in groups))
+        try:
+            state = run_batch(lm, ids, groups, max_new_tokens, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        for group in groups:
+            tr = from_recording(group.recording, state, group.strategy, lm.model_info(), text, seeds=group.seeds,
+                                rows=len(group.runs))
+            sampled = group.strategy.do_sample
+            runs += [Run(model, prompt, group.name, s if sampled else None, tr.row(r)) for r, s in enumerate(group.seeds)]
+    for name, words in alone:
+        tr = lm.generate_ids(ids, text, max_new_tokens=max_new_tokens, progress=False, record=record, **words)
+        runs.append(Run(model, prompt, name, None, tr.row(0)))
+    order = list(strategies)
+    return sorted(runs, key=lambda r: order.index(r.strategy))
+
+
+def _backend_runs(backend: Any, model: str, prompt: str, strategies: Mapping[str, Mapping[str, Any]],
+                  seeds: list[int], max_new_tokens: int, chat: bool, record: Record) -> list[Run]:
+    """Every run of one prompt on a backend that is not a local model (an API): one request per run."""
+    runs = []
+    for name, words in strategies.items():
+        sampled = backend.samples(dict(words))
+        for seed in seeds if sampled else [None]:
+            tr = backend.generate(prompt, chat=chat, seed=seed, max_new_tokens=max_new_tokens, record=record,
+                                  progress=False, **words)
+            runs.append(Run(model, prompt, name, seed, tr.row(0) if tr.rows > 1 else tr))
+    return runs
+
+
+def _models(models: Any) -> dict[str, Any]:
+    """A mapping name -> backend, from one backend or a mapping."""
+    if isinstance(models, Mapping):
+        if not models:
+            raise StrategyError("compare() needs at least one model")
+        out = dict(models)
+    else:
+        out = {getattr(models, "name", "") or "model": models}
+    for name, backend in out.items():
+        if not hasattr(backend, "generate"):
+            raise StrategyError(f"model {name!r} is a {type(backend).__name__}, not a decoderlab model or backend "
+                                "(dl.load(...) or dl.connect(...))")
+    return out
+
+
+def compare(models: "LM | Any | Mapping[str, Any]", prompts: str | Sequence[str],
+            strategies: Mapping[str, Mapping[str, Any]], *, seeds: Sequence[int] = range(1), max_new_tokens: int = 64,
+            chat: bool = False, record: Record | None = None, progress: bool | None = None) -> Comparison:
+    """Run every strategy (× seeds, for strategies that sample) on every prompt; on a local model all runs of a
+    prompt are rows of one batch.
+
+    `models` is a model (`dl.load`), an API backend (`dl.connect`), or a mapping name -> either, to compare models
+    or engines on the same prompts. `strategies` maps a name to `generate`'s words. Strategies that do not sample
+    run once, not once per seed.
+    """
+    from .lm import LM
+
+    backends = _models(models)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or not strategies:
         raise StrategyError("compare() needs at least one prompt and one strategy")
@@ -213,34 +297,16 @@ def compare(lm: "LM", prompts: str | Sequence[str], strategies: Mapping[str, Map
     if record.attention or record.lens or record.prefill_attention:
         raise StrategyError("compare() records choices, candidates and processors; attention and lens are recorded "
                             "per run: use lm.generate for the runs you want to look inside")
-    traces: dict[tuple[str, str], Trace] = {}
-    for prompt in prompts:
-        ids, text = lm.encode(prompt, chat=chat)
-        groups, alone = [], []
-        for name, words in strategies.items():
-            words = dict(words)
-            for word in ("seed", "seeds", "max_new_tokens"):
-                if word in words:
-                    raise StrategyError(f"strategy {name!r}: {word}= is set by compare() for every run")
-            strat = lm.strategy(ids.shape[1], max_new_tokens=max_new_tokens, **words)
-            if strat.method != "token":
-                alone.append((name, words))
-                continue
-            run_seeds = seeds if strat.do_sample else [seeds[0]]
-            first = sum(len(g.runs) for g in groups)
-            groups.append(Group(name, strat, list(range(first, first + len(run_seeds))), Recording(record),
-                                list(run_seeds)))
-        if groups:
-            bar = _progress_bar(max_new_tokens, progress, sum(len(g.runs) for g in groups))
-            try:
-                state = run_batch(lm, ids, groups, max_new_tokens, bar)
-            finally:
-                if bar is not None:
-                    bar.close()
-            for group in groups:
-                traces[(prompt, group.name)] = from_recording(group.recording, state, group.strategy, lm.model_info(),
-                                                              text, seeds=group.seeds, rows=len(group.runs))
-        for name, words in alone:
-            traces[(prompt, name)] = lm.generate_ids(ids, text, max_new_tokens=max_new_tokens, progress=False,
-                                                    record=record, **words)
-    return Comparison(traces, prompts, list(strategies))
+    strategies = {name: dict(words) for name, words in strategies.items()}
+    for name, words in strategies.items():
+        for word in ("seed", "seeds", "max_new_tokens"):
+            if word in words:
+                raise StrategyError(f"strategy {name!r}: {word}= is set by compare() for every run")
+    runs: list[Run] = []
+    for model, backend in backends.items():
+        for prompt in prompts:
+            if isinstance(backend, LM):
+                runs += _batched_runs(backend, model, prompt, strategies, seeds, max_new_tokens, chat, record, progress)
+            else:
+                runs += _backend_runs(backend, model, prompt, strategies, seeds, max_new_tokens, chat, record)
+    return Comparison(runs, prompts, list(strategies), list(backends))

@@ -610,6 +610,7 @@ def compare(cmp, metrics: Sequence[str] = ("perplexity", "mean_entropy", "distin
     runs = cmp.runs
     if not len(runs):
         raise ValueError("this comparison has no runs")
+    runs = runs.assign(strategy=_run_names(runs, "model", "strategy"))
     names = list(dict.fromkeys(runs["strategy"]))
     fig = TraceFigure(figsize=(max(7.0, 1.0 * len(names) + 2.0), 2.3 * len(metrics) + 0.6), layout="constrained")
     axes = fig.subplots(len(metrics), 1, sharex=True, squeeze=False)[:, 0]
@@ -638,14 +639,21 @@ def divergence(cmp, prompt: str | None = None) -> Figure:
     if not len(div):
         raise ValueError("no pair of runs to compare (a comparison needs two runs of one prompt)")
 
-    def label(name, seed):
+    many_models = "model_a" in div and len(set(div["model_a"]) | set(div["model_b"])) > 1
+
+    def label(model, name, seed):
+        name = f"{model} · {name}" if many_models else name
         return name if is_missing(seed) else f"{name} · seed {seed}"
 
-    keys = list(dict.fromkeys([label(r.strategy_a, r.seed_a) for r in div.itertuples()] +
-                              [label(r.strategy_b, r.seed_b) for r in div.itertuples()]))
+    def labels(side):
+        models = div[f"model_{side}"] if "model_a" in div else [""] * len(div)
+        return [label(m, n, s) for m, n, s in zip(models, div[f"strategy_{side}"], div[f"seed_{side}"])]
+
+    left, right = labels("a"), labels("b")
+    keys = list(dict.fromkeys(left + right))
     m = np.full((len(keys), len(keys)), np.nan)
-    for r in div.itertuples():
-        i, j = keys.index(label(r.strategy_a, r.seed_a)), keys.index(label(r.strategy_b, r.seed_b))
+    for a, b, r in zip(left, right, div.itertuples()):
+        i, j = keys.index(a), keys.index(b)
         if not is_missing(r.first_divergence):
             m[i, j] = m[j, i] = float(r.first_divergence)
     fig = TraceFigure(figsize=(max(5.0, 0.45 * len(keys) + 3.0), max(4.0, 0.45 * len(keys) + 2.0)),
@@ -662,6 +670,13 @@ def divergence(cmp, prompt: str | None = None) -> Figure:
     fig.colorbar(im, ax=ax, shrink=0.8, label="first step where the two runs differ")
     ax.set_title("where runs part ways", fontsize=10)
     return _finish(fig)
+
+
+def _run_names(runs: "pd.DataFrame", model: str, strategy: str) -> list[str]:
+    """Strategy names, prefixed with the model's where a comparison holds several models."""
+    if model not in runs or runs[model].nunique() < 2:
+        return list(runs[strategy])
+    return [f"{m} · {s}" for m, s in zip(runs[model], runs[strategy])]
 
 
 # ---- colour maps -----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """dl.compare: all runs of a prompt as rows of one batch, each run token for token what it draws alone."""
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 import decoderlab as dl
@@ -119,3 +120,39 @@ def test_comparison_plots(tiny_lms):
     fig = plots.divergence(cmp)
     steps = sorted(int(t.get_text()) for t in fig.axes[0].texts if t.get_gid() == "step")
     assert steps == sorted(2 * [int(s) for s in cmp.divergence.first_divergence.dropna()])  # both halves
+
+
+def test_comparing_models_aligns_their_runs(tiny_lms):
+    """Two models on the same prompts: each model's runs equal its own runs made alone, frames carry the model, and
+    runs of different models are compared by token text (their ids need not agree)."""
+    no_eos = {"eos_token_id": []}
+    strategies = {"greedy": no_eos, "top-k 20": {"do_sample": True, "top_k": 20, **no_eos}}
+    models = {"a": tiny_lms["llama"], "b": tiny_lms["qwen2"]}
+    cmp = dl.compare(models, PROMPT, strategies, seeds=[1, 2], max_new_tokens=6, progress=False)
+    assert cmp.models == ["a", "b"] and "2 models" in repr(cmp)
+    for name, lm in models.items():
+        alone = lm.generate(PROMPT, max_new_tokens=6, progress=False, **no_eos)
+        assert cmp.trace("greedy", model=name).token_ids == alone.token_ids
+        alone = lm.generate(PROMPT, seed=2, max_new_tokens=6, progress=False, **strategies["top-k 20"])
+        assert cmp.trace("top-k 20", seed=2, model=name).token_ids == alone.token_ids
+    runs = cmp.runs
+    assert sorted(runs.groupby("model").size().tolist()) == [3, 3]
+    summary = cmp.summary
+    assert list(zip(summary.model, summary.strategy)) == [("a", "greedy"), ("a", "top-k 20"),
+                                                         ("b", "greedy"), ("b", "top-k 20")]
+    assert set(cmp.by_step.model) == {"a", "b"}
+    div = cmp.divergence
+    across = div[(div.model_a == "a") & (div.model_b == "b") & (div.strategy_a == "greedy")
+                 & (div.strategy_b == "greedy")].iloc[0]
+    ta, tb = cmp.trace("greedy", model="a"), cmp.trace("greedy", model="b")
+    k = next((i for i, (x, y) in enumerate(zip(ta.tokens, tb.tokens)) if x != y), None)  # by text, by hand
+    if k is None:
+        assert across.first_divergence is pd.NA
+    else:
+        assert across.first_divergence == k and across.token_a == ta.tokens[k] and across.token_b == tb.tokens[k]
+        assert across.logprob_a == pytest.approx(ta.steps.logprob[k]) and across.logprob_b == pytest.approx(
+            tb.steps.logprob[k])
+    with pytest.raises(KeyError, match="models"):
+        cmp.trace("greedy", model="c")
+    with pytest.raises(dl.StrategyError, match="not a decoderlab model"):
+        dl.compare({"x": object()}, PROMPT, strategies)
