@@ -551,6 +551,18 @@ class Trace:
             row_scores=meta.get("row_scores", []),
         )
 
+    # ---- what-if (a thin forward to decoderlab.whatif) ----------------------------------------
+    def what_if(self, step: int, strategies: dict[str, Any], *, row: int = 0, lm: Any = None, top: int = 20):
+        """What each strategy (name -> `generate`'s words, as `dl.compare` takes them) would have done at
+        step `step` of `row`, with no new generation: which tokens its processors keep, its final
+        distribution, greedy's pick or each token's chance of being drawn. From the recorded logits
+        (`Record(logits=True)`), else one forward of `lm` (the model that made the trace) over the step's
+        prefix. Returns a `decoderlab.whatif.WhatIf` (`.tokens`, `.summary`, `.processors`); the README's
+        "What-if at one step" lists the columns. `dl.playground(trace, step=...)` is the same with sliders."""
+        from .whatif import what_if
+
+        return what_if(self, step, strategies, row=row, lm=lm, top=top)
+
     # ---- rendering (thin forwards to other modules) ------------------------------------------
     def to_html(self, path: str | Path | None = None) -> str:
         """One self-contained HTML page: the text coloured by probability, hover details per token."""
