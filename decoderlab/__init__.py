@@ -18,7 +18,11 @@ __version__ = "0.1.0"
 
 
 def show(trace, **kwargs):
-    """The trace explorer widget (Jupyter)."""
+    """The trace explorer widget (Jupyter); for a `Comparison` (`dl.compare`), its runs side by side."""
+    if isinstance(trace, Comparison):
+        from .compare_view import show_comparison
+
+        return show_comparison(trace, **kwargs)
     from .widgets import show as _show
 
     return _show(trace, **kwargs)

@@ -72,9 +72,22 @@ VIEW_CSS = """
 """
 
 
+def token_colour(prob: float) -> str:
+    """A token's background: its probability's colour, to 1% (so that tokens share few styles). Every view
+    that colours generated text by probability (this one, the comparison view) uses this."""
+    return prob_colour(round(float(prob), 2) if prob == prob else prob)
+
+
+def token_title(step: int, token: str, prob: float, rank: Any, final_prob: float, how: str) -> str:
+    """A token's hover text: its step, exact text, raw probability and rank, final probability and how it
+    was chosen ('forced', 'sample', ...)."""
+    return (f"step {step}: {token!r} · p={format_prob(prob)} (rank {format_rank(rank)})"
+            f" · final p={format_prob(final_prob)} · {how}")
+
+
 def _token_style(prob: float, forced: bool) -> W.ButtonStyle:
     """The shared style of a token button: background by probability (to 1%), forced tokens bold and underlined."""
-    colour = prob_colour(round(float(prob), 2) if prob == prob else prob)
+    colour = token_colour(prob)
     style = _TOKEN_STYLES.get((colour, forced))
     if style is None:
         style = _TOKEN_STYLES[(colour, forced)] = W.ButtonStyle(
@@ -313,8 +326,7 @@ class TraceView(W.VBox):
                 b = self._token_buttons[i]
                 forced = bool(forced)
                 shown = (token_label(token, 24),
-                         f"step {i}: {token!r} · p={format_prob(prob)} (rank {format_rank(rank)})"
-                         f" · final p={format_prob(final_prob)} · {'forced' if forced else choice}",
+                         token_title(i, token, prob, rank, final_prob, "forced" if forced else choice),
                          _token_style(prob, forced))
                 if b._dl_shown != shown:
                     b.description, b.tooltip, b.style = shown
