@@ -64,7 +64,7 @@ LABEL_WIDTH = "210px"  # the runs' names, kept in view (sticky) while the tokens
 # Scoped to one view by its class (`.V`, replaced): a <style> in a notebook applies to the whole page.
 VIEW_CSS = """
 .V .dl-cmp-grid{overflow-x:auto;padding-bottom:4px}
-.V .dl-cmp-tokens,.V .dl-cmp-steps{width:max-content;margin:0}
+.V .dl-cmp-tokens,.V .dl-cmp-steps{display:flex;flex-direction:row;align-items:center;width:max-content;margin:0}
 .V .dl-cmp-tokens>label,.V .dl-cmp-steps>label{position:sticky;left:0;z-index:2;background:var(--jp-layout-color0,#fff);
  overflow:hidden;white-space:nowrap;text-overflow:ellipsis;text-align:left;font-size:12px;margin:0 4px 0 0;flex:none}
 .V .dl-cmp-tokens>div,.V .dl-cmp-steps>div{display:flex;flex-wrap:nowrap}

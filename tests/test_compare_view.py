@@ -251,3 +251,31 @@ def test_bad_arguments_are_clear(cmp):
     view = dl.show(cmp)
     with pytest.raises(IndexError, match="step 99"):
         view.select(99)
+
+
+def test_a_model_picker_when_the_comparison_has_several_models(tiny_lms):
+    models = {"llama": tiny_lms["llama"], "qwen2": tiny_lms["qwen2"]}
+    strategies = {"greedy": NO_EOS, "top-k 20": STRATEGIES["top-k 20"]}
+    cmp = dl.compare(models, PROMPTS[0], strategies, seeds=[1, 2], max_new_tokens=6, progress=False)
+    view = dl.show(cmp)
+    assert view.model_picker in view.children[2].children  # shown: there is a model to pick
+    assert [v for _, v in view.model_picker.options] == [compare_view.ALL, "llama", "qwen2"]
+    # every model, strategy by strategy: the two models' runs of a strategy one under the other
+    assert [(k.model, k.strategy, k.seed) for k in view.runs_shown] == [
+        ("llama", "greedy", None), ("qwen2", "greedy", None), ("llama", "top-k 20", 1), ("qwen2", "top-k 20", 1)]
+    assert [line.description for line in lines(view)] == [
+        "llama · greedy", "qwen2 · greedy", "llama · top-k 20 · seed 1", "qwen2 · top-k 20 · seed 1"]
+    for line, key in zip(lines(view), view.runs_shown):
+        tokens = cmp.trace(key.strategy, seed=key.seed, model=key.model).tokens
+        assert [label for label, _ in line.options] == [token_label(t, 8) for t in tokens]
+    lines(view)[1].index = 2
+    assert view.run == RunKey("qwen2", PROMPTS[0], "greedy", None)
+    tr = cmp.trace("greedy", model="qwen2")
+    assert f"<b>step 2</b> · greedy <code>{escape(token_label(tr.tokens[2], 32))}</code>" in view.candidates.value
+    view.open_button.click()
+    assert view.explorer.children[-1].trace.token_ids == tr.token_ids
+    view.model_picker.value = "llama"
+    assert [(k.model, k.strategy) for k in view.runs_shown] == [("llama", "greedy"), ("llama", "top-k 20")]
+    assert view.run == RunKey("llama", PROMPTS[0], "greedy", None)  # the selected run's strategy, on this model
+    with pytest.raises(ValueError, match="model='nope'"):
+        dl.show(cmp, model="nope")
