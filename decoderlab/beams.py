@@ -71,12 +71,12 @@ class BeamRun:
     steps: int
 
 
-def show_candidates(observers: Sequence[Observer], state: State, logits: torch.Tensor, scores: torch.Tensor,
-                    stages: list[torch.Tensor], token: torch.Tensor, parent: torch.Tensor) -> None:
+def show_candidates(observers: Sequence[Observer], step: int, ids: torch.Tensor, logits: torch.Tensor,
+                    scores: torch.Tensor, stages: list[torch.Tensor], token: torch.Tensor, parent: torch.Tensor) -> None:
     """Observers see the step's K candidates as rows: each its parent beam's ids and raw logits, its scores
     (`scores` and `stages` already one row per candidate), and its token."""
     no = torch.zeros(token.shape, dtype=torch.bool, device=token.device)
-    ctx = StepContext(state.steps, state.ids[parent], logits[parent], scores, stages, token, no, no.clone(), parent)
+    ctx = StepContext(step, ids[parent], logits[parent], scores, stages, token, no, no.clone(), parent)
     for o in observers:
         o.on_step(ctx)
 
@@ -90,109 +90,136 @@ def advance(state: State, rows: torch.Tensor, token: torch.Tensor) -> None:
     state.next_logits = None
 
 
-def beam_search(model, prompt_ids: torch.Tensor, strategy: Strategy, observers: Sequence[Observer] = (),
-                generator: torch.Generator | None = None) -> BeamRun:
-    """Beam search from `prompt_ids` [1, P] as `generate(num_beams=B, ...)` runs it; observers see every candidate."""
-    cfg = strategy.config
-    beams = strategy.num_beams
-    length_penalty, early_stopping = float(cfg.length_penalty), cfg.early_stopping
-    prompt_length = prompt_ids.shape[1]
-    max_length = prompt_length + strategy.max_new_tokens
-    device = prompt_ids.device
-    eos = strategy.eos_tensor(device) if strategy.eos_token_ids else None
-    keep_k = max(2, 1 + len(strategy.eos_token_ids)) * beams
-    top_b = torch.arange(keep_k, device=device) < beams
+class BeamSearch:
+    """One beam search between its steps: the running scores, the finished hypotheses, the tree, and (once it
+    ends) why. `step` takes the B beams' ids and raw logits and returns which beam each next beam extends and
+    with which token; the caller reorders its rows and cache (`advance`, or a comparison's batch, where the B
+    beams are B rows among others)."""
 
-    state = loop.prefill(model, prompt_ids.expand(beams, -1), strategy, observers, seeds=[None] * beams)
-    running_scores = torch.full((beams,), NEG, device=device)
-    running_scores[0] = 0.0
-    paths: list[list[int]] = [[] for _ in range(beams)]
-    finished: list[Hypothesis | None] = [None] * beams
-    finished_scores = torch.full((beams,), NEG, device=device)
-    improvable = True
-    tree = BeamTree()
-    origin_of_row = torch.full((beams,), -1, dtype=torch.long, device=device)
-    keep = any(o.keep_stages for o in observers)
-    stop = "max_new_tokens"
-    while True:
-        cur_len = state.ids.shape[1]
-        logits = loop.ensure_logits(model, state, observers)
+    def __init__(self, strategy: Strategy, prompt_length: int, device: torch.device,
+                 generator: torch.Generator | None = None):
+        cfg = strategy.config
+        self.strategy, self.generator, self.device = strategy, generator, device
+        self.beams = strategy.num_beams
+        self.length_penalty, self.early_stopping = float(cfg.length_penalty), cfg.early_stopping
+        self.prompt_length = prompt_length
+        self.max_length = prompt_length + strategy.max_new_tokens
+        self.eos = strategy.eos_tensor(device) if strategy.eos_token_ids else None
+        self.keep_k = max(2, 1 + len(strategy.eos_token_ids)) * self.beams
+        self.top_b = torch.arange(self.keep_k, device=device) < self.beams
+        self.running_scores = torch.full((self.beams,), NEG, device=device)
+        self.running_scores[0] = 0.0  # the first step expands beam 0 only
+        self.paths: list[list[int]] = [[] for _ in range(self.beams)]
+        self.finished: list[Hypothesis | None] = [None] * self.beams
+        self.finished_scores = torch.full((self.beams,), NEG, device=device)
+        self.improvable = True
+        self.tree = BeamTree()
+        self.origin_of_row = torch.full((self.beams,), -1, dtype=torch.long, device=device)
+        self.stop: str | None = None
+
+    def step(self, step: int, ids: torch.Tensor, logits: torch.Tensor, observers: Sequence[Observer] = (),
+             keep_stages: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step from the beams' ids [B, T] and raw logits [B, V]: (rows [B], tokens [B]) of the next beams."""
+        cur_len, beams = ids.shape[1], self.beams
         log_probs = torch.log_softmax(logits, dim=-1)
-        scores, stages = loop.process(strategy, state.ids, log_probs, keep)
+        scores, stages = loop.process(self.strategy, ids, log_probs, keep_stages)
         vocab = scores.shape[-1]
-        total = (scores + running_scores[:, None]).reshape(-1)
-        if strategy.do_sample:
-            idx = torch.multinomial(torch.softmax(total, -1), keep_k, generator=generator)
+        total = (scores + self.running_scores[:, None]).reshape(-1)
+        if self.strategy.do_sample:
+            idx = torch.multinomial(torch.softmax(total, -1), self.keep_k, generator=self.generator)
             top, order = total[idx].sort(descending=True)
             idx = idx[order]
         else:
-            top, idx = torch.topk(total, keep_k)
+            top, idx = torch.topk(total, self.keep_k)
         parent, token = idx // vocab, idx % vocab
-        ends = torch.zeros(keep_k, dtype=torch.bool, device=device) if eos is None else torch.isin(token, eos)
-        ends = ends | (cur_len + 1 >= max_length)
+        ends = (torch.zeros(self.keep_k, dtype=torch.bool, device=self.device) if self.eos is None
+                else torch.isin(token, self.eos))
+        ends = ends | (cur_len + 1 >= self.max_length)
 
-        show_candidates(observers, state, logits, scores[parent], [s[parent] for s in stages], token, parent)
+        show_candidates(observers, step, ids, logits, scores[parent], [s[parent] for s in stages], token, parent)
 
         # the B best continuations that go on (transformers' _get_running_beams_for_next_iteration)
         running = top + ends.float() * NEG
         sel = torch.topk(running, beams).indices
-        # finalise the top-B continuations that end (transformers' _update_finished_beams)
-        just_finished = ends & top_b
-        normalised = top / ((cur_len + 1 - prompt_length) ** length_penalty)
-        full = all(h is not None for h in finished)
-        if full and early_stopping is True:
+        fate = self._finalise(ids, top, ends, parent, token, cur_len)
+        fate[sel[~ends[sel]]] = CONTINUES  # an ended candidate is never expanded again
+        self.tree.add(parent, self.origin_of_row[parent], token, scores[parent, token], top, fate)
+
+        # the running beams for the next step: scores, paths
+        rows = parent[sel]
+        self.paths = [self.paths[int(b)] + [int(k)] for b, k in zip(rows, sel)]
+        self.origin_of_row = sel.clone()
+        self.running_scores = running[sel]
+        self._check_stop(cur_len + 1, ends)
+        return rows, token[sel]
+
+    def _finalise(self, ids: torch.Tensor, top: torch.Tensor, ends: torch.Tensor, parent: torch.Tensor,
+                  token: torch.Tensor, cur_len: int) -> torch.Tensor:
+        """Finalise the top-B continuations that end (transformers' _update_finished_beams); the K fates."""
+        beams = self.beams
+        just_finished = ends & self.top_b
+        normalised = top / ((cur_len + 1 - self.prompt_length) ** self.length_penalty)
+        full = all(h is not None for h in self.finished)
+        if full and self.early_stopping is True:
             normalised = normalised + NEG
-        if not improvable:
+        if not self.improvable:
             normalised = normalised + NEG
         normalised = normalised + (~just_finished).float() * NEG
-        merged = torch.cat([finished_scores, normalised])
+        merged = torch.cat([self.finished_scores, normalised])
         best = torch.topk(merged, beams).indices.tolist()
-        fate = torch.full((keep_k,), PRUNED, dtype=torch.long, device=device)
-        fate[sel[~ends[sel]]] = CONTINUES  # an ended candidate is never expanded again
+        fate = torch.full((self.keep_k,), PRUNED, dtype=torch.long, device=self.device)
         new_finished, new_scores = [], []
         for i in best:
             if i < beams:
-                new_finished.append(finished[i])
+                new_finished.append(self.finished[i])
             else:
                 k = i - beams
                 if bool(just_finished[k]):
                     fate[k] = FINISHED
                     b = int(parent[k])
-                    new_finished.append(Hypothesis(ids=state.ids[b, prompt_length:].tolist() + [int(token[k])],
-                                                   score=float(merged[i]), path=paths[b] + [k]))
+                    new_finished.append(Hypothesis(ids=ids[b, self.prompt_length:].tolist() + [int(token[k])],
+                                                   score=float(merged[i]), path=self.paths[b] + [k]))
                 else:
                     new_finished.append(None)
             new_scores.append(merged[i])
-        finished, finished_scores = new_finished, torch.stack(new_scores)
+        self.finished, self.finished_scores = new_finished, torch.stack(new_scores)
+        return fate
 
-        tree.add(parent, origin_of_row[parent], token, scores[parent, token], top, fate)
-
-        # the running beams for the next step: ids, scores, paths, cache rows
-        rows = parent[sel]
-        paths = [paths[int(b)] + [int(k)] for b, k in zip(rows, sel)]
-        origin_of_row = sel.clone()
-        running_scores = running[sel]
-        advance(state, rows, token[sel])
-
-        # stop? (transformers' _check_early_stop_heuristic and _beam_search_has_unfinished_sequences)
-        cur_len += 1
-        best_len = (max_length if early_stopping == "never" and length_penalty > 0 else cur_len) - prompt_length
-        best_possible = running_scores[0] / (best_len ** length_penalty)
-        is_finished = torch.tensor([h is not None for h in finished], device=device)
-        worst = torch.where(is_finished, finished_scores.min(), torch.full_like(finished_scores, NEG))
-        improvable = improvable and bool((best_possible > worst).any())
+    def _check_stop(self, cur_len: int, ends: torch.Tensor) -> None:
+        """transformers' _check_early_stop_heuristic and _beam_search_has_unfinished_sequences."""
+        lp, early = self.length_penalty, self.early_stopping
+        best_len = (self.max_length if early == "never" and lp > 0 else cur_len) - self.prompt_length
+        best_possible = self.running_scores[0] / (best_len ** lp)
+        is_finished = torch.tensor([h is not None for h in self.finished], device=self.device)
+        worst = torch.where(is_finished, self.finished_scores.min(), torch.full_like(self.finished_scores, NEG))
+        self.improvable = self.improvable and bool((best_possible > worst).any())
         if bool(ends.all()):
-            stop = "max_new_tokens" if cur_len >= max_length else "eos"
-            break
-        if not improvable:
-            stop = "no better beam possible"
-            break
-        if bool(is_finished.all()) and early_stopping is True:
-            stop = "beams finished"
-            break
-    hyps = [h for h in finished if h is not None]  # best first: the order of transformers' topk
-    return BeamRun(hypotheses=hyps[: int(cfg.num_return_sequences or 1)], tree=tree, stop_reason=stop,
-                   steps=len(tree.token))
+            self.stop = "max_new_tokens" if cur_len >= self.max_length else "eos"
+        elif not self.improvable:
+            self.stop = "no better beam possible"
+        elif bool(is_finished.all()) and early is True:
+            self.stop = "beams finished"
+
+    def result(self) -> BeamRun:
+        """The returned hypotheses, best first (the order of transformers' topk), the tree and why it stopped."""
+        hyps = [h for h in self.finished if h is not None]
+        n = int(self.strategy.config.num_return_sequences or 1)
+        return BeamRun(hypotheses=hyps[:n], tree=self.tree, stop_reason=self.stop or "max_new_tokens",
+                       steps=len(self.tree.token))
+
+
+def beam_search(model, prompt_ids: torch.Tensor, strategy: Strategy, observers: Sequence[Observer] = (),
+                generator: torch.Generator | None = None) -> BeamRun:
+    """Beam search from `prompt_ids` [1, P] as `generate(num_beams=B, ...)` runs it; observers see every candidate."""
+    beams = strategy.num_beams
+    state = loop.prefill(model, prompt_ids.expand(beams, -1), strategy, observers, seeds=[None] * beams)
+    search = BeamSearch(strategy, prompt_ids.shape[1], prompt_ids.device, generator)
+    keep = any(o.keep_stages for o in observers)
+    while search.stop is None:
+        logits = loop.ensure_logits(model, state, observers)
+        rows, token = search.step(state.steps, state.ids, logits, observers, keep)
+        advance(state, rows, token)
+    return search.result()
 
 
 def beam_arrays(run: BeamRun, recording, prompt_length: int) -> dict:

@@ -18,6 +18,7 @@ from .schema import check_arrays, conform
 from .trace import Trace
 
 if TYPE_CHECKING:
+    from .beams import BeamRun
     from .loop import State
     from .record import Recording
     from .strategy import Strategy
@@ -123,6 +124,30 @@ def from_recording(recording: "Recording", state: "State", strategy: "Strategy",
         lens_top_k=opts.lens_top_k, branch=branch, parent=parent, fork_step=fork_step,
     )
     return build_trace(arrays, model, run)
+
+
+def from_beam_run(run: "BeamRun", recording: "Recording", strategy: "Strategy", model: ModelInfo, prompt_text: str,
+                  prompt_ids: Sequence[int]) -> Trace:
+    """The trace of a beam search: the returned sequences as rows, best first, each with its normalised score,
+    and the whole tree."""
+    from .beams import beam_arrays
+
+    opts = recording.opts
+    rows = len(run.hypotheses)
+    arrays = beam_arrays(run, recording, len(prompt_ids))
+    info = RunInfo(prompt=prompt_text, prompt_ids=list(prompt_ids), strategy=strategy.describe(),
+                   processor_names=strategy.processor_names, chooser=strategy.chooser_name,
+                   eos_token_ids=strategy.eos_token_ids, stop_reason=run.stop_reason, seeds=[strategy.seed] * rows,
+                   attention_layers=opts.attention_layers, attention_heads=opts.attention_heads,
+                   lens_top_k=opts.lens_top_k,
+                   # the prompt's matrices are the same for every beam: one row per returned sequence
+                   prefill_attention={k: v[:1].expand(rows, *v.shape[1:]).cpu().numpy()
+                                      for k, v in recording.prefill_attention.items()})
+    trace = build_trace(arrays, model, info)
+    trace.row_scores = [h.score for h in run.hypotheses]
+    # a returned sequence that did not end at EOS was finalised at the length limit
+    trace.row_stop_reasons = ["eos" if r == "eos" else "max_new_tokens" for r in trace.row_stop_reasons]
+    return trace
 
 
 def from_tokens(

@@ -6,8 +6,10 @@ pay a forward each. Rows are grouped by strategy; each group applies its own pro
 its rows, each row with its own generator, and a row that ends leaves the batch (`loop.retire_finished`).
 So every run draws exactly what the same run made alone draws (the tests check it token for token).
 
-Strategies with a rule of their own (beam search, contrastive search, DoLa) are not batched here: they
-run alone, through `LM.generate`, and join the comparison as runs like the others.
+A beam search of B beams is B rows of the batch: its `BeamSearch` picks, each step, which beam each of
+its rows extends next, and the batch reorders those rows (ids and cache) while every other row stays.
+Contrastive search, DoLa, group beam search and beam sampling are not batched: they run alone, through
+`LM.generate`, and join the comparison as runs like the others.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import pandas as pd
 import torch
 
 from . import loop, metrics
-from .builder import from_recording
+from .beams import BeamSearch
+from .builder import from_beam_run, from_recording
 from .record import Record, Recording
 from .strategy import Strategy, StrategyError
 from .trace import Trace
@@ -37,6 +40,7 @@ class Group:
     runs: list[int]  # run indices (rows of the batch at the start)
     recording: Recording
     seeds: list[int | None] = field(default_factory=list)
+    search: BeamSearch | None = None  # a beam search's state: its rows are the beams
 
 
 def _group_of(groups: list[Group]) -> dict[int, tuple[int, int]]:
@@ -46,16 +50,24 @@ def _group_of(groups: list[Group]) -> dict[int, tuple[int, int]]:
 
 @torch.inference_mode()
 def step(model, state: loop.State, groups: list[Group]) -> torch.Tensor:
-    """One step for every running row: one forward, then each group's processors and chooser on its rows."""
+    """One step for every running row: one forward, then each group's processors and chooser on its rows (a beam
+    group's search on its beams, whose rows are then reordered)."""
     logits = loop.ensure_logits(model, state)
     where = _group_of(groups)
     running = state.row_ids.tolist()
     token = torch.empty(state.rows, dtype=torch.long, device=logits.device)
+    order = None  # which row each row continues (beams), identity elsewhere
     for g, group in enumerate(groups):
         idx = [i for i, run in enumerate(running) if where[run][0] == g]
         if not idx:
             continue
         at = torch.tensor(idx, device=logits.device)
+        if group.search is not None:
+            rows, token[at] = group.search.step(state.steps, state.ids[at], logits[at], [group.recording],
+                                                group.recording.keep_stages)
+            order = torch.arange(state.rows, device=logits.device) if order is None else order
+            order[at] = at[rows]
+            continue
         scores, stages = loop.process(group.strategy, state.ids[at], logits[at], group.recording.keep_stages)
         chosen = group.strategy.chooser(scores, [state.generators[i] for i in idx])
         local = torch.tensor([where[running[i]][1] for i in idx], device=logits.device)
@@ -63,11 +75,17 @@ def step(model, state: loop.State, groups: list[Group]) -> torch.Tensor:
                                torch.zeros_like(chosen, dtype=torch.bool), state.finished[at], local)
         group.recording.on_step(ctx)
         token[at] = chosen
+    if order is not None:
+        state.ids = state.ids[order]
+        state.cache.reorder_cache(order)
     state.ids = torch.cat([state.ids, token[:, None]], dim=-1)
     state.pending = token
     for g, group in enumerate(groups):
-        if group.strategy.eos_token_ids:
-            mine = torch.tensor([where[r][0] == g for r in running], device=token.device)
+        mine = torch.tensor([where[r][0] == g for r in running], device=token.device)
+        if group.search is not None:
+            if group.search.stop is not None:  # the beam search is over: its rows leave the batch
+                state.finished = state.finished | mine
+        elif group.strategy.eos_token_ids:
             ends = torch.isin(token, group.strategy.eos_tensor(token.device)) & mine
             state.finished = state.finished | ends
     return token
@@ -75,9 +93,8 @@ def step(model, state: loop.State, groups: list[Group]) -> torch.Tensor:
 
 def run_batch(lm: "LM", ids: torch.Tensor, groups: list[Group], max_new_tokens: int,
               progress: Any = None) -> loop.State:
-    """Decode every group's runs as rows of one batch until each row ends (EOS) or `max_new_tokens`: the loop's
-    own `run`, with the groups' step. (Its stop check reads the first group's strategy: every group was
-    resolved with this `max_new_tokens`, and all rows can have ended only if that group's rows can end.)"""
+    """Decode every group's runs as rows of one batch until each row ends (EOS, or its beam search's stop) or
+    `max_new_tokens` (every group was resolved with this one): the loop's own `run`, with the groups' step."""
     seeds = [s for group in groups for s in group.seeds]
     state = loop.prefill(lm.model, ids.expand(len(seeds), -1), groups[0].strategy, seeds=seeds)
 
@@ -88,7 +105,10 @@ def run_batch(lm: "LM", ids: torch.Tensor, groups: list[Group], max_new_tokens: 
         progress.update(1)
         progress.set_postfix(rows_running=len(rows), refresh=False)
 
-    return loop.run(lm.model, state, groups[0].strategy, max_length=lm.context_window,
+    # the loop's stop check reads one strategy: all rows can have ended only if every group can end (by EOS,
+    # or a beam search's own stop), and then any strategy with EOS ids lets the check see it
+    stopper = next((g.strategy for g in groups if g.strategy.eos_token_ids), groups[0].strategy)
+    return loop.run(lm.model, state, stopper, max_length=lm.context_window,
                     on_token=tick if progress is not None else None, step_fn=grouped_step)
 
 
@@ -219,11 +239,16 @@ def _batched_runs(lm: "LM", model: str, prompt: str, strategies: Mapping[str, Ma
     groups, alone = [], []
     for name, words in strategies.items():
         strat = lm.strategy(ids.shape[1], max_new_tokens=max_new_tokens, **words)
+        first = sum(len(g.runs) for g in groups)
+        if strat.method == "beam" and not strat.do_sample:
+            search = BeamSearch(strat, ids.shape[1], ids.device)
+            groups.append(Group(name, strat, list(range(first, first + strat.num_beams)), Recording(record),
+                                [None] * strat.num_beams, search))
+            continue
         if strat.method != "token":
             alone.append((name, words))
             continue
         run_seeds = seeds if strat.do_sample else [seeds[0]]
-        first = sum(len(g.runs) for g in groups)
         groups.append(Group(name, strat, list(range(first, first + len(run_seeds))), Recording(record),
                             list(run_seeds)))
     runs: list[Run] = []
@@ -235,6 +260,11 @@ def _batched_runs(lm: "LM", model: str, prompt: str, strategies: Mapping[str, Ma
             if bar is not None:
                 bar.close()
         for group in groups:
+            if group.search is not None:
+                tr = from_beam_run(group.search.result(), group.recording, group.strategy, lm.model_info(), text,
+                                   ids[0].tolist())
+                runs.append(Run(model, prompt, group.name, None, tr.row(0)))
+                continue
             tr = from_recording(group.recording, state, group.strategy, lm.model_info(), text, seeds=group.seeds,
                                 rows=len(group.runs))
             sampled = group.strategy.do_sample

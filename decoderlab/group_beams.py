@@ -234,7 +234,7 @@ def group_beam_search(model, prompt_ids: torch.Tensor, strategy: Strategy, obser
         parent, token = torch.cat(cand_parent), torch.cat(cand_token)
         scores_k = torch.cat(cand_scores)
         stages_k = [torch.cat([st[i] for st in cand_stages]) for i in range(len(cand_stages[0]))]
-        show_candidates(observers, state, logits, scores_k, stages_k, token, parent)
+        show_candidates(observers, state.steps, state.ids, logits, scores_k, stages_k, token, parent)
         fate = torch.cat(fates)
         tree.add(parent, origin_of_row[parent], token, scores_k.gather(-1, token[:, None]).squeeze(-1),
                  torch.cat(cand_top), fate, group_of_cand)

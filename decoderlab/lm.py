@@ -218,8 +218,8 @@ class LM:
 
     def _beam_search(self, ids: torch.Tensor, prompt_text: str, strat: Strategy, record: Record) -> Trace:
         """`generate` with num_beams > 1: the returned sequences as rows, best first, and the tree."""
-        from .beams import beam_arrays, beam_search
-        from .builder import RunInfo, build_trace
+        from .beams import beam_search
+        from .builder import from_beam_run
 
         if strat.method == "group beam":
             from .group_beams import group_beam_search as beam_search  # noqa: F811 (the same contract)
@@ -231,20 +231,7 @@ class LM:
         recording = Recording(record)
         with recording.attached(self.model):
             run = beam_search(self.model, ids, strat, [recording], generator=generator)
-        arrays = beam_arrays(run, recording, ids.shape[1])
-        info = RunInfo(prompt=prompt_text, prompt_ids=ids[0].tolist(), strategy=strat.describe(),
-                       processor_names=strat.processor_names, chooser=strat.chooser_name,
-                       eos_token_ids=strat.eos_token_ids, stop_reason=run.stop_reason,
-                       seeds=[strat.seed] * len(run.hypotheses), attention_layers=record.attention_layers,
-                       attention_heads=record.attention_heads, lens_top_k=record.lens_top_k,
-                       # the prompt's matrices are the same for every beam: one row per returned sequence
-                       prefill_attention={k: v[:1].expand(len(run.hypotheses), *v.shape[1:]).cpu().numpy()
-                                          for k, v in recording.prefill_attention.items()})
-        trace = build_trace(arrays, self.model_info(lens=record.lens), info)
-        trace.row_scores = [h.score for h in run.hypotheses]
-        # a returned sequence that did not end at EOS was finalised at the length limit
-        trace.row_stop_reasons = ["eos" if r == "eos" else "max_new_tokens" for r in trace.row_stop_reasons]
-        return trace
+        return from_beam_run(run, recording, strat, self.model_info(lens=record.lens), prompt_text, ids[0].tolist())
 
     def session(self, prompt: Any, *, chat: bool = False, system: str | None = DEFAULT_SYSTEM,
                 record: Record | None = None, **strategy: Any) -> Session:
