@@ -1,8 +1,9 @@
-"""How fast the widgets answer a click: every action of `show` and `explore`, timed in the Python process.
+"""How fast the widgets answer a click: every action of `show`, `explore` and `playground`, timed in the Python process.
 
-    .venv/bin/python benchmarks/bench_widgets.py [--steps 40 400] [--repeats 7] [--model PATH]
+    .venv/bin/python benchmarks/bench_widgets.py [--steps 40 400] [--repeats 7] [--model PATH] [--only playground]
 
-The default model, `Record(attention=True, lens=True)`, a chat answer of exactly N tokens (EOS off).
+The default model, `Record(attention=True, lens=True)`, a chat answer of exactly N tokens (EOS off); the
+playground's trace is sampled (top_p=0.9, generate's default top_k=50) with `Record(logits=True)`.
 An action's time is from the call that a click makes (a slider's new value, a button's handler) until
 it returns, every widget updated: what the kernel spends before the browser draws anything. Each
 action runs `--repeats` times, on steps not shown before (nothing cached from an earlier repeat);
@@ -11,6 +12,7 @@ the table gives the median and the worst. The budget (README): median <= 200 ms,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import statistics
@@ -22,6 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 import decoderlab as dl
+from decoderlab.playground_view import SLIDER_WORDS, Playground
 from decoderlab.widgets import SessionExplorer, TraceView
 
 PROMPT = "Tell me a long story about a lighthouse keeper and a storm."
@@ -77,12 +80,36 @@ def explorer_actions(lm, steps: int, repeats: int) -> dict[str, list[float]]:
     return out
 
 
+def playground_actions(lm, steps: int, repeats: int, rng: random.Random) -> dict[str, list[float]]:
+    """The sampler playground: open it (recorded logits; or one forward of the row), move each knob, move the step."""
+    trace = lm.generate(PROMPT, chat=True, max_new_tokens=steps, eos_token_id=[], progress=False, do_sample=True,
+                        top_p=0.9, seed=0, record=dl.Record(logits=True))
+    bare = dataclasses.replace(trace, arrays={k: v for k, v in trace.arrays.items() if k != "logits"})
+    view = Playground(trace, step=steps - 1)
+    out: dict[str, list[float]] = {
+        "playground: open": [timed(lambda: Playground(trace, step=steps - 1), view)],
+        "playground: open, one forward": [timed(lambda: Playground(bare, step=steps - 1, lm=lm), view)],
+    }
+    for word, (label, lo, hi, inc, _) in SLIDER_WORDS.items():
+        slider = view.sliders[word]
+        grid = [round(lo + i * inc, 2) for i in range(int(round((hi - lo) / inc)) + 1)]
+        values = rng.sample([v for v in grid if v != slider.value], repeats)  # a value it has would not redraw
+        if word == "top_k":
+            values = [int(v) for v in values]
+        out[f"playground: move {label}"] = [timed(lambda v=v: setattr(slider, "value", v), view) for v in values]
+        view.reset()
+    unseen = rng.sample(range(steps - 1), repeats)
+    out["playground: move the step"] = [timed(lambda s=s: setattr(view.step_slider, "value", s), view) for s in unseen]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, nargs="+", default=[40, 400])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--model", default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--only", choices=["all", "playground"], default="all", help="time every widget, or the playground")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,7 +118,9 @@ def main() -> None:
     print(f"model={lm.name} threads={torch.get_num_threads()} record={RECORD}")
     print(f"{'action':<32} {'steps':>5} {'median ms':>10} {'worst ms':>9}  budget (200 / 400 ms)")
     for steps in args.steps:
-        results = {**trace_view_actions(lm, steps, args.repeats, rng), **explorer_actions(lm, steps, args.repeats)}
+        results = {} if args.only == "playground" else {**trace_view_actions(lm, steps, args.repeats, rng),
+                                                         **explorer_actions(lm, steps, args.repeats)}
+        results.update(playground_actions(lm, steps, args.repeats, rng))
         for name, ts in results.items():
             med, worst = 1000 * statistics.median(ts), 1000 * max(ts)
             ok = "ok" if med <= 200 and worst <= 400 else "MISSED"

@@ -35,6 +35,14 @@ def explore(session, **kwargs):
     return _explore(session, **kwargs)
 
 
-__all__ = ["load", "LM", "compare", "Comparison", "Record", "Trace", "Session", "CustomDecoder", "show", "explore", "recorder",
+def playground(trace, *, step: int = 0, row: int = 0, lm=None, k: int = 20):
+    """The sampler playground (Jupyter): one step of `trace` reshaped live by temperature, top-k, top-p, min-p
+    and typical-p sliders (needs `Record(logits=True)` or `lm=`); see `decoderlab.playground_view`."""
+    from .playground_view import playground as _playground
+
+    return _playground(trace, step=step, row=row, lm=lm, k=k)
+
+
+__all__ = ["load", "LM", "compare", "Comparison", "Record", "Trace", "Session", "CustomDecoder", "show", "explore", "playground", "recorder",
            "STEP_RECORDERS", "greedy", "sample", "PromptError", "StrategyError", "SessionError",
            "ModelNotFoundError", "DEFAULT_SYSTEM"]
