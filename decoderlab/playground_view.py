@@ -4,8 +4,8 @@ Why: sampler visualisers show canned distributions; what a reader wants to see i
 min-p 0.1 does to *this* step of *this* model, where the run hesitated. The playground takes a step's
 raw logits (recorded, or one forward of the model), and each move of a slider (temperature, top-k, top-p,
 min-p, typical-p) runs transformers' own processors over them, through the same machinery as
-`trace.what_if` (`decoderlab.whatif`): the kept set, the mass removed, the final distribution, what greedy
-would pick and the chance of the token the run chose.
+`trace.what_if` (`decoderlab.whatif`): the kept set, the mass removed, the final distribution, the most
+likely token and the chance of the token the run chose.
 
 Why HTML panels (built with `decoderlab.panels`' helpers and `decoderlab.display`'s colours): a slider move
 must answer within 200 ms; a panel is a string built from the numbers in milliseconds, swapped into an
@@ -40,7 +40,7 @@ PLAYGROUND_CSS_CLASSES = {
     "dl-playground-min-p": "min-p slider (0: off)",
     "dl-playground-typical-p": "typical-p slider (1: off)",
     "dl-playground-reset": "button: the sliders back to the run's own strategy",
-    "dl-playground-summary": "kept tokens, mass removed, entropy, greedy's pick, the run token's chance (HTML)",
+    "dl-playground-summary": "kept tokens, mass removed, entropy, the most likely token, the run token's chance (HTML)",
     "dl-playground-bars": "the top candidates: raw and final probability bars, kept or removed (HTML)",
     "dl-playground-processors": "each processor in order: mass removed, tokens left (HTML)",
     "dl-playground-problems": "why the last move could not be answered (empty when all is well)",
@@ -100,7 +100,7 @@ def words(values: dict[str, float], base: dict[str, Any]) -> dict[str, Any]:
 
 # ---- panels -----------------------------------------------------------------------------------------------------
 def summary_panel(w: whatif.WhatIf, name: str, fixed: dict[str, Any]) -> str:
-    """The strategy's effect in one block: processors, kept set, mass removed (a bar), entropy, greedy's pick,
+    """The strategy's effect in one block: processors, kept set, mass removed (a bar), entropy, the most likely token,
     and the chance of the token the run chose."""
     s = w.summary[w.summary["strategy"] == name].iloc[0]
     vocab = len(w.raw_probs)
@@ -114,16 +114,16 @@ def summary_panel(w: whatif.WhatIf, name: str, fixed: dict[str, Any]) -> str:
     lines = [
         f"<div><b>processors</b>: {escape(chain)}{' · also as the run: ' + extra if extra else ''}</div>",
         f"<div><b>kept</b> {int(s['kept'])} of {vocab} tokens · <b>mass removed</b> {100 * removed:.2f}% {bar}</div>",
-        f"<div><b>entropy</b> {format_number(w.raw_entropy)} → {format_number(s['entropy'])} nats · <b>greedy</b> "
-        f"would choose {panels._code(s['top_token'])} (p={format_prob(s['top_prob'])})</div>",
+        f"<div><b>entropy</b> {format_number(w.raw_entropy)} → {format_number(s['entropy'])} nats · <b>most likely"
+        f"</b> now {panels._code(s['top_token'])} (p={format_prob(s['top_prob'])})</div>",
         f"<div><b>the run's token</b> {panels._code(w.run_token)}: {fate}, drawn with p={format_prob(run_p)}</div>",
     ]
     return f"<div class='dlp'>{''.join(lines)}</div>"
 
 
-def bars_panel(w: whatif.WhatIf, name: str, k: int) -> str:
-    """The top-k candidates by raw probability (and any token the strategy lifts into its top k, and the run's
-    token): raw and final probability bars, removed tokens struck through."""
+def bars_panel(w: whatif.WhatIf, name: str) -> str:
+    """The tokens the what-if shows (the model's top candidates, any the strategy lifts into its own top, and the
+    run's token), by raw rank: raw and final probability bars, removed tokens struck through."""
     t = w.tokens[w.tokens["strategy"] == name]
     raw = t["raw_prob"].to_numpy(np.float64)
     final = t["final_prob"].to_numpy(np.float64)
@@ -132,8 +132,9 @@ def bars_panel(w: whatif.WhatIf, name: str, k: int) -> str:
     for x, p, fp in zip(t.itertuples(index=False), raw, final):
         mine = bool(x.run_token)
         cls = " ".join(c for c in ("dlp-chosen" if mine else "", "" if x.kept else "dlp-removed") if c)
+        attr = f" class='{cls}'" if cls else ""
         rows.append(
-            f"<tr{f' class={chr(39)}{cls}{chr(39)}' if cls else ''} title='{escape(repr(x.token))} · id {int(x.token_id)}'>"
+            f"<tr{attr} title='{escape(repr(x.token))} · id {int(x.token_id)}'>"
             f"<td class='num'>{int(x.raw_rank)}</td><td>{panels._code(x.token, 20)}{' ◀ run' if mine else ''}</td>"
             f"{panels._bar(p, top, CHOSEN_RAW_COLOR if mine else RAW_COLOR)}"
             f"{panels._bar(fp, top, CHOSEN_FINAL_COLOR if mine else FINAL_COLOR)}"
@@ -179,7 +180,7 @@ class Playground(W.VBox):
             raise whatif.WhatIfError(f"k={k!r}: must be a whole number >= 1 (candidates shown)")
         self.trace, self.row, self.lm, self.k = trace, int(row), lm, k
         self._steps = len(trace.alive_steps(row))
-        self._logits = None if whatif._has_logits(trace) else self._forward_row(trace, row, lm)
+        self._logits = None if whatif.has_logits(trace) else self._forward_row(trace, row, lm)
         self._base = base_words(trace)
         self._busy = False
         self.what_if: whatif.WhatIf | None = None
@@ -286,7 +287,7 @@ class Playground(W.VBox):
         self.problems.value = ""
         self.header.value = self._header(w)
         self.summary.value = summary_panel(w, self.NAME, self._base)
-        self.bars.value = bars_panel(w, self.NAME, self.k)
+        self.bars.value = bars_panel(w, self.NAME)
         self.processors.value = processors_panel(w, self.NAME)
 
     def _header(self, w: whatif.WhatIf) -> str:

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from .lm import LM
 
 __all__ = ["what_if", "what_if_at", "row_logits", "WhatIf", "WhatIfError", "run_words", "step_logits", "step_prefix", "strategy_for",
-           "outcome", "Weightless", "TOKEN_COLUMNS", "SUMMARY_COLUMNS", "PROCESSOR_COLUMNS"]
+           "outcome", "has_logits", "Weightless", "TOKEN_COLUMNS", "SUMMARY_COLUMNS", "PROCESSOR_COLUMNS"]
 
 TOKEN_COLUMNS = ["strategy", "token_id", "token", "raw_rank", "raw_prob", "final_rank", "final_prob", "kept",
                  "chosen", "choice_prob", "run_token"]
@@ -98,7 +98,8 @@ def step_prefix(trace: TraceLike, step: int, row: int = 0) -> np.ndarray:
     return np.concatenate([np.asarray(trace.prompt_ids, dtype=np.int64), tokens.astype(np.int64)])
 
 
-def _has_logits(trace: TraceLike) -> bool:
+def has_logits(trace: TraceLike) -> bool:
+    """Whether the trace recorded its raw logits (`Record(logits=True)`)."""
     try:
         trace.array("logits")
     except KeyError:
@@ -123,7 +124,7 @@ def forward_prefix(lm: "LM", prefix: np.ndarray) -> torch.Tensor:
 
 def step_logits(trace: TraceLike, step: int, row: int = 0, lm: "LM | None" = None) -> tuple[torch.Tensor, str]:
     """The raw logits [V] (float32) of one step, and where they came from: the recorded logits, or one forward."""
-    if _has_logits(trace):
+    if has_logits(trace):
         return torch.from_numpy(np.asarray(trace.array("logits")[step, row], dtype=np.float32)), "recorded logits"
     if lm is None:
         raise WhatIfError("this trace did not record its logits: pass lm= (the model that made it) for one forward "
