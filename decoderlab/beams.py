@@ -122,7 +122,7 @@ class BeamSearch:
         """One step from the beams' ids [B, T] and raw logits [B, V]: (rows [B], tokens [B]) of the next beams."""
         cur_len, beams = ids.shape[1], self.beams
         log_probs = torch.log_softmax(logits, dim=-1)
-        scores, stages = loop.process(self.strategy, ids, log_probs, keep_stages)
+        scores, stages = loop.process(self.strategy, ids, log_probs, keep_stages, step)
         vocab = scores.shape[-1]
         total = (scores + self.running_scores[:, None]).reshape(-1)
         if self.strategy.do_sample:

@@ -23,6 +23,7 @@ import torch
 from . import loop, metrics
 from .beams import BeamSearch
 from .builder import from_beam_run, from_recording
+from .errors import NumericError
 from .record import Record, Recording
 from .strategy import Strategy, StrategyError
 from .trace import Trace
@@ -41,6 +42,7 @@ class Group:
     recording: Recording
     seeds: list[int | None] = field(default_factory=list)
     search: BeamSearch | None = None  # a beam search's state: its rows are the beams
+    error: NumericError | None = None  # what ended the group early, if anything did
 
 
 def _group_of(groups: list[Group]) -> dict[int, tuple[int, int]]:
@@ -51,7 +53,8 @@ def _group_of(groups: list[Group]) -> dict[int, tuple[int, int]]:
 @torch.inference_mode()
 def step(model, state: loop.State, groups: list[Group]) -> torch.Tensor:
     """One step for every running row: one forward, then each group's processors and chooser on its rows (a beam
-    group's search on its beams, whose rows are then reordered)."""
+    group's search on its beams, whose rows are then reordered). A group whose numbers go wrong (`NumericError`)
+    ends there, keeping its steps so far; the other groups go on."""
     logits = loop.ensure_logits(model, state)
     where = _group_of(groups)
     running = state.row_ids.tolist()
@@ -62,19 +65,18 @@ def step(model, state: loop.State, groups: list[Group]) -> torch.Tensor:
         if not idx:
             continue
         at = torch.tensor(idx, device=logits.device)
-        if group.search is not None:
-            rows, token[at] = group.search.step(state.steps, state.ids[at], logits[at], [group.recording],
-                                                group.recording.keep_stages)
-            order = torch.arange(state.rows, device=logits.device) if order is None else order
-            order[at] = at[rows]
-            continue
-        scores, stages = loop.process(group.strategy, state.ids[at], logits[at], group.recording.keep_stages)
-        chosen = group.strategy.chooser(scores, [state.generators[i] for i in idx])
-        local = torch.tensor([where[running[i]][1] for i in idx], device=logits.device)
-        ctx = loop.StepContext(state.steps, state.ids[at], logits[at], scores, stages, chosen,
-                               torch.zeros_like(chosen, dtype=torch.bool), state.finished[at], local)
-        group.recording.on_step(ctx)
-        token[at] = chosen
+        try:
+            if group.search is not None:
+                rows, token[at] = group.search.step(state.steps, state.ids[at], logits[at], [group.recording],
+                                                    group.recording.keep_stages)
+                order = torch.arange(state.rows, device=logits.device) if order is None else order
+                order[at] = at[rows]
+            else:
+                local = torch.tensor([where[running[i]][1] for i in idx], device=logits.device)
+                token[at] = _choose(group, state, logits, idx, at, local)
+        except NumericError as err:
+            group.error = err
+            token[at] = group.strategy.pad_token_id or 0
     if order is not None:
         state.ids = state.ids[order]
         state.cache.reorder_cache(order)
@@ -82,13 +84,23 @@ def step(model, state: loop.State, groups: list[Group]) -> torch.Tensor:
     state.pending = token
     for g, group in enumerate(groups):
         mine = torch.tensor([where[r][0] == g for r in running], device=token.device)
-        if group.search is not None:
-            if group.search.stop is not None:  # the beam search is over: its rows leave the batch
-                state.finished = state.finished | mine
-        elif group.strategy.eos_token_ids:
+        if group.error is not None or (group.search is not None and group.search.stop is not None):
+            state.finished = state.finished | mine  # the group is over: its rows leave the batch
+        elif group.search is None and group.strategy.eos_token_ids:
             ends = torch.isin(token, group.strategy.eos_tensor(token.device)) & mine
             state.finished = state.finished | ends
     return token
+
+
+def _choose(group: Group, state: loop.State, logits: torch.Tensor, idx: list[int], at: torch.Tensor,
+            local: torch.Tensor) -> torch.Tensor:
+    """A token group's step on its rows: its processors, its chooser with each row's generator, its recording."""
+    scores, stages = loop.process(group.strategy, state.ids[at], logits[at], group.recording.keep_stages, state.steps)
+    chosen = group.strategy.chooser(scores, [state.generators[i] for i in idx])
+    ctx = loop.StepContext(state.steps, state.ids[at], logits[at], scores, stages, chosen,
+                           torch.zeros_like(chosen, dtype=torch.bool), state.finished[at], local)
+    group.recording.on_step(ctx)
+    return chosen
 
 
 def run_batch(lm: "LM", ids: torch.Tensor, groups: list[Group], max_new_tokens: int,
@@ -105,10 +117,7 @@ def run_batch(lm: "LM", ids: torch.Tensor, groups: list[Group], max_new_tokens: 
         progress.update(1)
         progress.set_postfix(rows_running=len(rows), refresh=False)
 
-    # the loop's stop check reads one strategy: all rows can have ended only if every group can end (by EOS,
-    # or a beam search's own stop), and then any strategy with EOS ids lets the check see it
-    stopper = next((g.strategy for g in groups if g.strategy.eos_token_ids), groups[0].strategy)
-    return loop.run(lm.model, state, stopper, max_length=lm.context_window,
+    return loop.run(lm.model, state, groups[0].strategy, max_length=lm.context_window,
                     on_token=tick if progress is not None else None, step_fn=grouped_step)
 
 
@@ -261,19 +270,34 @@ def _batched_runs(lm: "LM", model: str, prompt: str, strategies: Mapping[str, Ma
                 bar.close()
         for group in groups:
             if group.search is not None:
-                tr = from_beam_run(group.search.result(), group.recording, group.strategy, lm.model_info(), text,
-                                   ids[0].tolist())
-                runs.append(Run(model, prompt, group.name, None, tr.row(0)))
+                result = group.search.result()
+                if result.hypotheses:  # (a beam search that failed before any beam finished returns none)
+                    tr = from_beam_run(result, group.recording, group.strategy, lm.model_info(), text,
+                                       ids[0].tolist())
+                    runs.append(Run(model, prompt, group.name, None, _failed(tr.row(0), group.error)))
                 continue
-            tr = from_recording(group.recording, state, group.strategy, lm.model_info(), text, seeds=group.seeds,
-                                rows=len(group.runs))
+            tr = _failed(from_recording(group.recording, state, group.strategy, lm.model_info(), text,
+                                        seeds=group.seeds, rows=len(group.runs)), group.error)
             sampled = group.strategy.do_sample
             runs += [Run(model, prompt, group.name, s if sampled else None, tr.row(r)) for r, s in enumerate(group.seeds)]
     for name, words in alone:
-        tr = lm.generate_ids(ids, text, max_new_tokens=max_new_tokens, progress=False, record=record, **words)
+        try:
+            tr = lm.generate_ids(ids, text, max_new_tokens=max_new_tokens, progress=False, record=record, **words)
+        except NumericError as err:  # the other runs go on; this one keeps the steps it took
+            if err.trace is None:
+                continue
+            tr = _failed(err.trace, err)
         runs.append(Run(model, prompt, name, None, tr.row(0)))
     order = list(strategies)
     return sorted(runs, key=lambda r: order.index(r.strategy))
+
+
+def _failed(trace: Trace, error: NumericError | None) -> Trace:
+    """A group's trace, its stop reasons saying what ended it early, if anything did."""
+    if error is not None:
+        why = f"error: NumericError at step {error.step} ({error.processor or 'unknown'})"
+        trace.stop_reason, trace.row_stop_reasons = why, [why] * trace.rows
+    return trace
 
 
 def _backend_runs(backend: Any, model: str, prompt: str, strategies: Mapping[str, Mapping[str, Any]],

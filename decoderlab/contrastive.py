@@ -39,7 +39,7 @@ def step(model, state: State, strategy: Strategy, observers: Sequence[Observer] 
     if context is None:  # the prompt's last-layer hidden states, from the prefill
         context = state.extra["context"] = state.hidden[-1]
     keep = any(o.keep_stages for o in observers)
-    scores, stages = loop.process(strategy, state.ids, logits, keep)
+    scores, stages = loop.process(strategy, state.ids, logits, keep, state.steps)
     top_probs, top_ids = torch.topk(torch.softmax(scores, dim=-1), k=k, dim=-1)  # [1, k]
 
     # the look-ahead: every candidate forwarded at once, on the cache repeated k times

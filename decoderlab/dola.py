@@ -194,7 +194,7 @@ def step(
     premature = premature_logits(model, state.hidden, layers, logits.device)
     dola_scores, chosen, js = contrast(logits, premature)
     keep = any(o.keep_stages for o in observers)
-    scores, stages = loop.process(strategy, state.ids, dola_scores.to(state.ids.device), keep)
+    scores, stages = loop.process(strategy, state.ids, dola_scores.to(state.ids.device), keep, state.steps)
     decision = {"dola_layer": torch.tensor(layers, dtype=torch.long, device=chosen.device)[chosen],
                 "dola_divergence": js.T.to(torch.float32)}
     return loop.choose(state, strategy, logits, scores, stages, observers, force, decision, inputs=dola_scores)

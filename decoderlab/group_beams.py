@@ -185,7 +185,7 @@ def group_beam_search(model, prompt_ids: torch.Tensor, strategy: Strategy, obser
             rows = torch.arange(g * size, (g + 1) * size, device=device)
             if hamming is not None:
                 hamming.current_tokens, hamming.group = current, g
-            scores, stages = loop.process(strategy, state.ids[rows], log_probs[rows], keep)
+            scores, stages = loop.process(strategy, state.ids[rows], log_probs[rows], keep, state.steps)
             vocab = scores.shape[-1]
             total = (scores + beam_scores[rows, None]).view(1, size * vocab)
             top, idx = torch.topk(total, keep_k, dim=1, largest=True, sorted=True)

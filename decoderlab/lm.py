@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .errors import PromptError  # noqa: F401 (re-exported)
 from . import loop
 from .builder import ModelInfo, from_recording
 from .models import load_pretrained
@@ -22,9 +23,6 @@ from .trace import Trace
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
-
-class PromptError(ValueError):
-    """The prompt is empty, too long for the model, or needs a chat template the model lacks."""
 
 
 class LM:

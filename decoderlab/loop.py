@@ -20,6 +20,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 from transformers import DynamicCache
 
+from .errors import NumericError
 from .strategy import Strategy
 
 
@@ -173,18 +174,53 @@ def ensure_logits(model, state: State, observers: Sequence[Observer] = ()) -> to
 
 
 @torch.inference_mode()
-def process(strategy: Strategy, ids: torch.Tensor, logits: torch.Tensor, keep_stages: bool):
+def process(strategy: Strategy, ids: torch.Tensor, logits: torch.Tensor, keep_stages: bool,
+            step: int | None = None):
     """Apply the processors in order; return the final scores and, if asked, each stage's scores.
 
     The raw logits are never handed to a processor (one may work in place); with `keep_stages`
-    every processor gets its own copy, so each stage stays as that processor left it.
+    every processor gets its own copy, so each stage stays as that processor left it. Numbers that
+    cannot be (`numeric_fault`) stop the step with a `NumericError` naming the step and the processor.
     """
     scores, stages = logits, []
     for i, processor in enumerate(strategy.processors):
         scores = processor(ids, scores.clone() if keep_stages or i == 0 else scores)
         if keep_stages:
             stages.append(scores)
+    if bool(numeric_fault(logits, scores).any()):  # the step's one extra host synchronisation
+        raise _numeric_error(strategy, ids, logits, step)
     return scores, stages
+
+
+def numeric_fault(logits: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Per row: NaN in the raw logits or the scores, +inf in either, or every score at -inf (nothing left to
+    choose). -inf in raw logits is allowed: a model may mask tokens that way."""
+    return (torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isnan(scores).any(-1)
+            | torch.isposinf(scores).any(-1) | torch.isneginf(scores).all(-1))
+
+
+def _numeric_error(strategy: Strategy, ids: torch.Tensor, logits: torch.Tensor, step: int | None) -> NumericError:
+    """Find what produced the bad numbers (the model, or the first processor after which they appear)."""
+    at = f"step {step}" if step is not None else "this step"
+
+    def what(t: torch.Tensor) -> str:
+        return "NaN" if bool(torch.isnan(t).any()) else "+inf" if bool(torch.isposinf(t).any()) else "-inf everywhere"
+
+    no_scores = torch.zeros_like(logits)
+    if bool(numeric_fault(logits, no_scores).any()):
+        rows = numeric_fault(logits, no_scores).nonzero().flatten().tolist()
+        return NumericError(f"{at}: the model's logits hold {what(logits)} (rows {rows}); check the weights and dtype "
+                            "(float16 overflows: try bfloat16 or float32)", step=step, processor="model")
+    scores = logits.clone()
+    for processor in strategy.processors:
+        scores = processor(ids, scores)
+        bad = numeric_fault(logits, scores)
+        if bool(bad.any()):
+            name = type(processor).__name__
+            return NumericError(f"{at}: after {name}, the scores hold {what(scores[bad])} (rows "
+                                f"{bad.nonzero().flatten().tolist()}): nothing valid is left to choose from; check "
+                                f"{name}'s settings", step=step, processor=name)
+    return NumericError(f"{at}: the scores hold NaN or infinity", step=step)
 
 
 @torch.inference_mode()
@@ -198,7 +234,7 @@ def step(
     """Choose one token for every row; return it. `force` (ids, -1 = free) overrides the chooser."""
     logits = ensure_logits(model, state, observers)
     keep = any(o.keep_stages for o in observers)
-    scores, stages = process(strategy, state.ids, logits, keep)
+    scores, stages = process(strategy, state.ids, logits, keep, state.steps)
     return choose(state, strategy, logits, scores, stages, observers, force)
 
 
@@ -264,8 +300,9 @@ def window_full(length: int, window: int | None) -> bool:
 
 
 def should_stop(state: State, strategy: Strategy, max_length: int | None = None) -> str | None:
-    """The reason to stop now, or None. Checking `finished` is the step's one host synchronisation."""
-    if strategy.eos_token_ids and bool(state.finished.all()):
+    """The reason to stop now, or None. Checking `finished` is a host synchronisation (rows finish at EOS, and
+    in a comparison also when their beam search ends or their numbers go wrong)."""
+    if bool(state.finished.all()):
         return "eos"
     if state.steps >= strategy.max_new_tokens:
         return "max_new_tokens"
@@ -352,7 +389,7 @@ def teacher_force(
     rows = torch.zeros(1, dtype=torch.long, device=full.device)
     for t in range(continuation.numel()):
         prefix = full[:, : prompt_length + t]
-        scores, stages = process(strategy, prefix, logits[t : t + 1], keep)
+        scores, stages = process(strategy, prefix, logits[t : t + 1], keep, t)
         ctx = StepContext(t, prefix, logits[t : t + 1], scores, stages, continuation[t : t + 1], no, no, rows)
         for o in observers:
             o.on_step(ctx)

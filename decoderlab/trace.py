@@ -16,14 +16,12 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from .errors import TraceFileError  # noqa: F401 (re-exported)
 from .display import escape, format_prob, format_rank
 from .schema import SchemaError, check_arrays
 
 FORMAT_VERSION = 2  # 2: rows (per-row seeds and stop reasons; finished rows' steps hold fill values)
 
-
-class TraceFileError(ValueError):
-    """A file that is not a decoderlab trace, is damaged, or contradicts the trace schema."""
 
 
 @dataclass
@@ -90,7 +88,8 @@ class Trace:
 
     def __repr__(self) -> str:
         rows = f", rows={self.rows}" if self.rows > 1 else ""
-        return (f"Trace(model={self.model_name!r}, steps={self.num_steps}{rows}, stop={self.stop_reason!r}, "
+        meaning = f", logprobs={self.strategy['logprobs']!r}" if "logprobs" in self.strategy else ""  # a server's
+        return (f"Trace(model={self.model_name!r}, steps={self.num_steps}{rows}, stop={self.stop_reason!r}{meaning}, "
                 f"text={self.text[:60]!r}{'...' if len(self.text) > 60 else ''})")
 
     def _tok(self, ids: np.ndarray) -> np.ndarray:

@@ -1,0 +1,64 @@
+"""Every error decoderlab raises on purpose, under one base: `except dl.DecoderlabError` catches them all.
+
+Why one module: the errors are part of the public API, and a user (or a notebook cell) should be able to
+tell "decoderlab refused this, and said why" from a library's crash. Each also subclasses the built-in
+error it is a kind of (`ValueError` for bad arguments, `OSError` for files and servers), so `except
+ValueError` clauses written before the hierarchy existed keep working. Messages name the argument, the
+value, and what is allowed or what to do.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class DecoderlabError(Exception):
+    """Base of every error decoderlab raises on purpose. `trace`, where set, holds what was recorded before it."""
+
+    trace: Any = None
+
+
+class PromptError(DecoderlabError, ValueError):
+    """The prompt is empty, too long for the model, or needs a chat template the model lacks."""
+
+
+class StrategyError(DecoderlabError, ValueError):
+    """A strategy word is unknown or its value is out of range."""
+
+
+class SessionError(DecoderlabError, ValueError):
+    """A session request that cannot be served (rewind past the end, an unknown token, ...)."""
+
+
+class RecordError(DecoderlabError, ValueError):
+    """A `Record(...)` setting that is out of range, unknown, or does not fit the model."""
+
+
+class RecorderError(RecordError):
+    """A recorder registered under a name that is taken."""
+
+
+class ModelNotFoundError(DecoderlabError, ValueError):
+    """The model a user named cannot be found or loaded here."""
+
+
+class SchemaError(DecoderlabError, ValueError):
+    """Arrays that contradict the trace schema (a wrong dtype, dimension count or length)."""
+
+
+class TraceFileError(DecoderlabError, ValueError):
+    """A file that is not a decoderlab trace, is damaged, was written by a newer decoderlab, or contradicts the
+    trace schema."""
+
+
+class NumericError(DecoderlabError, FloatingPointError):
+    """NaN or infinity where a number cannot be one: in the model's logits, or in the scores after a processor
+    (every token at -inf leaves nothing to choose). Names the step and the processor; `trace` holds the steps
+    recorded before it."""
+
+    def __init__(self, message: str, *, step: int | None = None, processor: str | None = None):
+        super().__init__(message)
+        self.step, self.processor = step, processor
+
+
+__all__ = ["DecoderlabError", "PromptError", "StrategyError", "SessionError", "RecordError", "RecorderError",
+           "ModelNotFoundError", "SchemaError", "TraceFileError", "NumericError"]
