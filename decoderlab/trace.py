@@ -512,13 +512,28 @@ class Trace:
             meta = json.loads(raw[b"decoderlab"])
         except ValueError as err:
             raise TraceFileError(f"{path}: its decoderlab metadata is damaged ({err})") from err
+        if not isinstance(meta, dict):
+            raise TraceFileError(f"{path}: its decoderlab metadata is not a record of the trace")
         version = meta.get("format")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise TraceFileError(f"{path} was written in trace format {version!r}; this decoderlab reads formats "
                                  f"up to {FORMAT_VERSION}: upgrade decoderlab to open it")
+        try:
+            return cls._from_table(table, meta, raw, path)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            if isinstance(err, TraceFileError):
+                raise
+            raise TraceFileError(f"{path}: its decoderlab metadata is damaged ({type(err).__name__}: {err})") from err
+
+    @classmethod
+    def _from_table(cls, table, meta: dict, raw: dict, path) -> "Trace":
+        """The trace in a parquet table whose metadata was read; plain numbers and text only (nothing is
+        unpickled: numpy's loader runs with allow_pickle=False, and object dtypes are refused)."""
         arrays = {}
         for name, spec in meta["arrays"].items():
-            shape, dtype = tuple(spec["shape"]), np.dtype(spec["dtype"])
+            shape, dtype = tuple(int(n) for n in spec["shape"]), np.dtype(spec["dtype"])
+            if dtype.hasobject:
+                raise TraceFileError(f"{path}: array {name!r} claims dtype {dtype}; a trace holds numbers only")
             if name not in table.column_names:
                 raise TraceFileError(f"{path}: the array {name!r} its metadata lists is missing")
             col = table.column(name).combine_chunks()

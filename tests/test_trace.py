@@ -109,3 +109,84 @@ def test_tokens_keep_partial_utf8_visible(tokenizer):
     assert "\\x" in joined or joined == "你好，世界 🌍"
     assert text(tokenizer(" hello", add_special_tokens=False).input_ids[0]) == " hello"
     assert text(tokenizer("\n", add_special_tokens=False).input_ids[0]) == "\n"
+
+
+# ---- saved traces: every frame and every piece of metadata survives; a hostile file is refused --------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from decoderlab.builder import from_tokens  # noqa: E402
+
+# token text as tokenizers decode it: newlines, NUL, bidi marks and overrides, emoji, CJK, the replacement character
+# of a partial UTF-8 byte, and lone surrogates
+TOKEN_TEXT = st.text(alphabet=st.one_of(st.characters(codec="utf-8"),
+                                        st.sampled_from(["\n", "\x00", "\u200f", "\u202e", "\ufffd", "😀", "中",
+                                                         "\ud800", "\t", " "])),
+                     min_size=0, max_size=6)
+
+
+@st.composite
+def random_traces(draw):
+    rows = draw(st.integers(1, 3))
+    toks = [draw(st.lists(TOKEN_TEXT, min_size=0, max_size=6)) for _ in range(rows)]
+    if not any(toks):
+        toks[0] = ["x"]
+    lp = [[draw(st.floats(-30, 0)) for _ in r] for r in toks]
+    k = draw(st.integers(0, 3))
+    top = [[[(draw(TOKEN_TEXT), draw(st.floats(-30, 0))) for _ in range(k)] for _ in r] for r in toks]
+    return from_tokens(toks, lp, top if k else None, prompt=draw(TOKEN_TEXT), prompt_tokens=draw(st.lists(TOKEN_TEXT,
+                       max_size=3)), model_name=draw(TOKEN_TEXT), stop_reason=draw(st.sampled_from(["eos", None])),
+                       strategy={"temperature": draw(st.floats(0.1, 2)), "note": draw(TOKEN_TEXT)})
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tr=random_traces())
+def test_save_load_round_trips_every_frame_and_field(tmp_path, tr):
+    back = dl.Trace.load(tr.save(tmp_path / "t.parquet"))
+    for frame in ("steps", "candidates", "runs"):
+        pd.testing.assert_frame_equal(getattr(back, frame), getattr(tr, frame))
+    for name in ("prompt", "model_name", "strategy", "stop_reason", "texts", "token_text", "seeds", "row_stop_reasons",
+                 "processor_names", "chooser", "branch", "parent", "fork_step"):
+        assert getattr(back, name) == getattr(tr, name), name
+    np.testing.assert_array_equal(back.prompt_ids, tr.prompt_ids)
+
+
+def test_loading_never_unpickles(tmp_path):
+    """A crafted file whose arrays and metadata carry pickles: refused with a TraceFileError, the payload never run."""
+    import json
+    import pickle
+
+    import pyarrow.parquet as pq
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    tr = from_tokens(["a", "b"], [-0.1, -0.2])
+    path = tr.save(tmp_path / "t.parquet")
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[b"decoderlab"])
+    blob = pickle.dumps(np.array([Payload()], dtype=object))
+    buf = __import__("io").BytesIO()
+    np.save(buf, np.array([Payload()], dtype=object), allow_pickle=True)
+    crafted = [
+        ({b"decoderlab": json.dumps(meta).encode(), b"decoderlab.prefill_attention.0": buf.getvalue()}, "npy"),
+        ({b"decoderlab": json.dumps({**meta, "arrays": {**meta["arrays"], "token_id": {"dtype": "object",
+                                                                                       "shape": [2, 1]}}}).encode()},
+         "object dtype"),
+        ({b"decoderlab": blob}, "pickled metadata"),
+        ({b"decoderlab": json.dumps({**meta, "arrays": None}).encode()}, "damaged metadata"),
+        ({b"decoderlab": json.dumps([1, 2]).encode()}, "not a record"),
+    ]
+    for i, (metadata, why) in enumerate(crafted):
+        out = tmp_path / f"crafted{i}.parquet"
+        pq.write_table(table.replace_schema_metadata(metadata), out)
+        with pytest.raises(dl.TraceFileError):
+            dl.Trace.load(out)
+        assert not marker.exists(), why
+    truncated = tmp_path / "truncated.parquet"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(dl.TraceFileError, match="cannot be read"):
+        dl.Trace.load(truncated)
