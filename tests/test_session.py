@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -304,3 +305,19 @@ def test_a_slice_kept_without_its_trace_never_changes(tiny_lms):
     assert s.trace.token_ids[1] != before[1]  # the rows were written again ...
     np.testing.assert_array_equal(piece, before)  # ... but not under the slice
     np.testing.assert_array_equal(attention, att_before)
+
+
+def test_one_seed_one_trace_across_generate_session_and_compare(tiny_lms):
+    """Determinism: the same seed and inputs give the same steps, whichever way the run is made and how often."""
+    lm = tiny_lms["gpt2"]
+    words = dict(do_sample=True, top_k=30, temperature=0.9, eos_token_id=[])
+    first = lm.generate("Same seed, same trace", seed=11, max_new_tokens=10, progress=False, **words)
+    again = lm.generate("Same seed, same trace", seed=11, max_new_tokens=10, progress=False, **words)
+    session = lm.session("Same seed, same trace", seed=11, max_new_tokens=10, **words)
+    session.run()
+    cmp = dl.compare(lm, "Same seed, same trace", {"s": words}, seeds=[7, 11], max_new_tokens=10, progress=False)
+    cols = ["step", "token_id", "token", "logprob", "final_logprob", "entropy", "chosen_rank"]
+    cols = [c for c in cols if c in first.steps]
+    for other in (again, session.trace, cmp.trace("s", seed=11)):
+        pd.testing.assert_frame_equal(other.steps[cols].reset_index(drop=True),
+                                      first.steps[cols].reset_index(drop=True), atol=1e-5, rtol=0)
