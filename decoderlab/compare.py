@@ -13,6 +13,7 @@ Contrastive search, DoLa, group beam search and beam sampling are not batched: t
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -117,8 +118,14 @@ def run_batch(lm: "LM", ids: torch.Tensor, groups: list[Group], max_new_tokens: 
         progress.update(1)
         progress.set_postfix(rows_running=len(rows), refresh=False)
 
-    return loop.run(lm.model, state, groups[0].strategy, max_length=lm.context_window,
-                    on_token=tick if progress is not None else None, step_fn=grouped_step)
+    try:
+        return loop.run(lm.model, state, groups[0].strategy, max_length=lm.context_window,
+                        on_token=tick if progress is not None else None, step_fn=grouped_step)
+    except KeyboardInterrupt:  # Ctrl-C: every run keeps the steps all rows completed
+        for group in groups:
+            group.recording.drop_steps(state.steps)
+        state.stop_reason = "interrupted"
+        return state
 
 
 @dataclass(frozen=True)
@@ -135,9 +142,11 @@ class Run:
 class Comparison:
     """Runs of several strategies (× seeds × prompts × models) and the frames that compare them."""
 
-    def __init__(self, runs: list[Run], prompts: list[str], strategies: list[str], models: list[str]):
+    def __init__(self, runs: list[Run], prompts: list[str], strategies: list[str], models: list[str],
+                 interrupted: bool = False):
         self.run_list = runs
         self.prompts, self.strategies, self.models = prompts, strategies, models
+        self.interrupted = interrupted  # stopped by Ctrl-C: the runs made so far, the last ones partial
 
     def trace(self, strategy: str, seed: int | None = None, prompt: str | None = None,
               model: str | None = None) -> Trace:
@@ -234,8 +243,9 @@ class Comparison:
 
     def __repr__(self) -> str:
         models = f", {len(self.models)} models" if len(self.models) > 1 else ""
+        stopped = ", interrupted" if self.interrupted else ""
         return (f"Comparison({len(self.strategies)} strategies, {len(self.prompts)} prompts{models}, "
-                f"{len(self.run_list)} runs)")
+                f"{len(self.run_list)} runs{stopped})")
 
 
 def _batched_runs(lm: "LM", model: str, prompt: str, strategies: Mapping[str, Mapping[str, Any]], seeds: list[int],
@@ -281,6 +291,8 @@ def _batched_runs(lm: "LM", model: str, prompt: str, strategies: Mapping[str, Ma
             sampled = group.strategy.do_sample
             runs += [Run(model, prompt, group.name, s if sampled else None, tr.row(r)) for r, s in enumerate(group.seeds)]
     for name, words in alone:
+        if any(r.trace.stop_reason == "interrupted" for r in runs):
+            break
         try:
             tr = lm.generate_ids(ids, text, max_new_tokens=max_new_tokens, progress=False, record=record, **words)
         except NumericError as err:  # the other runs go on; this one keeps the steps it took
@@ -363,4 +375,8 @@ def compare(models: "LM | Any | Mapping[str, Any]", prompts: str | Sequence[str]
                 runs += _batched_runs(backend, model, prompt, strategies, seeds, max_new_tokens, chat, record, progress)
             else:
                 runs += _backend_runs(backend, model, prompt, strategies, seeds, max_new_tokens, chat, record)
+            if any(r.trace.stop_reason == "interrupted" for r in runs):
+                warnings.warn(f"compare() interrupted: returning the {len(runs)} runs made so far (those stopped "
+                              "mid-way have stop_reason 'interrupted')", stacklevel=2)
+                return Comparison(runs, prompts, list(strategies), list(backends), interrupted=True)
     return Comparison(runs, prompts, list(strategies), list(backends))

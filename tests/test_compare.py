@@ -156,3 +156,35 @@ def test_comparing_models_aligns_their_runs(tiny_lms):
         cmp.trace("greedy", model="c")
     with pytest.raises(dl.StrategyError, match="not a decoderlab model"):
         dl.compare({"x": object()}, PROMPT, strategies)
+
+
+class CtrlC:
+    """A processor that presses Ctrl-C once the sequence is `length` tokens long."""
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] >= self.length:
+            raise KeyboardInterrupt
+        return scores
+
+
+def test_ctrl_c_returns_the_runs_made_so_far(tiny_lms):
+    lm = tiny_lms["llama"]
+    n = lm.encode(PROMPT)[0].shape[1]
+    strategies = {"greedy": {"eos_token_id": []},
+                  "top-k": {"do_sample": True, "top_k": 20, "eos_token_id": [], "logits_processor": [CtrlC(n + 3)]},
+                  "beam 2": {"num_beams": 2, "eos_token_id": []}}
+    with pytest.warns(UserWarning, match="interrupted"):
+        cmp = dl.compare(lm, [PROMPT, "A second prompt never reached"], strategies, seeds=[1, 2], max_new_tokens=8,
+                         progress=False)
+    assert cmp.interrupted and "interrupted" in repr(cmp)
+    runs = cmp.runs
+    assert set(runs.prompt) == {PROMPT}  # the second prompt never ran
+    for name in ("greedy", "top-k"):
+        tr = cmp.trace(name, seed=None if name == "greedy" else 2)
+        assert tr.num_steps == 3 and tr.stop_reason == "interrupted"
+    # the three steps kept are the steps the runs take uninterrupted
+    alone = lm.generate(PROMPT, seed=2, do_sample=True, top_k=20, eos_token_id=[], max_new_tokens=3, progress=False)
+    assert cmp.trace("top-k", seed=2).token_ids == alone.token_ids
