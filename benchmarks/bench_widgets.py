@@ -1,9 +1,11 @@
 """How fast the widgets answer a click: every action of `show`, `explore` and `playground`, timed in the Python process.
 
     .venv/bin/python benchmarks/bench_widgets.py [--steps 40 400] [--repeats 7] [--model PATH] [--only playground]
+    .venv/bin/python benchmarks/bench_widgets.py --only compare [--repeats 7]
 
 The default model, `Record(attention=True, lens=True)`, a chat answer of exactly N tokens (EOS off); the
-playground's trace is sampled (top_p=0.9, generate's default top_k=50) with `Record(logits=True)`.
+playground's trace is sampled (top_p=0.9, generate's default top_k=50) with `Record(logits=True)`;
+`dl.show(cmp)` shows `dl.compare` of bench_compare.py's eight strategies x 5 seeds x 64 tokens on two prompts.
 An action's time is from the call that a click makes (a slider's new value, a button's handler) until
 it returns, every widget updated: what the kernel spends before the browser draws anything. Each
 action runs `--repeats` times, on steps not shown before (nothing cached from an earlier repeat);
@@ -24,6 +26,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 import decoderlab as dl
+from bench_compare import STRATEGIES as COMPARE_STRATEGIES
+from decoderlab.compare_view import ComparisonView
 from decoderlab.playground_view import SLIDER_WORDS, Playground
 from decoderlab.widgets import SessionExplorer, TraceView
 
@@ -103,13 +107,59 @@ def playground_actions(lm, steps: int, repeats: int, rng: random.Random) -> dict
     return out
 
 
+COMPARE_PROMPTS = [PROMPT, "Write a short story about a lighthouse keeper."]
+COMPARE_TOKENS = 64
+
+
+def compare_actions(lm, repeats: int, rng: random.Random, seeds: int = 5) -> dict[str, list[float]]:
+    """`dl.show(cmp)`: open it, and each pick and click. A pick that builds lines not shown before (a seed, all
+    seeds, a prompt) is timed on a fresh view each repeat: a view keeps every line it has built."""
+    strategies = {name: {**words, "eos_token_id": []} for name, words in COMPARE_STRATEGIES.items()}
+    cmp = dl.compare(lm, COMPARE_PROMPTS, strategies, seeds=range(seeds), max_new_tokens=COMPARE_TOKENS, chat=True,
+                     progress=False)
+    view = ComparisonView(cmp)
+    out: dict[str, list[float]] = {"compare: open the view": [timed(lambda: ComparisonView(cmp), view)
+                                                              for _ in range(repeats)]}
+    picks = {"compare: pick a seed": ("seed_picker", lambda: rng.randrange(1, seeds)),
+             "compare: all seeds": ("seed_picker", lambda: "all"), "compare: pick a prompt": ("prompt_picker", lambda: 1)}
+    for name, (picker, value) in picks.items():
+        out[name] = []
+        for _ in range(repeats):
+            fresh = ComparisonView(cmp)
+            out[name].append(timed(lambda v=value(): setattr(getattr(fresh, picker), "value", v), fresh))
+    view.seed_picker.value = "all"  # every run: 28 lines
+    lines = [w for w in view.grid.children if "dl-cmp-tokens" in w._dom_classes]
+    clicks = rng.sample([(i, s) for i in range(len(lines)) for s in range(COMPARE_TOKENS)], 2 * repeats)
+    out["compare: click a token"] = [timed(lambda i=i, s=s: setattr(lines[i], "index", s), view)
+                                     for i, s in clicks[:repeats]]
+    out["compare: click a step number"] = [timed(lambda s=s: setattr(view.steps_header, "index", s), view)
+                                           for _, s in clicks[repeats:]]
+    out["compare: open in the trace view"] = []
+    for i, s in rng.sample([(i, s) for i in range(len(lines)) for s in range(COMPARE_TOKENS)], repeats):
+        lines[i].index = s
+        out["compare: open in the trace view"].append(timed(view.open_button.click, view))
+    buttons = list(view.strategy_buttons.values())
+    out["compare: hide or show a strategy"] = []
+    for b in rng.sample(buttons, min(repeats, len(buttons))):
+        out["compare: hide or show a strategy"].append(timed(lambda b=b: setattr(b, "value", not b.value), view))
+    return out
+
+
+def report(results: dict[str, list[float]], steps: int) -> None:
+    for name, ts in results.items():
+        med, worst = 1000 * statistics.median(ts), 1000 * max(ts)
+        ok = "ok" if med <= 200 and worst <= 400 else "MISSED"
+        print(f"{name:<32} {steps:>5} {med:10.0f} {worst:9.0f}  {ok}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, nargs="+", default=[40, 400])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--model", default=None)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--only", choices=["all", "playground"], default="all", help="time every widget, or the playground")
+    ap.add_argument("--only", choices=["all", "playground", "compare"], default="all",
+                    help="time every widget, or the playground, or the comparison view")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,14 +167,13 @@ def main() -> None:
     rng = random.Random(0)
     print(f"model={lm.name} threads={torch.get_num_threads()} record={RECORD}")
     print(f"{'action':<32} {'steps':>5} {'median ms':>10} {'worst ms':>9}  budget (200 / 400 ms)")
-    for steps in args.steps:
+    if args.only in ("all", "compare"):
+        report(compare_actions(lm, args.repeats, rng), COMPARE_TOKENS)
+    for steps in [] if args.only == "compare" else args.steps:
         results = {} if args.only == "playground" else {**trace_view_actions(lm, steps, args.repeats, rng),
                                                          **explorer_actions(lm, steps, args.repeats)}
         results.update(playground_actions(lm, steps, args.repeats, rng))
-        for name, ts in results.items():
-            med, worst = 1000 * statistics.median(ts), 1000 * max(ts)
-            ok = "ok" if med <= 200 and worst <= 400 else "MISSED"
-            print(f"{name:<32} {steps:>5} {med:10.0f} {worst:9.0f}  {ok}", flush=True)
+        report(results, steps)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ CSS_CLASSES = {
     "dl-cmp-candidates": "the selected run's top candidates at the selected step (HTML)",
     "dl-cmp-processors": "what each logits processor did at the selected step (HTML)",
     "dl-cmp-open": "open the selected run in the full trace view",
+    "dl-cmp-problems": "a panel that could not be drawn, and why (empty when all is well)",
     "dl-cmp-explorer": "where the opened trace view appears",
 }
 
@@ -76,9 +77,9 @@ VIEW_CSS = """
 
 @dataclass(frozen=True)
 class RunKey:
-    """Which run: model (None where the comparison names none), prompt, strategy, seed (None: not sampled)."""
+    """Which run: model (its name in the comparison), prompt, strategy, seed (None: not sampled)."""
 
-    model: str | None
+    model: str
     prompt: str
     strategy: str
     seed: int | None
@@ -116,8 +117,8 @@ def _seed(x: Any) -> int | None:
 
 def run_keys(runs: "pd.DataFrame") -> list[RunKey]:
     """Every run of a comparison, in its frame's order (`cmp.runs`)."""
-    models = runs["model"] if "model" in runs else [None] * len(runs)
-    return [RunKey(m, p, s, _seed(seed)) for m, p, s, seed in zip(models, runs["prompt"], runs["strategy"], runs["seed"])]
+    cols = zip(runs["model"], runs["prompt"], runs["strategy"], runs["seed"])
+    return [RunKey(m, p, s, _seed(seed)) for m, p, s, seed in cols]
 
 
 def divergence_pairs(div: "pd.DataFrame") -> dict[tuple[RunKey, RunKey], int | None]:
@@ -126,11 +127,9 @@ def divergence_pairs(div: "pd.DataFrame") -> dict[tuple[RunKey, RunKey], int | N
     out: dict[tuple[RunKey, RunKey], int | None] = {}
     if not len(div):
         return out
-    models_a = div["model_a"] if "model_a" in div else [None] * len(div)
-    models_b = div["model_b"] if "model_b" in div else [None] * len(div)
-    for ma, mb, p, sa, seed_a, sb, seed_b, first in zip(models_a, models_b, div["prompt"], div["strategy_a"],
-                                                        div["seed_a"], div["strategy_b"], div["seed_b"],
-                                                        div["first_divergence"]):
+    cols = [div[c] for c in ("prompt", "model_a", "strategy_a", "seed_a", "model_b", "strategy_b", "seed_b",
+                             "first_divergence")]
+    for p, ma, sa, seed_a, mb, sb, seed_b, first in zip(*cols):
         a, b = RunKey(ma, p, sa, _seed(seed_a)), RunKey(mb, p, sb, _seed(seed_b))
         out[(a, b)] = out[(b, a)] = None if is_missing(first) else int(first)
     return out
@@ -210,6 +209,7 @@ class ComparisonView(W.VBox):
         self.selected = _classed(W.HTML(), "dl-cmp-selected")
         self.candidates = _classed(W.HTML(), "dl-cmp-candidates")
         self.processors = _classed(W.HTML(), "dl-cmp-processors")
+        self.problems = _classed(W.HTML(), "dl-cmp-problems")
         self.open_button = _classed(W.Button(description="open in the trace view", icon="search",
                                              tooltip="the selected run in dl.show: every frame of it, step by step",
                                              layout=W.Layout(width="auto")), "dl-cmp-open")
@@ -232,7 +232,7 @@ class ComparisonView(W.VBox):
                         layout=W.Layout(display="flex", flex_flow="row wrap", width="100%", align_items="flex-start"))
         super().__init__([self.style, self.selection_style, pickers, toggles, legend, self.grid, self.divergence,
                           W.HBox([self.selected, self.open_button], layout=W.Layout(align_items="center")),
-                          details, self.explorer], layout=W.Layout(width="100%"))
+                          self.problems, details, self.explorer], layout=W.Layout(width="100%"))
         _classed(self, "dl-cmp-view", self._view_class)
         for picker in (self.prompt_picker, self.model_picker, self.seed_picker):
             picker.observe(self._on_pick, names="value")
@@ -259,8 +259,7 @@ class ComparisonView(W.VBox):
     def trace(self, run: RunKey) -> "Trace":
         """A run's trace (`cmp.trace`), kept: its frames are built once."""
         if run not in self._traces:
-            where = {"model": run.model} if run.model is not None else {}
-            self._traces[run] = self.cmp.trace(run.strategy, seed=run.seed, prompt=run.prompt, **where)
+            self._traces[run] = self.cmp.trace(run.strategy, seed=run.seed, prompt=run.prompt, model=run.model)
         return self._traces[run]
 
     def select(self, step: int, run: RunKey | None = None) -> None:
@@ -297,10 +296,8 @@ class ComparisonView(W.VBox):
         return [(short(p), i) for i, p in enumerate(self.cmp.prompts)]
 
     def _model_options(self) -> list[tuple[str, Any]]:
-        models = list(dict.fromkeys(k.model for k in self._keys))
-        if len(models) < 2:
-            return [(str(models[0]), models[0])] if models else []
-        return [("all models", ALL)] + [(str(m), m) for m in models]
+        models = list(self.cmp.models)
+        return [(m, m) for m in models] if len(models) < 2 else [("all models", ALL)] + [(m, m) for m in models]
 
     def _seed_options(self) -> list[tuple[str, Any]]:
         seeds = list(dict.fromkeys(k.seed for k in self._keys if k.seed is not None))
@@ -486,6 +483,7 @@ class ComparisonView(W.VBox):
             f"{v} .dl-cmp-r{i}>label{{font-weight:700}}</style>")
         tr = self.trace(run)
         self.open_button.disabled = False
+        self.problems.value = ""
         if s >= tr.num_steps:
             self.selected.value = (f"<div class='dlp'><b>{escape(self._label(run))}</b> · step {s}: this run ended "
                                    f"after {tr.num_steps} tokens (stop: {escape(tr.runs['stop_reason'][0])})</div>")
@@ -494,15 +492,18 @@ class ComparisonView(W.VBox):
         token = self._line(run).tokens[s]
         self.selected.value = (f"<div class='dlp'><b>{escape(self._label(run))}</b> · step {s}: "
                                f"<code>{escape(token_label(token, 32))}</code></div>")
-        self.candidates.value = self._panel(("cand", run, s), lambda: panels.candidates_panel(tr, s, row=0, k=self.k))
-        self.processors.value = self._panel(("proc", run, s), lambda: panels.processors_panel(tr, s, row=0))
+        self.candidates.value = self._panel(("candidates", run, s),
+                                            lambda: panels.candidates_panel(tr, s, row=0, k=self.k))
+        self.processors.value = self._panel(("processors", run, s), lambda: panels.processors_panel(tr, s, row=0))
 
     def _panel(self, key: tuple, make: Callable[[], str]) -> str:
+        """A panel's HTML, made once per (panel, run, step); one that fails is reported in `problems`."""
         if key not in self._panels:
             try:
                 self._panels[key] = make()
             except Exception as err:  # one broken panel must not break the view
-                return panels.message(f"{type(err).__name__}: {err}", "error")
+                self.problems.value += panels.message(f"{key[0]}: {type(err).__name__}: {err}", "error")
+                return ""
         return self._panels[key]
 
     # ---- events ----------------------------------------------------------------------------------------

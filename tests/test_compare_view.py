@@ -279,3 +279,19 @@ def test_a_model_picker_when_the_comparison_has_several_models(tiny_lms):
     assert view.run == RunKey("llama", PROMPTS[0], "greedy", None)  # the selected run's strategy, on this model
     with pytest.raises(ValueError, match="model='nope'"):
         dl.show(cmp, model="nope")
+
+
+def test_a_broken_panel_is_reported_not_fatal(cmp, monkeypatch):
+    from decoderlab import panels
+
+    def broken(*a, **kw):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(panels, "candidates_panel", broken)
+    view = dl.show(cmp)
+    lines(view)[1].index = 3
+    assert "candidates: RuntimeError: boom" in view.problems.value and "dl-cmp-problems" in view.problems._dom_classes
+    assert view.candidates.value == "" and "TopK" in view.processors.value  # the other panel is drawn
+    monkeypatch.undo()
+    lines(view)[1].index = 4
+    assert view.problems.value == "" and "<b>step 4</b>" in view.candidates.value
