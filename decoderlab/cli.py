@@ -1,6 +1,7 @@
 """Command line: stream a generation, then print how each token was chosen.
 
     python -m decoderlab "What is the capital of France?" --chat
+    python -m decoderlab --base-url http://127.0.0.1:8000/v1 --model smollm2 "What is the capital of France?" --chat
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import sys
 from typing import Sequence
 
+from .display import format_number, format_prob, format_rank
 from .trace import Trace
 
 
@@ -27,7 +29,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling: keep the smallest set with mass >= P")
     p.add_argument("--temperature", type=float, default=None, metavar="T", help="divide the logits by T before sampling")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="seed for sampling (same draws as torch.manual_seed(S) + generate)")
-    p.add_argument("--model", default=None, metavar="PATH", help="a local transformers folder or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, metavar="PATH", help="a local transformers folder or .gguf file (default: bundled SmolLM2-135M-Instruct); with --base-url: the server's model name")
+    p.add_argument("--base-url", default=None, metavar="URL",
+                   help="decode on an OpenAI-compatible server instead (e.g. http://127.0.0.1:8000/v1); the API key "
+                        "comes from OPENAI_API_KEY")
+    p.add_argument("--logprobs", choices=["raw", "processed"], default=None,
+                   help="with --base-url: declare what the server's logprobs are (vLLM's --logprobs-mode)")
     p.add_argument("--save", default=None, metavar="FILE", help="save the trace to this parquet file")
     p.add_argument("--alternatives", type=int, default=3, metavar="N", help="alternatives shown per step (default 3)")
     p.add_argument("--num-beams", type=int, default=None, metavar="B",
@@ -45,7 +52,8 @@ def table(trace: Trace, alternatives: int = 3) -> str:
         alts = cands[(cands.step == r.step) & (cands.token_id != r.token_id)].head(alternatives)
         alt = "  ".join(f"{t!r} {p:.2f}" for t, p in zip(alts.token, alts.prob))
         mark = "*" if r.forced else " "
-        rows.append(f"{r.step:>4} {mark}{r.token!r:<18} {r.prob:>6.3f} {r.rank:>5} {r.entropy:>7.3f}   {alt}")
+        rows.append(f"{r.step:>4} {mark}{r.token!r:<18} {format_prob(r.prob):>6} {format_rank(r.rank):>5} "
+                    f"{format_number(r.entropy, 3):>7}   {alt}")
     head = f"{'step':>4}  {'token':<18} {'prob':>6} {'rank':>5} {'entropy':>7}   top alternatives"
     return "\n".join([head, "-" * len(head), *rows])
 
@@ -121,17 +129,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.num_return_sequences is not None:
         words["num_return_sequences"] = args.num_return_sequences  # refused, with the reason, without beams
     try:
-        lm = dl.load(args.model)
+        if args.base_url is not None:
+            if args.model is None:
+                raise ValueError("--base-url needs --model NAME: the model's name on that server")
+            engine = dl.connect(base_url=args.base_url, model=args.model, logprobs=args.logprobs)
+        else:
+            engine = dl.load(args.model)
         extra = {"system": args.system} if args.system is not None else {}
-        trace = lm.generate(args.prompt, chat=args.chat, seed=args.seed, progress=False,
-                            on_token=lambda step, text: print(text, end="", flush=True), **extra, **words)
-    except (dl.PromptError, dl.StrategyError, dl.ModelNotFoundError, ValueError) as err:
+        trace = engine.generate(args.prompt, chat=args.chat, seed=args.seed, progress=False,
+                                on_token=lambda step, text: print(text, end="", flush=True), **extra, **words)
+    except (dl.PromptError, dl.StrategyError, dl.ModelNotFoundError, dl.APIError, ValueError) as err:
         print(f"decoderlab: error: {err}", file=sys.stderr)
         return 2
     if trace.has_beams:
         print(trace.text, end="")
     best = trace.row(0)
     print(f"\n\n[{best.num_steps} tokens, stopped: {best.stop_reason}]\n")
+    if "logprobs" in best.strategy:  # a server's numbers: say what they are
+        print(f"logprobs: {best.strategy['logprobs']}; entropy: {best.strategy['entropy']}\n")
     print(table(best, args.alternatives))
     if trace.has_beams:
         print("\nbeams returned, best first (score = summed logprob / length ** length_penalty):")

@@ -217,6 +217,7 @@ STRATEGY_WORDS: dict[str, Any] = {
     "do_sample": None, "num_beams": 1, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": None, "typical_p": 1.0,
     "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
     "max_new_tokens": None, "seed": None,
+    "logprobs": None, "entropy": None,  # a server's trace: what its logprobs and entropies are, in words
 }
 
 

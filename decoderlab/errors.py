@@ -60,5 +60,48 @@ class NumericError(DecoderlabError, FloatingPointError):
         self.step, self.processor = step, processor
 
 
+# ---- a model server (dl.connect): each names the server and what to do --------------------------------------
+class APIError(DecoderlabError, OSError):
+    """A request to a model server that failed (`dl.connect`'s backends)."""
+
+
+class ServerUnreachable(APIError, ConnectionError):
+    """Nothing answers at the base URL (connection refused, unknown host)."""
+
+
+class ServerTimeout(APIError, TimeoutError):
+    """The server did not answer within the timeout."""
+
+
+class AuthenticationFailed(APIError, PermissionError):
+    """401/403: the server refused the API key."""
+
+
+class UnknownModel(APIError, LookupError):
+    """The server does not serve a model of that name."""
+
+
+class RateLimited(APIError):
+    """429 after every retry."""
+
+
+class ServerFailed(APIError):
+    """5xx after every retry."""
+
+
+class RequestRefused(APIError, ValueError):
+    """400/422: the server refused the request's words."""
+
+
+class NoLogprobs(APIError):
+    """A reply without the logprobs that were asked for."""
+
+
+class NotSupported(APIError, ValueError):
+    """What was asked is something this server (or the protocol) cannot give; refused before any request."""
+
+
 __all__ = ["DecoderlabError", "PromptError", "StrategyError", "SessionError", "RecordError", "RecorderError",
-           "ModelNotFoundError", "SchemaError", "TraceFileError", "NumericError"]
+           "ModelNotFoundError", "SchemaError", "TraceFileError", "NumericError", "APIError", "ServerUnreachable",
+           "ServerTimeout", "AuthenticationFailed", "UnknownModel", "RateLimited", "ServerFailed", "RequestRefused",
+           "NoLogprobs", "NotSupported"]

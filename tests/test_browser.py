@@ -165,7 +165,7 @@ def test_attention_and_lens_notebook(page, lab):
     assert not page.errors, page.errors
 
 
-@pytest.mark.parametrize("notebook", ["02_distributions.ipynb", "04_custom_decoder.ipynb"])
+@pytest.mark.parametrize("notebook", ["02_distributions.ipynb", "04_custom_decoder.ipynb", "06_api_models.ipynb"])
 def test_other_notebooks_render(page, lab, notebook):
     ran = open_and_run_all(page, lab, notebook)
     print(f"\n[timing] {notebook} run-all in the browser: {ran:.1f}s")
