@@ -1,16 +1,19 @@
 """What batching buys: `dl.compare` against the same distinct runs made one by one with `lm.generate`.
 
     .venv/bin/python benchmarks/bench_compare.py [--seeds 5] [--tokens 64] [--model PATH] [--device cpu]
+    python benchmarks/bench_compare.py --random-weights .bench/llama-1b --device cuda --dtype bfloat16
 
 Eight strategies (greedy, beam 4, top-k 50, nucleus 0.9, min-p 0.1, typical 0.9, temperature 0.7,
 contrastive search) × `--seeds` seeds on one chat prompt, EOS off so every run is the same length.
 Strategies that do not sample run once. Both sides make exactly the same runs, in one process; the
-table gives each side's time and the speed-up. Bar (README): >= 5x on the default model on 2 CPU cores.
+table gives each side's time and the speed-up. Bars (issue 17): >= 5x on the default model on 2 CPU cores,
+>= 15x on an H100 with the Llama-1B shape in bfloat16 (random weights: see benchmarks/_models.py).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 import decoderlab as dl
+from _models import add_arguments, load
 
 STRATEGIES = {
     "greedy": {},
@@ -35,36 +39,56 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--device", default=None)
+    ap.add_argument("--repeats", type=int, default=1, help="measure both sides this many times; medians")
+    add_arguments(ap)
     args = ap.parse_args()
-    lm = dl.load(args.model, device=args.device)
+    lm = load(args)
     prompt = "Write a short story about a lighthouse keeper."
     strategies = {name: {**words, "eos_token_id": []} for name, words in STRATEGIES.items()}
     seeds = list(range(args.seeds))
     sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
 
-    dl.compare(lm, prompt, {"greedy": strategies["greedy"]}, max_new_tokens=4, chat=True, progress=False)  # warm up
-    sync()
-    t0 = time.perf_counter()
-    cmp = dl.compare(lm, prompt, strategies, seeds=seeds, max_new_tokens=args.tokens, chat=True, progress=False)
-    sync()
-    batched = time.perf_counter() - t0
-    n_runs = len(cmp.runs)
+    def batch(chosen: dict) -> tuple[float, int]:
+        sync()
+        t0 = time.perf_counter()
+        cmp = dl.compare(lm, prompt, chosen, seeds=seeds, max_new_tokens=args.tokens, chat=True, progress=False)
+        sync()
+        return time.perf_counter() - t0, len(cmp.runs)
 
-    t0 = time.perf_counter()
-    alone = 0
-    for name, words in strategies.items():
-        for seed in seeds if words.get("do_sample") else [None]:
-            lm.generate(prompt, chat=True, seed=seed, max_new_tokens=args.tokens, progress=False, **words)
-            alone += 1
-    sync()
-    one_by_one = time.perf_counter() - t0
-    print(f"model={lm.name} device={lm.device} threads={torch.get_num_threads()} {len(strategies)} strategies x "
-          f"{args.seeds} seeds, {args.tokens} new tokens: {n_runs} runs (one by one: {alone})")
-    print(f"one by one with lm.generate  {one_by_one:8.2f} s")
-    print(f"dl.compare, one batch         {batched:8.2f} s")
-    print(f"speed-up                      {one_by_one / batched:8.2f} x")
+    def one_by_one(tokens: int) -> dict[str, float]:
+        spent = {}
+        for name, words in strategies.items():
+            sync()
+            t0 = time.perf_counter()
+            for seed in seeds if words.get("do_sample") else [None]:
+                lm.generate(prompt, chat=True, seed=seed, max_new_tokens=tokens, progress=False, **words)
+            sync()
+            spent[name] = time.perf_counter() - t0
+        return spent
+
+    # warm up both sides (every strategy's code path and the batch's shapes), so neither pays first-use costs
+    dl.compare(lm, prompt, strategies, seeds=seeds, max_new_tokens=4, chat=True, progress=False)
+    one_by_one(4)
+    batched, alone, n_runs = [], [], 0
+    for _ in range(args.repeats):
+        seconds, n_runs = batch(strategies)
+        batched.append(seconds)
+        alone.append(one_by_one(args.tokens))
+    per_strategy = {name: statistics.median(a[name] for a in alone) for name in strategies}
+    one = statistics.median(sum(a.values()) for a in alone)
+    both = statistics.median(batched)
+    own_rule = {n: w for n, w in strategies.items() if "penalty_alpha" in w}  # runs alone inside compare too
+    shared = statistics.median(batch({n: w for n, w in strategies.items() if n not in own_rule})[0]
+                               for _ in range(args.repeats))
+    print(f"model={lm.name} device={lm.device} dtype={lm.model.dtype} threads={torch.get_num_threads()} "
+          f"{len(strategies)} strategies x {args.seeds} seeds, {args.tokens} new tokens: {n_runs} distinct runs, "
+          f"median of {args.repeats}")
+    print(f"one by one with lm.generate  {one:8.2f} s")
+    print(f"dl.compare, one batch         {both:8.2f} s")
+    print(f"speed-up                      {one / both:8.2f} x")
+    print(f"  the batch's rows alone ({', '.join(n for n in strategies if n not in own_rule)}): {shared:.2f} s in "
+          f"dl.compare, {one - sum(per_strategy[n] for n in own_rule):.2f} s one by one")
+    print("  one by one, per strategy: " + ", ".join(f"{n} {t:.2f} s" for n, t in per_strategy.items()))
 
 
 if __name__ == "__main__":

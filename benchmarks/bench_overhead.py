@@ -1,6 +1,7 @@
 """What recording costs: decoderlab's loop against plain `model.generate`, in the same process.
 
     .venv/bin/python benchmarks/bench_overhead.py [--tokens 256] [--repeats 5] [--model PATH] [--device cpu]
+    python benchmarks/bench_overhead.py --random-weights .bench/llama-1b --device cuda --dtype bfloat16
 
 Greedy decoding of a fixed number of tokens (EOS off, so every run is the same length), runs
 interleaved so drift hits all variants alike; prints the median time of each and its ratio to
@@ -19,32 +20,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 import decoderlab as dl
+from _models import add_arguments, load
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--dtype", default=None)
+    add_arguments(ap)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--random-weights", default=None, metavar="DIR",
-                    help="build the model from DIR's config.json with random weights (same shapes and cost; "
-                         "for machines that lack the weights) and use DIR's tokenizer")
     ap.add_argument("--lens-read", action="store_true", help="also time reading trace.lens (the lazy lens pass)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.random_weights:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        cfg = AutoConfig.from_pretrained(args.random_weights)
-        dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(args.device or "cpu").eval()
-        lm = dl.LM(model, AutoTokenizer.from_pretrained(args.random_weights), name=cfg.name_or_path or "random")
-    else:
-        lm = dl.load(args.model, device=args.device, dtype=args.dtype)
+    lm = load(args)
     prompt = "Write a long story about a lighthouse keeper who finds a message in a bottle."
     ids, _ = lm.encode(prompt, chat=True)
     n = args.tokens

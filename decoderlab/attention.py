@@ -94,11 +94,37 @@ def recording_attention(module, query, key, value, attention_mask, dropout=0.0, 
         return out, None
     out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if _sink is not None:
-        full = None
-        if query.shape[2] > 1 and getattr(_sink, "wants_full", False):
-            full = attention_weights(module, query, key, attention_mask, scaling)  # the prompt's whole matrix
+        wants_full = query.shape[2] > 1 and getattr(_sink, "wants_full", False)
+        defer = getattr(_sink, "defer", None)
+        if defer is not None and attention_mask is None and not wants_full:
+            defer(module.layer_idx, query[:, :, -1:], key, scaling)  # rows of all layers at once: `last_rows`
+            return out, None
+        full = attention_weights(module, query, key, attention_mask, scaling) if wants_full else None
         _sink(module.layer_idx, last_row(module, query, key, attention_mask, scaling), full)
     return out, None
+
+
+def last_rows(queries: list[torch.Tensor], keys: list[torch.Tensor], scaling: float,
+              max_elements: int = 1 << 24) -> torch.Tensor:
+    """The last query's attention row of several layers at once, where no mask applies (the last query of a
+    causal forward sees every key): [L, B, H, K] in float32, as `last_row` gives each layer's.
+
+    Why: a decode step is bound by the host on a GPU, and one batched product for every layer costs a handful
+    of kernel launches where a product per layer costs a dozen each. `queries` are [B, H, 1, d], `keys`
+    [B, H_kv, K, d], all of one shape; query heads share their key head (GQA) without repeating the keys.
+    Layers are taken `max_elements` key elements at a time, to bound the float32 copy.
+    """
+    B, H, _, d = queries[0].shape
+    H_kv, K = keys[0].shape[1], keys[0].shape[2]
+    per_layer = max(1, max_elements // max(1, B * H_kv * K * d))
+    out = []
+    for start in range(0, len(queries), per_layer):
+        q = torch.stack(queries[start : start + per_layer]).float()  # [L, B, H, 1, d]
+        k = torch.stack(keys[start : start + per_layer]).float()  # [L, B, H_kv, K, d]
+        L = q.shape[0]
+        scores = torch.matmul(q.view(L, B, H_kv, H // H_kv, d), k.transpose(-1, -2)) * scaling  # [L, B, H_kv, G, K]
+        out.append(torch.softmax(scores, dim=-1).view(L, B, H, K))
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 AttentionInterface.register(NAME, recording_attention)

@@ -51,30 +51,67 @@ def _group_of(groups: list[Group]) -> dict[int, tuple[int, int]]:
     return {run: (g, i) for g, group in enumerate(groups) for i, run in enumerate(group.runs)}
 
 
+@dataclass
+class Rows:
+    """Where one group's rows are in the batch: `at` selects them (a slice while they are contiguous, as they stay:
+    rows leave the batch in order and beams are reordered among their own rows), `index` as indices, `local` each
+    row's index within its group, `mine` [rows] which of the batch's rows are the group's, `unforced` [n] False."""
+
+    at: slice | torch.Tensor
+    index: torch.Tensor
+    idx: list[int]
+    local: torch.Tensor
+    mine: torch.Tensor
+    unforced: torch.Tensor
+
+
+def _layout(state: loop.State, groups: list[Group]) -> list[Rows | None]:
+    """Each group's `Rows` (None: it has none running), made again only when the batch's rows change (a retirement
+    makes a new `state.row_ids`). Why: reading the run indices and sending index tensors to the device each step would
+    stop the host for the device several times a step, and a slice selects rows without a copy."""
+    cached = state.extra.get("compare_layout")
+    if cached is not None and cached[0] is state.row_ids:
+        return cached[1]
+    where = _group_of(groups)
+    running = state.row_ids.tolist()
+    device = state.ids.device
+    layout: list[Rows | None] = []
+    for g in range(len(groups)):
+        idx = [i for i, run in enumerate(running) if where[run][0] == g]
+        if not idx:
+            layout.append(None)
+            continue
+        index = torch.tensor(idx, device=device)
+        at = slice(idx[0], idx[-1] + 1) if idx == list(range(idx[0], idx[-1] + 1)) else index
+        mine = torch.zeros(len(running), dtype=torch.bool, device=device)
+        mine[at] = True
+        layout.append(Rows(at, index, idx, torch.tensor([where[running[i]][1] for i in idx], device=device), mine,
+                           torch.zeros(len(idx), dtype=torch.bool, device=device)))
+    state.extra["compare_layout"] = (state.row_ids, layout)
+    return layout
+
+
 @torch.inference_mode()
 def step(model, state: loop.State, groups: list[Group]) -> torch.Tensor:
     """One step for every running row: one forward, then each group's processors and chooser on its rows (a beam
     group's search on its beams, whose rows are then reordered). A group whose numbers go wrong (`NumericError`)
     ends there, keeping its steps so far; the other groups go on."""
     logits = loop.ensure_logits(model, state)
-    where = _group_of(groups)
-    running = state.row_ids.tolist()
+    layout = _layout(state, groups)
     token = torch.empty(state.rows, dtype=torch.long, device=logits.device)
     order = None  # which row each row continues (beams), identity elsewhere
-    for g, group in enumerate(groups):
-        idx = [i for i, run in enumerate(running) if where[run][0] == g]
-        if not idx:
+    for group, rows in zip(groups, layout):
+        if rows is None:
             continue
-        at = torch.tensor(idx, device=logits.device)
+        at = rows.at
         try:
             if group.search is not None:
-                rows, token[at] = group.search.step(state.steps, state.ids[at], logits[at], [group.recording],
-                                                    group.recording.keep_stages)
+                picked, token[at] = group.search.step(state.steps, state.ids[at], logits[at], [group.recording],
+                                                      group.recording.keep_stages)
                 order = torch.arange(state.rows, device=logits.device) if order is None else order
-                order[at] = at[rows]
+                order[at] = rows.index[picked]
             else:
-                local = torch.tensor([where[running[i]][1] for i in idx], device=logits.device)
-                token[at] = _choose(group, state, logits, idx, at, local)
+                token[at] = _choose(group, state, logits, rows)
         except NumericError as err:
             group.error = err
             token[at] = group.strategy.pad_token_id or 0
@@ -83,23 +120,24 @@ def step(model, state: loop.State, groups: list[Group]) -> torch.Tensor:
         state.cache.reorder_cache(order)
     state.ids = torch.cat([state.ids, token[:, None]], dim=-1)
     state.pending = token
-    for g, group in enumerate(groups):
-        mine = torch.tensor([where[r][0] == g for r in running], device=token.device)
+    for group, rows in zip(groups, layout):
+        if rows is None:
+            continue
         if group.error is not None or (group.search is not None and group.search.stop is not None):
-            state.finished = state.finished | mine  # the group is over: its rows leave the batch
+            state.finished = state.finished | rows.mine  # the group is over: its rows leave the batch
         elif group.search is None and group.strategy.eos_token_ids:
-            ends = torch.isin(token, group.strategy.eos_tensor(token.device)) & mine
+            ends = torch.isin(token, group.strategy.eos_tensor(token.device)) & rows.mine
             state.finished = state.finished | ends
     return token
 
 
-def _choose(group: Group, state: loop.State, logits: torch.Tensor, idx: list[int], at: torch.Tensor,
-            local: torch.Tensor) -> torch.Tensor:
+def _choose(group: Group, state: loop.State, logits: torch.Tensor, rows: Rows) -> torch.Tensor:
     """A token group's step on its rows: its processors, its chooser with each row's generator, its recording."""
-    scores, stages = loop.process(group.strategy, state.ids[at], logits[at], group.recording.keep_stages, state.steps)
-    chosen = group.strategy.chooser(scores, [state.generators[i] for i in idx])
-    ctx = loop.StepContext(state.steps, state.ids[at], logits[at], scores, stages, chosen,
-                           torch.zeros_like(chosen, dtype=torch.bool), state.finished[at], local)
+    ids, raw = state.ids[rows.at], logits[rows.at]
+    scores, stages = loop.process(group.strategy, ids, raw, group.recording.keep_stages, state.steps)
+    chosen = group.strategy.chooser(scores, [state.generators[i] for i in rows.idx])
+    ctx = loop.StepContext(state.steps, ids, raw, scores, stages, chosen, rows.unforced, state.finished[rows.at],
+                           rows.local)
     group.recording.on_step(ctx)
     return chosen
 

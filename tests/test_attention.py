@@ -75,6 +75,56 @@ def test_rows_match_eager_attention_in_float32(tiny_lms, arch):
             assert np.abs(expected[..., :-k]).max(initial=0.0) == 0.0
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rows_of_all_layers_at_once_match_eager_in_float32(tiny_lms, arch):
+    """Where no mask applies, the recording function hands the layer's last query and keys to the sink's `defer`;
+    `last_rows` computes every layer's row in one product (GQA heads share their key head), within 1e-5 of eager."""
+    from decoderlab import attention, loop
+
+    lm = tiny_lms[arch]
+    ids, _ = lm.encode("A long enough prompt to pass a sliding window of eight tokens")
+    got: dict[int, dict[int, torch.Tensor]] = {}
+    step = {"n": 0}
+
+    class Sink:
+        wants_full = False
+
+        def __call__(self, layer, row, full):
+            got.setdefault(step["n"], {})[layer] = row[0].clone()
+
+        def defer(self, layer, query, key, scaling):
+            got.setdefault(step["n"], {})[layer] = attention.last_rows([query], [key], scaling)[0, 0]
+
+    strategy = lm.strategy(ids.shape[1], max_new_tokens=6, eos_token_id=[])
+    with attention.recording(lm.model, Sink()):
+        state = loop.prefill(lm.model, ids, strategy)
+        for n in range(1, 6):
+            loop.step(lm.model, state, strategy)
+            step["n"] = n
+            loop.ensure_logits(lm.model, state)
+    P = ids.shape[1]
+    want = eager_rows(lm.model, state.ids, [P - 1 + s for s in (0, 1, 5)])
+    for s in (0, 1, 5):
+        assert sorted(got[s]) == list(range(len(want[P - 1 + s])))
+        for layer, row in got[s].items():
+            k = row.shape[-1]
+            np.testing.assert_allclose(row.numpy(), want[P - 1 + s][layer][..., -k:], atol=1e-5)
+
+
+def test_last_rows_batches_layers_in_chunks():
+    """Layers taken a few at a time (to bound the float32 copy of the keys) give the rows taken all at once."""
+    from decoderlab import attention
+
+    g = torch.Generator().manual_seed(0)
+    queries = [torch.randn(2, 8, 1, 16, generator=g) for _ in range(5)]
+    keys = [torch.randn(2, 2, 11, 16, generator=g) for _ in range(5)]
+    whole = attention.last_rows(queries, keys, 0.25)
+    assert whole.shape == (5, 2, 8, 11)
+    torch.testing.assert_close(attention.last_rows(queries, keys, 0.25, max_elements=2 * 2 * 11 * 16 * 2), whole)
+    by_hand = torch.softmax(queries[3] @ keys[3].repeat_interleave(4, 1).transpose(-1, -2) * 0.25, -1)[:, :, 0]
+    torch.testing.assert_close(whole[3], by_hand)
+
+
 def test_narrowing_layers_and_heads(tiny_lms):
     lm = tiny_lms["llama"]
     trace = lm.generate("Hello world", max_new_tokens=4, progress=False,

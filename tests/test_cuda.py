@@ -56,3 +56,28 @@ def test_attention_lens_and_rewind_on_gpu(gpu_lm):
     s.rewind(to=4)
     s.step(6)
     assert s.trace.token_ids == first
+
+
+def test_attention_rows_of_all_layers_at_once_on_gpu():
+    """The rows computed for all layers in one product (`attention.last_rows`, where no mask applies) equal the
+    per-layer rows (`attention.last_row`) on the GPU, in float32 and from bfloat16 queries and keys."""
+    from decoderlab import attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        queries = [torch.randn(3, 8, 1, 16, generator=g, device="cuda").to(dtype) for _ in range(4)]
+        keys = [torch.randn(3, 2, 21, 16, generator=g, device="cuda").to(dtype) for _ in range(4)]
+        rows = attention.last_rows(queries, keys, 0.25)
+        for layer in range(4):
+            one = attention.last_row(None, queries[layer], keys[layer], None, 0.25)
+            torch.testing.assert_close(rows[layer], one, atol=1e-6, rtol=1e-5)
+
+
+def test_compare_runs_equal_runs_made_alone_on_gpu(gpu_lm):
+    """dl.compare's batched step (rows selected by slices, the layout kept between steps) on the GPU: every run
+    token for token the run made alone, rows ending at their own EOS, a beam search among the rows."""
+    from tests.test_compare import STRATEGIES, check
+
+    if gpu_lm.name == "gemma2":
+        pytest.skip("parity on three architectures is enough; Gemma 2 runs eager attention")
+    check(gpu_lm, STRATEGIES, 12)

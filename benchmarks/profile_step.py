@@ -1,0 +1,125 @@
+"""Where a decode step's time goes: operators, kernel launches and host synchronisations per step, and the costliest ops.
+
+    python benchmarks/profile_step.py --random-weights .bench/llama-1b --device cuda --dtype bfloat16 \
+        [--tokens 32] [--only generate record everything compare] [--out DIR]
+
+Why: on a GPU a small model's decode step is bound by the host (Python, dispatch, kernel launches) and by
+waits for the device, not by the device's arithmetic; counting those per step says what to cut.
+Variants: plain `model.generate`; `lm.generate` with `Record()`; with everything on (attention, lens, fp16
+logits); and the batched step of `dl.compare` (the benchmark's strategies that share the batch: contrastive
+search runs alone and is left out). For each: seconds per step, aten operators per step (a dispatch-mode
+census), and on CUDA the kernel launches and synchronisations per step (torch.profiler's runtime events), the
+places that synchronise (`torch.cuda.set_sync_debug_mode`), and the ops that cost the most host time.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import decoderlab as dl
+from _models import add_arguments, load
+from bench_compare import STRATEGIES
+
+LAUNCH = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
+SYNC = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the aten operators that reach a backend (about one kernel each on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def variants(lm: dl.LM, n: int) -> dict:
+    prompt = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+    ids, _ = lm.encode(prompt, chat=True)
+    batched = {k: {**v, "eos_token_id": []} for k, v in STRATEGIES.items() if "penalty_alpha" not in v}
+
+    def plain():
+        lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, eos_token_id=None)
+
+    def recorded(record):
+        return lambda: lm.generate(prompt, chat=True, max_new_tokens=n, eos_token_id=[], progress=False, record=record)
+
+    def compare():
+        dl.compare(lm, prompt, batched, seeds=range(5), max_new_tokens=n, chat=True, progress=False)
+
+    return {"generate": plain, "record": recorded(dl.Record()),
+            "everything": recorded(dl.Record(attention=True, lens=True, logits=True)), "compare": compare}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--out", default=None, help="folder for the profiler tables")
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args()
+    lm = load(args)
+    cuda = lm.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    n = args.tokens
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    print(f"model={lm.name} device={lm.device} dtype={lm.model.dtype} {n} new tokens per run; counts are per step")
+    for name, fn in variants(lm, n).items():
+        if args.only and name not in args.only:
+            continue
+        fn()  # warm up
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        per_step = (time.perf_counter() - t0) / n
+        with OpCount() as census:
+            fn()
+        ops = sum(census.ops.values()) / n
+        line = f"{name:<11} {per_step * 1e3:8.2f} ms/step  {ops:7.1f} ops/step"
+        if cuda:
+            where: collections.Counter = collections.Counter()
+            torch.cuda.set_sync_debug_mode("warn")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                fn()
+            torch.cuda.set_sync_debug_mode(0)
+            for w in caught:
+                if "synchroniz" in str(w.message):
+                    where[f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}"] += 1
+            acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=acts) as prof:
+                fn()
+                sync()
+            events = prof.key_averages()
+            launches = sum(e.count for e in events if e.key in LAUNCH) / n
+            syncs = sum(e.count for e in events if e.key in SYNC) / n
+            line += f"  {launches:7.1f} launches/step  {syncs:5.1f} syncs/step (runtime)  " \
+                    f"{sum(where.values()) / n:5.1f} syncing ops/step"
+            table = events.table(sort_by="self_cpu_time_total", row_limit=args.top)
+            if out:
+                (out / f"profile_{name}.txt").write_text(table)
+            print(line)
+            print("  synchronising ops per step, by place:",
+                  ", ".join(f"{k} {v / n:.2f}" for k, v in where.most_common(8)) or "none")
+        else:
+            print(line)
+        top = census.ops.most_common(12)
+        print("  most frequent ops per step:", ", ".join(f"{k.replace('aten.', '')} {v / n:.1f}" for k, v in top))
+
+
+if __name__ == "__main__":
+    main()
