@@ -1,7 +1,7 @@
 """Where a decode step's time goes: operators, kernel launches and host synchronisations per step, and the costliest ops.
 
     python benchmarks/profile_step.py --random-weights .bench/llama-1b --device cuda --dtype bfloat16 \
-        [--tokens 32] [--only generate record everything compare] [--out DIR]
+        [--tokens 32] [--only generate record everything compare] [--out FILE]
 
 Why: on a GPU a small model's decode step is bound by the host (Python, dispatch, kernel launches) and by
 waits for the device, not by the device's arithmetic; counting those per step says what to cut.
@@ -66,16 +66,14 @@ def main() -> None:
     add_arguments(ap)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--only", nargs="*", default=None)
-    ap.add_argument("--out", default=None, help="folder for the profiler tables")
+    ap.add_argument("--out", default=None, help="a file for the profiler tables (ops by host time)")
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
     lm = load(args)
     cuda = lm.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     n = args.tokens
-    out = Path(args.out) if args.out else None
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
+    tables = []
     print(f"model={lm.name} device={lm.device} dtype={lm.model.dtype} {n} new tokens per run; counts are per step")
     for name, fn in variants(lm, n).items():
         if args.only and name not in args.only:
@@ -109,9 +107,7 @@ def main() -> None:
             syncs = sum(e.count for e in events if e.key in SYNC) / n
             line += f"  {launches:7.1f} launches/step  {syncs:5.1f} syncs/step (runtime)  " \
                     f"{sum(where.values()) / n:5.1f} syncing ops/step"
-            table = events.table(sort_by="self_cpu_time_total", row_limit=args.top)
-            if out:
-                (out / f"profile_{name}.txt").write_text(table)
+            tables.append(f"== {name}: {n} steps\n" + events.table(sort_by="self_cpu_time_total", row_limit=args.top))
             print(line)
             print("  synchronising ops per step, by place:",
                   ", ".join(f"{k} {v / n:.2f}" for k, v in where.most_common(8)) or "none")
@@ -119,6 +115,8 @@ def main() -> None:
             print(line)
         top = census.ops.most_common(12)
         print("  most frequent ops per step:", ", ".join(f"{k.replace('aten.', '')} {v / n:.1f}" for k, v in top))
+    if args.out and tables:
+        Path(args.out).write_text("\n\n".join(tables))
 
 
 if __name__ == "__main__":
