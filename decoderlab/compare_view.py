@@ -383,13 +383,13 @@ class ComparisonView(W.VBox):
                     self.steps_header.tooltips = [f"step {j}: select it in every run" for j in range(n)]
         finally:
             self._busy = False
-        parts = self._parting()
+        first, parts = self._parting()
         for i, key in enumerate(self._shown):
             tokens = self._slots[i].tokens
-            tokens.description, tokens.tooltip = self._label(key), self._facts_with_parting(key, parts.get(key))
+            tokens.description, tokens.tooltip = self._label(key), self._facts_with_parting(key, parts[key])
         self.grid.children = [self.steps_header] + [self._slots[i].tokens for i in range(len(self._shown))]
-        self.style.value = f"<style>{self._colour_css(parts)}</style>"
-        self.divergence.value = self._divergence_html(parts)
+        self.style.value = f"<style>{self._colour_css(first, parts)}</style>"
+        self.divergence.value = self._divergence_html(first)
         self._keep_selection()
         self._draw_selection()
 
@@ -405,12 +405,12 @@ class ComparisonView(W.VBox):
         if self._run is not None:
             self._step = min(self._step, max(len(self._line(self._run).options) - 1, 0))
 
-    def _parting(self) -> dict:
-        """For the runs shown, from `cmp.divergence`: per run, the step from which it differs from every other
-        run shown and the run it stays with longest (None: another run has the same tokens, or it ends
-        first); under the key `None`, the step where the runs shown first part (None: they never do)."""
+    def _parting(self) -> tuple[int | None, dict[RunKey, tuple[int | None, RunKey | None]]]:
+        """For the runs shown, from `cmp.divergence`: the step where they first part (None: they never do), and
+        per run the step from which it differs from every other run shown, with the run it stays with longest
+        (step None: another run has the same tokens, or runs on past its end)."""
         shown, pairs = self._shown, self._pairs
-        out: dict = {}
+        out: dict[RunKey, tuple[int | None, RunKey | None]] = {}
         firsts = []
         for a in shown:
             others = [(pairs.get((a, b), None), b) for b in shown if b != a]
@@ -420,19 +420,19 @@ class ComparisonView(W.VBox):
                 out[a] = (None, same)
             else:
                 out[a] = max(others, key=lambda fb: fb[0])
-        out[None] = min(firsts) if firsts else None
-        return out
+        return (min(firsts) if firsts else None), out
 
-    def _facts_with_parting(self, run: RunKey, part: tuple | None) -> str:
+    def _facts_with_parting(self, run: RunKey, part: tuple[int | None, RunKey | None]) -> str:
         """A run's hover text: its facts, and from which step it is on its own."""
         facts = f"{self._label(run)}: {self._line(run).facts}"
-        if part is not None and part[0] is not None:
-            facts += f" · its own from step {part[0]} (with {self._label(part[1])} until then)"
-        elif part is not None and part[1] is not None:
-            facts += f" · no step of its own: {self._label(part[1])} has the same tokens (or runs on past its end)"
+        own, nearest = part
+        if own is not None:
+            facts += f" · its own from step {own} (with {self._label(nearest)} until then)"
+        elif nearest is not None:
+            facts += f" · no step of its own: {self._label(nearest)} has the same tokens (or runs on past its end)"
         return facts
 
-    def _colour_css(self, parts: dict) -> str:
+    def _colour_css(self, first: int | None, parts: dict[RunKey, tuple[int | None, RunKey | None]]) -> str:
         """The view's sheet: each shown run's tokens by colour, each run's parting step, the step where the shown
         runs first part."""
         v = f".{self._view_class}"
@@ -441,18 +441,19 @@ class ComparisonView(W.VBox):
             r = f"{v} .dl-cmp-r{i}"
             for colour, steps in self._line(key).colours:
                 rules.append(",".join(f"{r} button[value='{s}']" for s in steps) + f"{{background:{colour}}}")
-            own = parts.get(key, (None, None))[0]
+            own = parts[key][0]
             if own is not None:
                 rules.append(f"{r} button[value='{own}']{{box-shadow:inset 4px 0 0 {PART_COLOUR}}}")
-        first = parts.get(None)
         if first is not None:
             rules.append(f"{v} .dl-cmp-steps button[value='{first}']{{background:{PART_COLOUR};color:#fff}}")
         return "\n".join(rules)
 
-    def _divergence_html(self, parts: dict) -> str:
-        first, shown = parts.get(None), self._shown
+    def _divergence_html(self, first: int | None) -> str:
+        """Where the runs shown part, and the token each chose there."""
+        shown = self._shown
         if len(shown) < 2:
-            return panels.message("one run shown: pick more strategies or all seeds to see where runs part")
+            return panels.message("fewer than two runs shown: pick more strategies, or all seeds, to see where "
+                                  "runs part")
         if first is None:
             return panels.message(f"the {len(shown)} runs shown never part (each is the same as, or a prefix of, "
                                   "the others)")

@@ -160,7 +160,14 @@ def test_pickers_change_the_runs_shown(cmp):
     assert {line for line, _ in found} == set(range(len(view.runs_shown)))  # the colours of the lines shown only
     view.seed_picker.value = 3  # back to one seed: the selected run (seed 3 hidden) moves to its strategy's run
     assert view.run.strategy == "nucleus 0.9" and view.run.seed == 3
-    dl.show(cmp, seed=2, strategies=["greedy"], prompt=PROMPTS[1])  # the first view, from the call
+    for button in view.strategy_buttons.values():  # nothing shown, then one strategy again
+        button.value = False
+    assert view.runs_shown == [] and lines(view) == [] and "no run shown" in view.selected.value
+    assert view.open_button.disabled and "fewer than two runs" in view.divergence.value
+    view.strategy_buttons["greedy"].value = True
+    assert [k.strategy for k in view.runs_shown] == ["greedy"] and not view.open_button.disabled
+    first = dl.show(cmp, seed=2, strategies=["greedy"], prompt=PROMPTS[1])  # the first view, from the call
+    assert [(k.strategy, k.prompt) for k in first.runs_shown] == [("greedy", PROMPTS[1])]
 
 
 def test_where_runs_part_is_marked(cmp):
