@@ -21,8 +21,8 @@ import ipywidgets as W
 import numpy as np
 
 from . import panels
-from .display import (TraceLike, escape, format_number, format_prob, format_rank, prob_colour, short_processor,
-                      strategy_summary, token_label)
+from .display import (TraceLike, escape, format_number, format_prob, format_rank, is_missing, prob_colour,
+                      short_processor, strategy_summary, token_label)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -593,12 +593,14 @@ class SessionExplorer(W.VBox):
         cands = s.candidates(k=self.k)
         buttons = []
         for _, c in cands.iterrows():
-            b = _classed(W.Button(description=f"{token_label(c['token'], 16)}  {c['final_prob']:.2f}",
+            # the final probability where the source has it; an API server may give only the raw one
+            p = c["prob"] if is_missing(c["final_prob"]) else c["final_prob"]
+            b = _classed(W.Button(description=f"{token_label(c['token'], 16)}  {format_prob(p)}",
                                   tooltip=(f"force {c['token']!r} (id {int(c['token_id'])}): raw p={format_prob(c['prob'])},"
                                            f" final p={format_prob(c['final_prob'])}, rank {format_rank(c['rank'])}"),
                                   layout=W.Layout(width="auto", height="26px", margin="1px", padding="0 6px")),
                          "dl-candidate")
-            b.style.button_color = prob_colour(c["final_prob"])
+            b.style.button_color = prob_colour(p)
             b._dl_token_id = int(c["token_id"])
             b.on_click(lambda btn: self._act(lambda: self.force(btn._dl_token_id)))
             buttons.append(b)

@@ -218,6 +218,11 @@ def test_session_rewind_fork_and_tree(api):
     second = int(b.candidates(3).token_id[1])
     explorer.force(second)
     assert b.steps == 6 and b.trace.steps.forced.tolist()[-1] and b.trace.token_ids[-1] == second
+    # the candidate buttons show the server's raw probability where it gives no final one (never "nan")
+    cands = b.candidates(explorer.k)
+    labels = [w.description for w in explorer.candidates.children]
+    assert labels and not any("nan" in label for label in labels)
+    assert [float(label.split()[-1]) for label in labels] == pytest.approx(cands.prob.tolist(), abs=0.0006)
 
 
 def test_session_on_a_chat_is_refused_clearly(api):
