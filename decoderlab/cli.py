@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Sequence
 
-from .display import format_number, format_prob, format_rank
+from .display import format_number, format_prob, format_rank, visible_text
 from .trace import Trace
 
 
@@ -137,12 +137,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             engine = dl.load(args.model)
         extra = {"system": args.system} if args.system is not None else {}
         trace = engine.generate(args.prompt, chat=args.chat, seed=args.seed, progress=False,
-                                on_token=lambda step, text: print(text, end="", flush=True), **extra, **words)
+                                on_token=lambda step, text: print(visible_text(text), end="", flush=True), **extra,
+                                **words)
     except (dl.PromptError, dl.StrategyError, dl.ModelNotFoundError, dl.APIError, ValueError) as err:
         print(f"decoderlab: error: {err}", file=sys.stderr)
         return 2
     if trace.has_beams:
-        print(trace.text, end="")
+        print(visible_text(trace.text), end="")
     best = trace.row(0)
     print(f"\n\n[{best.num_steps} tokens, stopped: {best.stop_reason}]\n")
     if "logprobs" in best.strategy:  # a server's numbers: say what they are

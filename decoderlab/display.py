@@ -137,6 +137,13 @@ def char_escape(ch: str) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
+def visible_text(text: str) -> str:
+    """Generated text as a terminal should print it: newlines and tabs as they are, every other control or
+    invisible character (an escape sequence's ESC, a bidi override) written as its escape, so model output
+    can neither drive the terminal nor reorder what is shown."""
+    return "".join(char_escape(ch) if ch not in "\n\t" and is_invisible(ch) else ch for ch in text)
+
+
 @lru_cache(maxsize=65536)  # a view labels the same few thousand tokens click after click
 def token_label(text: str, max_len: int = 16) -> str:
     """A token as a short, visible label: '␣' for leading/trailing spaces, '↵' newline, '⇥' tab,

@@ -131,3 +131,14 @@ def test_one_definition_each():
         assert not [n for n in names if hasattr(module, n)], module.__name__
     for module in (plots, html, widgets):  # views read a trace through its frames and accessors only
         assert not re.search(r"\.arrays\b", Path(module.__file__).read_text(encoding="utf-8")), module.__name__
+
+
+def test_visible_text_defuses_terminal_escapes_and_bidi_overrides():
+    from decoderlab.display import visible_text
+
+    hostile = "ok\x1b[2J\x1b]0;owned\x07 \u202eevil\u202c\nnext\tcol 😀\u200d🔥 中"
+    out = visible_text(hostile)
+    assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out and "\u202c" not in out
+    assert "\\x1b[2J" in out and "\\u202e" in out and "\\x07" in out
+    assert "\nnext\tcol" in out and "😀\u200d🔥 中" in out  # newlines, tabs, emoji sequences and CJK as they are
+    assert visible_text("plain text") == "plain text"
