@@ -388,6 +388,12 @@ def _stack_rows(items: list, row_ids: list, rows: int, full: bool, name: str, ze
     return out
 
 
+def _host(x: torch.Tensor) -> "np.ndarray":
+    """A recorded tensor as a numpy array on the host; bfloat16 (a strategy's decision computed in the model's
+    dtype, such as contrastive search's penalty), which numpy lacks, as float32: the same numbers."""
+    return (x.float() if x.dtype == torch.bfloat16 else x).cpu().numpy()
+
+
 class HostArrays:
     """Step-major numpy copies of a recording, each step converted once, in buffers that grow in chunks.
 
@@ -465,7 +471,7 @@ class HostArrays:
             shape = (self.capacity, self.rows, *like.shape[1:])
             if width is not None:
                 shape = shape[:-1] + (width,)
-            dtype = torch.empty(0, dtype=like.dtype).numpy().dtype
+            dtype = _host(torch.empty(0, dtype=like.dtype)).dtype
             fill = 0 if field is None or width is not None or name == "residual" else field.fill
             buf = self.bufs[name] = np.full(shape, fill, dtype=dtype)
         return buf
@@ -484,7 +490,7 @@ class HostArrays:
         full = all(r is None or r.shape[0] == self.rows for r in ids)
         for name, col in rec.columns.items():
             if col:
-                block = _stack_rows(col[a:steps], ids, self.rows, full, name).cpu().numpy()
+                block = _host(_stack_rows(col[a:steps], ids, self.rows, full, name))
                 self._buffer(name, col[0])[a:steps] = block
         if "finished" in self.bufs and not full:
             for s, r in zip(range(a, steps), ids):
@@ -503,7 +509,7 @@ class HostArrays:
                 buf[s] = 0
                 if x is not None:
                     where = slice(None) if ids[s - a] is None or full else ids[s - a].cpu().numpy()
-                    buf[s, where, ..., : x.shape[-1]] = x.cpu().numpy()
+                    buf[s, where, ..., : x.shape[-1]] = _host(x)
         self.done = steps
 
     def views(self, steps: int) -> dict:

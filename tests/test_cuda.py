@@ -81,3 +81,21 @@ def test_compare_runs_equal_runs_made_alone_on_gpu(gpu_lm):
     if gpu_lm.name == "gemma2":
         pytest.skip("parity on three architectures is enough; Gemma 2 runs eager attention")
     check(gpu_lm, STRATEGIES, 12)
+
+
+def test_numeric_fault_on_gpu_flags_what_each_test_would():
+    """`loop.numeric_fault` reads faults off each row's maximum; on the GPU too a maximum is NaN when any element is:
+    every row of three elements drawn from finite, NaN, +inf and -inf values gives what a test per fault gives."""
+    import itertools
+
+    from decoderlab.loop import numeric_fault
+
+    values = [0.0, 1.5, float("nan"), float("inf"), float("-inf")]
+    rows = torch.tensor(list(itertools.product(values, repeat=3)), device="cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        scores = rows.to(dtype)
+        for i in range(len(rows)):
+            logits = scores[i : i + 1].expand(len(rows), -1)
+            want = (torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isnan(scores).any(-1)
+                    | torch.isposinf(scores).any(-1) | torch.isneginf(scores).all(-1))
+            assert torch.equal(numeric_fault(logits, scores), want)

@@ -98,3 +98,25 @@ def test_registry_replaces_when_told(tiny_lms):
     finally:
         dl.recorder("margin", replace=True)(original)
     assert dl.STEP_RECORDERS["margin"] is original
+
+
+def test_bfloat16_columns_reach_the_host_as_the_same_numbers(tokenizer):
+    """A column recorded in bfloat16 (contrastive search's penalty and score are computed in the model's dtype, as
+    transformers does) reaches the trace as float32 holding the same numbers (numpy has no bfloat16)."""
+    from tests.conftest import make_tiny
+
+    lm = dl.LM(make_tiny("llama", tokenizer).to(torch.bfloat16), tokenizer, name="tiny-bf16")
+    kept = {}
+
+    @dl.recorder("bf16_penalty_copy", replace=True)
+    def copy_penalty(ctx, record):
+        kept[ctx.step] = ctx.decision["contrastive_penalty"].clone()
+        return {}
+
+    trace = lm.generate("Once upon a time", penalty_alpha=0.6, top_k=4, max_new_tokens=5, eos_token_id=[],
+                        progress=False, record=dl.Record(extra=["bf16_penalty_copy"]))
+    penalty = trace.arrays["contrastive_penalty"]
+    assert penalty.dtype == np.float32 and trace.num_steps == 5
+    for s, want in kept.items():
+        assert want.dtype == torch.bfloat16
+        assert penalty[s].tolist() == want.float().cpu().numpy().tolist()
