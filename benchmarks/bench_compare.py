@@ -12,6 +12,7 @@ table gives each side's time and the speed-up. Bars (issue 17): >= 5x on the def
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import time
@@ -49,15 +50,17 @@ def main() -> None:
     sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
 
     def batch(chosen: dict) -> tuple[float, int]:
+        gc.collect()  # what earlier runs left for the collector is not this run's cost
         sync()
         t0 = time.perf_counter()
         cmp = dl.compare(lm, prompt, chosen, seeds=seeds, max_new_tokens=args.tokens, chat=True, progress=False)
         sync()
-        return time.perf_counter() - t0, len(cmp.runs)
+        return time.perf_counter() - t0, len(cmp.run_list)
 
     def one_by_one(tokens: int) -> dict[str, float]:
         spent = {}
         for name, words in strategies.items():
+            gc.collect()
             sync()
             t0 = time.perf_counter()
             for seed in seeds if words.get("do_sample") else [None]:
