@@ -165,6 +165,39 @@ def test_attention_and_lens_notebook(page, lab):
     assert not page.errors, page.errors
 
 
+def test_compare_notebook(page, lab):
+    ran = open_and_run_all(page, lab, "05_compare_strategies.ipynb")
+    print(f"\n[timing] 05_compare_strategies run-all in the browser: {ran:.1f}s")
+    assert_clean_outputs(page)
+    tidy(page)
+    outputs = page.locator(".jp-OutputArea-output")
+    # the tables beside the paper, and the agreement text the notebook writes from its own numbers
+    expect(outputs.filter(has_text="closest in Table 1")).to_have_count(1)
+    expect(outputs.filter(has_text="direction agrees?")).to_have_count(1)
+    words = page.locator(".jp-OutputArea-output[data-mime-type='text/markdown']")
+    expect(words).to_have_count(1)
+    expect(words).to_contain_text("the direction agrees with the paper for")
+    expect(words.locator("li")).to_have_count(6)  # two metrics, three headlines, the resolution
+    expect(page.locator(".jp-OutputArea-output[data-mime-type='image/png']")).to_have_count(2)  # compare, divergence
+    # one run's view opens at the step where greedy and nucleus part, as the notebook printed it
+    said = outputs.filter(has_text="greedy and nucleus 0.9 (seed 0) part at step").first.inner_text()
+    step = int(re.search(r"part at step (\d+)", said).group(1))
+    view = page.locator(".dl-trace-view").last
+    expect(view.locator(".dl-step-label")).to_contain_text(f"step {step} ")
+    expect(view.locator(".dl-distribution")).to_contain_text(f"step {step} ")
+    save_screenshot(outputs.filter(has_text="closest in Table 1"), "compare_table.png")
+    # dl.show(cmp): one line per strategy (nine, seed 0 shown first); a click selects that step in every run
+    cmp_view = page.locator(".dl-cmp-view")
+    expect(cmp_view).to_have_count(1)
+    lines = cmp_view.locator(".dl-cmp-tokens")
+    expect(lines).to_have_count(9)
+    lines.first.locator("button[value='3']").click()
+    expect(cmp_view.locator(".dl-cmp-selected")).to_contain_text("step 3")
+    save_screenshot(cmp_view, "compare_view.png")
+    assert_clean_outputs(page)
+    assert not page.errors, page.errors
+
+
 @pytest.mark.parametrize("notebook", ["02_distributions.ipynb", "04_custom_decoder.ipynb", "06_api_models.ipynb"])
 def test_other_notebooks_render(page, lab, notebook):
     ran = open_and_run_all(page, lab, notebook)

@@ -23,7 +23,8 @@ CELL_TIMEOUT_S = 300
 def test_there_are_notebooks():
     names = [p.name for p in NOTEBOOKS]
     assert names == ["01_step_through.ipynb", "02_distributions.ipynb", "03_attention_and_lens.ipynb",
-                     "04_custom_decoder.ipynb", "06_api_models.ipynb"]
+                     "04_custom_decoder.ipynb", "05_compare_strategies.ipynb",
+                     "06_api_models.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
