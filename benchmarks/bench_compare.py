@@ -69,9 +69,10 @@ def main() -> None:
             spent[name] = time.perf_counter() - t0
         return spent
 
-    # warm up both sides (every strategy's code path and the batch's shapes), so neither pays first-use costs
-    dl.compare(lm, prompt, strategies, seeds=seeds, max_new_tokens=4, chat=True, progress=False)
-    one_by_one(4)
+    # warm up both sides at full length: on a GPU, each new shape (rows x context length) of the attention kernel
+    # costs a plan the first time (cuDNN), about a second over a 64-token run; neither side should pay that here
+    dl.compare(lm, prompt, strategies, seeds=seeds, max_new_tokens=args.tokens, chat=True, progress=False)
+    one_by_one(args.tokens)
     batched, alone, n_runs = [], [], 0
     for _ in range(args.repeats):
         seconds, n_runs = batch(strategies)
