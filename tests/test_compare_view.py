@@ -302,3 +302,13 @@ def test_a_broken_panel_is_reported_not_fatal(cmp, monkeypatch):
     monkeypatch.undo()
     lines(view)[1].index = 4
     assert view.problems.value == "" and "<b>step 4</b>" in view.candidates.value
+
+
+def test_a_strategy_without_a_run_at_the_seed_picked_is_left_out(cmp):
+    """An interrupted comparison can lack runs (Ctrl-C keeps the runs made so far)."""
+    partial = dl.Comparison([r for r in cmp.run_list if not (r.strategy == "nucleus 0.9" and r.seed == 3)],
+                            cmp.prompts, cmp.strategies, cmp.models, interrupted=True)
+    view = dl.show(partial, seed=3)
+    assert [(k.strategy, k.seed) for k in view.runs_shown] == [("greedy", None), ("top-k 20", 3)]
+    view.seed_picker.value = 2
+    assert [(k.strategy, k.seed) for k in view.runs_shown] == [("greedy", None), ("top-k 20", 2), ("nucleus 0.9", 2)]
