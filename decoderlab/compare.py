@@ -220,7 +220,9 @@ class Comparison:
                 "distinct_3": metrics.distinct_n(ids, 3), "repetitive": metrics.is_repetitive(ids) if ids else False,
                 "repeated_4gram_share": metrics.repeated_ngram_share(ids),
             })
-        return pd.DataFrame(rows).astype({"seed": "Int64"})
+        columns = ["model", "strategy", "seed", "prompt", "text", "length", "stop_reason", "mean_logprob", "perplexity",
+                   "mean_entropy", "distinct_1", "distinct_2", "distinct_3", "repetitive", "repeated_4gram_share"]
+        return pd.DataFrame(rows, columns=columns).astype({"seed": "Int64"})
 
     @property
     def summary(self) -> pd.DataFrame:
@@ -253,6 +255,9 @@ class Comparison:
                                         "seed": run.seed, "step": st["step"], "token_id": st["token_id"],
                                         "token": st["token"], "prob": st["prob"], "logprob": st["logprob"],
                                         "entropy": st["entropy"]}))
+        if not frames:
+            frames = [pd.DataFrame(columns=["model", "prompt", "strategy", "seed", "step", "token_id", "token", "prob",
+                                            "logprob", "entropy"])]
         return pd.concat(frames, ignore_index=True).astype({"seed": "Int64"})
 
     @property
@@ -260,24 +265,25 @@ class Comparison:
         """For each pair of runs of one prompt: the first step where their tokens differ (NA if one is a prefix
         of the other), the two tokens there and each run's logprob of its own token. Runs of one model compare
         token ids; runs of different models or backends compare token texts (their ids need not agree)."""
+        each = [(r, r.trace.token_ids, r.trace.tokens, r.trace.steps["logprob"].to_numpy()) for r in self.run_list]
         rows = []
-        for i, a in enumerate(self.run_list):
-            for b in self.run_list[i + 1 :]:
+        for i, (a, ids_a, toks_a, lp_a) in enumerate(each):
+            for b, ids_b, toks_b, lp_b in each[i + 1 :]:
                 if a.prompt != b.prompt:
                     continue
-                same = a.model == b.model
-                x, y = (a.trace.token_ids, b.trace.token_ids) if same else (a.trace.tokens, b.trace.tokens)
+                x, y = (ids_a, ids_b) if a.model == b.model else (toks_a, toks_b)
                 first = next((k for k, (u, v) in enumerate(zip(x, y)) if u != v), None)
-                lp_a = a.trace.steps["logprob"].to_numpy() if first is not None else None
-                lp_b = b.trace.steps["logprob"].to_numpy() if first is not None else None
                 rows.append({"prompt": a.prompt, "model_a": a.model, "strategy_a": a.strategy, "seed_a": a.seed,
                              "model_b": b.model, "strategy_b": b.strategy, "seed_b": b.seed,
                              "first_divergence": first,
-                             "token_a": a.trace.tokens[first] if first is not None else None,
-                             "token_b": b.trace.tokens[first] if first is not None else None,
+                             "token_a": toks_a[first] if first is not None else None,
+                             "token_b": toks_b[first] if first is not None else None,
                              "logprob_a": float(lp_a[first]) if first is not None else float("nan"),
                              "logprob_b": float(lp_b[first]) if first is not None else float("nan")})
-        return pd.DataFrame(rows).astype({"seed_a": "Int64", "seed_b": "Int64", "first_divergence": "Int64"})
+        columns = ["prompt", "model_a", "strategy_a", "seed_a", "model_b", "strategy_b", "seed_b", "first_divergence",
+                   "token_a", "token_b", "logprob_a", "logprob_b"]
+        return pd.DataFrame(rows, columns=columns).astype({"seed_a": "Int64", "seed_b": "Int64",
+                                                           "first_divergence": "Int64"})
 
     def __repr__(self) -> str:
         models = f", {len(self.models)} models" if len(self.models) > 1 else ""

@@ -180,8 +180,9 @@ class Trace:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < self.rows:
             raise IndexError(f"row {i!r} is outside this trace's {self.rows} rows")
         i = int(i)
-        if self.rows == 1:
-            return self
+        if self.rows == 1:  # itself, with its row's own stop reason (a batch's one-row group may have ended first)
+            own = self.row_stop_reasons[0] if self.row_stop_reasons else self.stop_reason
+            return self if own == self.stop_reason else replace(self, stop_reason=own)
         length = int(self._alive()[:, i].sum()) if self.num_steps else 0
         lazy_lens = "residual" in self.arrays and self.lens_object is not None
         arrays = {k: np.ascontiguousarray(v[:length] if _per_step(k) else v[:length, i : i + 1])

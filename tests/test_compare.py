@@ -188,3 +188,26 @@ def test_ctrl_c_returns_the_runs_made_so_far(tiny_lms):
     # the three steps kept are the steps the runs take uninterrupted
     alone = lm.generate(PROMPT, seed=2, do_sample=True, top_k=20, eos_token_id=[], max_new_tokens=3, progress=False)
     assert cmp.trace("top-k", seed=2).token_ids == alone.token_ids
+
+
+def test_a_one_run_group_keeps_its_own_stop_reason(tiny_lms):
+    """Greedy is one row of the batch: when it ends at EOS while sampled rows run on, its run says "eos"."""
+    lm = tiny_lms["llama"]
+    greedy = lm.generate(PROMPT, max_new_tokens=8, eos_token_id=[], progress=False)
+    eos = [greedy.token_ids[2]]  # greedy ends at its third token
+    cmp = dl.compare(lm, PROMPT, {"greedy": {"eos_token_id": eos},
+                                  "top-k": {"do_sample": True, "top_k": 20, "eos_token_id": []}},
+                     seeds=[1], max_new_tokens=8, progress=False)
+    runs = cmp.runs.set_index("strategy")
+    assert runs.loc["greedy", "stop_reason"] == "eos" and runs.loc["greedy", "length"] == 3
+    assert cmp.trace("greedy").stop_reason == "eos"
+    assert runs.loc["top-k", "stop_reason"] == "max_new_tokens"
+
+
+def test_an_empty_comparison_has_empty_frames():
+    from decoderlab.compare import Comparison
+
+    cmp = Comparison([], [PROMPT], ["greedy"], ["m"])
+    assert cmp.runs.empty and "stop_reason" in cmp.runs
+    assert cmp.divergence.empty and "first_divergence" in cmp.divergence
+    assert cmp.by_step.empty and "token" in cmp.by_step
