@@ -2,11 +2,15 @@
 
     .venv/bin/python benchmarks/bench_overhead.py [--tokens 256] [--repeats 5] [--model PATH] [--device cpu]
     python benchmarks/bench_overhead.py --random-weights .bench/llama-1b --device cuda --dtype bfloat16
+    python benchmarks/bench_overhead.py --random-weights .bench/llama-8b --device cuda --dtype bfloat16 --device-map auto
 
 Greedy decoding of a fixed number of tokens (EOS off, so every run is the same length), runs
 interleaved so drift hits all variants alike; prints the median time of each and its ratio to
 plain `generate`. The bar: Record() defaults <= 1.05x, everything on (attention, lens, fp16
 logits) <= 1.25x.
+
+`--device-map auto` shards the model over every visible GPU as `from_pretrained(device_map="auto")` does
+(accelerate's balanced memory, no layer split), and both sides run on that placement.
 """
 from __future__ import annotations
 
@@ -29,15 +33,23 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     add_arguments(ap)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device-map", default=None, choices=["auto"],
+                    help="shard the model over all visible GPUs with accelerate (balanced, as device_map='auto')")
     ap.add_argument("--lens-read", action="store_true", help="also time reading trace.lens (the lazy lens pass)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = load(args)
+    if args.device_map:
+        lm = shard(lm)
+        print(lm, "GiB allocated per GPU:",
+              [round(torch.cuda.memory_allocated(i) / 2**30, 1) for i in range(torch.cuda.device_count())])
     prompt = "Write a long story about a lighthouse keeper who finds a message in a bottle."
     ids, _ = lm.encode(prompt, chat=True)
     n = args.tokens
-    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
+    def sync():  # every GPU's queue, not only the current one's
+        for i in range(torch.cuda.device_count() if lm.device.type == "cuda" else 0):
+            torch.cuda.synchronize(i)
 
     def plain():
         lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
@@ -74,6 +86,18 @@ def main() -> None:
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"{name:<34} {med:8.3f} s  {n / med:7.1f} tok/s  ratio {med / base:5.3f}")
+
+
+def shard(lm: dl.LM) -> dl.LM:
+    """The model spread over every visible GPU as `device_map="auto"` places it (accelerate's balanced memory)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    model = lm.model
+    no_split = model._no_split_modules
+    memory = get_balanced_memory(model, dtype=model.dtype, no_split_module_classes=no_split)
+    device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split, dtype=model.dtype)
+    return dl.LM(dispatch_model(model, device_map=device_map), lm.tokenizer, name=lm.name)
 
 
 if __name__ == "__main__":

@@ -53,11 +53,19 @@ class Lens:
         self.scale = getattr(cfg, "logit_scale", None)  # Cohere multiplies
         self.divide = getattr(cfg, "logits_scaling", None)  # Granite divides
 
+    @property
+    def device(self) -> torch.device:
+        """Where the lens runs: the device of the unembedding (with the final norm; in a model sharded with
+        device_map both usually sit on the last GPU, and the residuals of every layer are brought there)."""
+        return self.unembed.weight.device
+
     @torch.inference_mode()
     def logits(self, residual: torch.Tensor) -> torch.Tensor:
-        """[..., D] residuals -> [..., V] float32 logits."""
+        """[..., D] residuals -> [..., V] float32 logits, on `device`."""
         w = self.unembed.weight
-        logits = self.unembed(self.norm(residual.to(device=w.device, dtype=w.dtype))).float()
+        norm_device = next(self.norm.parameters(), w).device  # a norm without weights runs where the unembedding is
+        normed = self.norm(residual.to(device=norm_device, dtype=w.dtype))
+        logits = self.unembed(normed.to(w.device, non_blocking=True)).float()
         if self.scale is not None:
             logits = logits * self.scale
         if self.divide is not None:

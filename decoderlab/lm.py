@@ -36,7 +36,9 @@ class LM:
         self._lens = None
 
     def __repr__(self) -> str:
-        return f"LM({self.name!r}, {type(self.model).__name__}, device={self.device}, dtype={self.model.dtype})"
+        placed = _placement(self.model)
+        where = f"placement={placed!r}" if placed else f"device={self.device}"
+        return f"LM({self.name!r}, {type(self.model).__name__}, {where}, dtype={self.model.dtype})"
 
     @property
     def device(self) -> torch.device:
@@ -282,6 +284,25 @@ class LM:
         recording = Recording(record)
         state = loop.teacher_force(self.model, ids, cont, strat, [recording])
         return from_recording(recording, state, strat, self.model_info(), text, chooser="given")
+
+
+def _placement(model) -> str | None:
+    """How a model sharded over several devices (accelerate's device_map) was placed, as "layers 0-7 cuda:0,
+    8-15 cuda:1, head cuda:1"; None for a model on one device."""
+    devices = {p.device for p in model.parameters()}
+    if len(devices) < 2:
+        return None
+    from .lens import decoder_layers
+
+    runs: list[list] = []  # [first layer, last layer, device]
+    for i, layer in enumerate(decoder_layers(model)):
+        device = next(layer.parameters()).device
+        if runs and runs[-1][2] == device:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i, device])
+    parts = [f"{a}-{b} {d}" if a != b else f"{a} {d}" for a, b, d in runs]
+    return f"layers {', '.join(parts)}, head {model.get_output_embeddings().weight.device}"
 
 
 def _model_name(model) -> str:

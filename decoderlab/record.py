@@ -220,14 +220,16 @@ class Recording:
         self._slot = 0
         self._context = 0
         self._att_layers: dict[int, torch.Tensor] = {}
-        self._att_deferred: dict[tuple, list] = {}  # (key shape, scaling) -> [(layer, last query, keys)]
+        self._att_deferred: dict[tuple, list] = {}  # (key shape, dtype, device, scaling) -> [(layer, query, keys)]
         self._res_layers: dict[int, torch.Tensor] = {}
         self.attention_mode: str | None = None
+        self._device: torch.device | None = None  # where a step's layers are gathered: the ids' device
 
     # ---- observer -------------------------------------------------------------------------
     def before_forward(self, state: State, step: int) -> None:
         self._flush_forward()
         self._slot = step
+        self._device = state.ids.device
         self._context = state.ids.shape[1]  # positions the forward's last query can see
 
     def on_step(self, ctx: StepContext) -> None:
@@ -293,7 +295,8 @@ class Recording:
         ones, and the next forward flushes first)."""
         wanted = self.opts.attention_layers
         if wanted is None or layer in wanted:
-            self._att_deferred.setdefault((tuple(key.shape), query.dtype, scaling), []).append((layer, query, key))
+            group = (tuple(key.shape), query.dtype, key.device, scaling)  # one product per device (device_map)
+            self._att_deferred.setdefault(group, []).append((layer, query, key))
 
     def _rows_to_keep(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """[L, B, H, K] float32 rows -> one [B, H', K'] float16 row per layer: the heads asked for, right-aligned
@@ -304,7 +307,7 @@ class Recording:
         missing = self._context - rows.shape[-1]
         if missing > 0:
             rows = torch.nn.functional.pad(rows, (missing, 0))
-        return list(rows.to(torch.float16).unbind(0))
+        return list(rows.to(dtype=torch.float16, device=self._device or rows.device, non_blocking=True).unbind(0))
 
     def keep_forward_rows(self, step: int, rows: torch.Tensor) -> None:
         """The forward that made step `step`'s distribution ran more rows than the run keeps (contrastive
@@ -319,19 +322,24 @@ class Recording:
 
     def _flush_forward(self) -> None:
         """Move what the last forward captured into its step's slot."""
-        for (_, _, scaling), items in self._att_deferred.items():
+        for (_, _, _, scaling), items in self._att_deferred.items():
             rows = attention_mod.last_rows([q for _, q, _ in items], [k for _, _, k in items], scaling)
             for (layer, _, _), row in zip(items, self._rows_to_keep(rows)):
                 self._att_layers[layer] = row
         self._att_deferred = {}
         if self._att_layers:
-            layers = sorted(self._att_layers)
-            self._store(self.attention, torch.stack([self._att_layers[i] for i in layers], 1))
+            self._store(self.attention, self._gather(self._att_layers))
             self._att_layers = {}
         if self._res_layers:
-            layers = sorted(self._res_layers)
-            self._store(self.residuals, torch.stack([self._res_layers[i] for i in layers], 1).float())
+            self._store(self.residuals, self._gather(self._res_layers).float())
             self._res_layers = {}
+
+    def _gather(self, layers: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Per-layer [B, ...] tensors -> [B, L, ...] in layer order, on the ids' device. A model sharded with
+        device_map computes its layers on several devices: each is copied with non_blocking (queued on the
+        streams, never waited for by the host; a no-op for a layer already there)."""
+        device = self._device or layers[min(layers)].device
+        return torch.stack([layers[i].to(device, non_blocking=True) for i in sorted(layers)], 1)
 
     def _store(self, buf: list, value: torch.Tensor) -> None:
         while len(buf) < self._slot:

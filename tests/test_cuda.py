@@ -99,3 +99,160 @@ def test_numeric_fault_on_gpu_flags_what_each_test_would():
             want = (torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isnan(scores).any(-1)
                     | torch.isposinf(scores).any(-1) | torch.isneginf(scores).all(-1))
             assert torch.equal(numeric_fault(logits, scores), want)
+
+
+# ---- a model sharded over two GPUs by accelerate (device_map) ---------------------------------------------------
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+PROMPT = "A prompt longer than eight tokens, its layers split over two GPUs"
+SPLIT = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
+         "model.layers.2": 1, "model.layers.3": 1, "model.norm": 1, "lm_head": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tokenizer, tmp_path_factory):
+    """A 4-layer Llama with random weights (untied head) saved as a transformers folder, for dl.load."""
+    folder = tmp_path_factory.mktemp("llama4")
+    make_tiny("llama", tokenizer, num_hidden_layers=4, tie_word_embeddings=False).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def split_lms(tiny_folder):
+    """The same float32 weights split over two GPUs (layers 0-1 on cuda:0; 2-3, norm and head on cuda:1) and on one."""
+    return dl.load(tiny_folder, device_map=SPLIT), dl.load(tiny_folder, device="cuda:0")
+
+
+@two_gpus
+def test_sharded_repr_says_where_the_layers_are(split_lms):
+    sharded, one = split_lms
+    assert {p.device.index for p in sharded.model.parameters()} == {0, 1}
+    assert "layers 0-1 cuda:0, 2-3 cuda:1, head cuda:1" in repr(sharded)
+    assert "device=cuda:0" in repr(one) and "placement" not in repr(one)
+    assert sharded.lens.device == torch.device("cuda:1")
+
+
+def _generate_parity(lm):
+    ids, _ = lm.encode(PROMPT)
+    trace = lm.generate(PROMPT, max_new_tokens=12, eos_token_id=[], progress=False,
+                        record=dl.Record(attention=True, lens=True))
+    out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
+                            do_sample=False, eos_token_id=None)
+    assert trace.token_ids == out[0, ids.shape[1]:].tolist()
+    words = dict(do_sample=True, top_k=40, top_p=0.9, temperature=0.8, max_new_tokens=12)
+    sampled = lm.generate(PROMPT, seed=3, eos_token_id=[], progress=False, record=dl.Record(attention=True), **words)
+    torch.manual_seed(3)
+    out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), min_new_tokens=12, eos_token_id=None, **words)
+    assert sampled.token_ids == out[0, ids.shape[1]:].tolist()
+    return trace
+
+
+def _same_recording(a, b, atol):
+    assert a.token_ids == b.token_ids
+    for s in range(a.num_steps):
+        np.testing.assert_allclose(a.attention_weights(s), b.attention_weights(s), atol=atol, rtol=0)
+    np.testing.assert_allclose(a.arrays["residual"], b.arrays["residual"], atol=atol, rtol=atol)
+    la, lb = a.lens_stats, b.lens_stats
+    for col in ("chosen_prob", "entropy"):
+        np.testing.assert_allclose(la[col].values, lb[col].values, atol=atol, rtol=atol)
+    np.testing.assert_allclose(a.lens.prob.values, b.lens.prob.values, atol=atol, rtol=atol)
+
+
+@two_gpus
+def test_sharded_tokens_attention_and_lens(split_lms):
+    """Tokens equal model.generate on the same sharded model (greedy and seeded sampling); attention rows, residuals
+    and the lens within 1e-5 of the same float32 weights on one GPU."""
+    sharded, one = split_lms
+    got, want = _generate_parity(sharded), _generate_parity(one)
+    assert got.arrays["attention"].shape[2] == 4 and got.arrays["residual"].shape[2] == 4
+    _same_recording(got, want, atol=1e-5)
+
+
+@two_gpus
+def test_sharded_sessions_compare_and_score(split_lms):
+    sharded, one = split_lms
+    s = sharded.session(PROMPT, max_new_tokens=10, eos_token_id=[], do_sample=True, seed=1,
+                        record=dl.Record(attention=True, lens=True))
+    s.step(10)
+    first = s.trace.token_ids
+    s.rewind(to=4)
+    s.step(6)
+    assert s.trace.token_ids == first
+    alone = one.session(PROMPT, max_new_tokens=10, eos_token_id=[], do_sample=True, seed=1,
+                        record=dl.Record(attention=True, lens=True))
+    alone.step(10)
+    _same_recording(s.trace, alone.trace, atol=1e-5)
+    g = sharded.session(PROMPT, max_new_tokens=10, eos_token_id=[], record=dl.Record(attention=True, lens=True))
+    g.step(10)
+    fork = g.fork(at=4)
+    fork.step(6)
+    assert fork.trace.token_ids == g.trace.token_ids
+    _same_recording(fork.trace, g.trace, atol=1e-5)
+    a = sharded.score(PROMPT, " and the continuation is scored")
+    b = one.score(PROMPT, " and the continuation is scored")
+    np.testing.assert_allclose(a.steps.logprob.values, b.steps.logprob.values, atol=1e-5)
+    from tests.test_compare import STRATEGIES, check
+
+    check(sharded, STRATEGIES, 12)
+
+
+def _syncs(fn) -> int:
+    """The host synchronisations `fn` makes (torch's sync debug mode warns at each)."""
+    import warnings
+
+    for i in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(i)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+@two_gpus
+def test_sharded_recording_adds_no_host_synchronisation(split_lms):
+    """A decode forward of the sharded model with attention and residuals recorded (rows computed per device,
+    gathered on the ids' device) synchronises the host no more often than the plain forward."""
+    from types import SimpleNamespace
+
+    from transformers import DynamicCache
+
+    from decoderlab import loop
+    from decoderlab.record import Recording
+
+    sharded, _ = split_lms
+    ids, _ = sharded.encode(PROMPT)
+    plain_cache, rec_cache = DynamicCache(), DynamicCache()
+    loop.forward(sharded.model, ids, plain_cache)
+    rec = Recording(dl.Record(attention=True, lens=True))
+    full = torch.cat([ids, ids[:, -1:]], 1)
+    with rec.attached(sharded.model):
+        rec.before_forward(SimpleNamespace(ids=ids), 0)
+        loop.forward(sharded.model, ids, rec_cache)
+
+        def recorded():
+            rec.before_forward(SimpleNamespace(ids=full), 1)
+            loop.forward(sharded.model, ids[:, -1:], rec_cache)
+            rec._flush_forward()
+
+        n_recorded = _syncs(recorded)
+    n_plain = _syncs(lambda: loop.forward(sharded.model, ids[:, -1:], plain_cache))
+    assert n_recorded == n_plain, (n_recorded, n_plain)
+    assert rec.attention[1].device == ids.device and rec.residuals[1].device == ids.device
+    assert rec.attention[1].shape[:2] == (1, 4) and rec.residuals[1].shape[:2] == (1, 4)
+
+
+@two_gpus
+def test_load_device_map_auto_bfloat16(tiny_folder):
+    """dl.load(path, device_map="auto", dtype="bfloat16") with memory capped so accelerate splits even this tiny
+    model: tokens equal model.generate on it; rows and lens within 1e-3 of the same bf16 weights on one GPU."""
+    size = sum(p.numel() for p in dl.load(tiny_folder).model.parameters()) * 2
+    sharded = dl.load(tiny_folder, device_map="auto", dtype="bfloat16",
+                      max_memory={0: int(size * 0.6), 1: int(size * 4)})
+    assert {p.device.index for p in sharded.model.parameters()} == {0, 1}, sharded.model.hf_device_map
+    assert "placement='layers " in repr(sharded)
+    one = dl.load(tiny_folder, device="cuda:0", dtype="bfloat16")
+    _same_recording(_generate_parity(sharded), _generate_parity(one), atol=1e-3)
