@@ -177,7 +177,7 @@ class LM:
         if strat.method != "token" and seeds is not None:
             raise StrategyError(f"seeds= with {strat.method} decoding: one run at a time (give seed=)")
         row_seeds = list(seeds) if seeds is not None else [strat.seed]
-        recording = Recording(record)
+        recording = Recording(record, host=(rows, ids.shape[1]))
         observers: list = [recording]
         bar = _progress_bar(strat.max_new_tokens, progress, rows)
         stream = None

@@ -23,6 +23,7 @@ from .schema import SCHEMA
 StepRecorder = Callable[[StepContext, "Record"], dict]
 STEP_RECORDERS: dict[str, StepRecorder] = {}
 BUILT_IN = ("choice", "candidates", "processors", "logits")
+HOST_CHUNK = 64  # steps a `Recording(host=...)` keeps as tensors before moving them to its host buffers
 
 
 
@@ -206,8 +207,9 @@ class Recording:
     t's distribution writes step t's attention row and residuals.
     """
 
-    def __init__(self, opts: Record, num_layers: int | None = None):
+    def __init__(self, opts: Record, num_layers: int | None = None, host: tuple[int, int] | None = None):
         self.opts = opts
+        self.spill = host  # (rows, prompt length): move steps to `HostArrays` every HOST_CHUNK steps (`_spill`)
         self.names = opts.names()
         self.keep_stages = opts.processors
         self.columns: dict[str, list[torch.Tensor]] = {}
@@ -243,6 +245,21 @@ class Recording:
             self.columns.setdefault(key, []).append(value)
         del self.row_ids[ctx.step:]
         self.row_ids.append(ctx.rows)
+        if self.spill is not None and self.steps - (self._host.done if self._host else 0) >= HOST_CHUNK:
+            self._spill()
+
+    def _spill(self) -> None:
+        """Move the steps so far into the host buffers and let go of their per-step tensors.
+
+        Why: thousands of small per-step tensors kept alive between the large transient allocations of
+        each forward fragment the heap (a 1,500-token run grew RSS by 0.9 GiB for 1 MB of records). In
+        buffers that grow in chunks, a run holds a handful of allocations whatever its length; on a GPU the
+        steps reach the host in batches of HOST_CHUNK (one synchronisation per batch).
+        """
+        self.arrays(*self.spill)
+        done = self._host.done
+        for buf in (*self.columns.values(), self.attention, self.residuals, self.row_ids):
+            buf[: min(done, len(buf))] = [None] * min(done, len(buf))
 
     @property
     def steps(self) -> int:
@@ -268,7 +285,7 @@ class Recording:
 
     def copy(self) -> "Recording":
         """An independent recording with the same steps so far (a fork): lists copied, tensors shared."""
-        other = Recording(self.opts, self.num_layers)
+        other = Recording(self.opts, self.num_layers, self.spill)
         other.columns = {name: list(col) for name, col in self.columns.items()}
         other.attention = list(self.attention)
         other.residuals = list(self.residuals)
@@ -360,6 +377,9 @@ class Recording:
         """
         host = self._host
         if host is None or host.rows != rows or host.prompt_length != prompt_length:
+            if host is not None and host.done and self.spill is not None:
+                raise RuntimeError(f"recording spilled to host as {self.spill} (rows, prompt length), "
+                                   f"asked for {(rows, prompt_length)}")
             host = self._host = HostArrays(rows, prompt_length)
         host.update(self, self.steps)
         return host.views(self.steps)
@@ -499,7 +519,7 @@ class HostArrays:
         for name, col in rec.columns.items():
             if col:
                 block = _host(_stack_rows(col[a:steps], ids, self.rows, full, name))
-                self._buffer(name, col[0])[a:steps] = block
+                self._buffer(name, col[a])[a:steps] = block
         if "finished" in self.bufs and not full:
             for s, r in zip(range(a, steps), ids):
                 present = [False] * self.rows

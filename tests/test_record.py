@@ -120,3 +120,35 @@ def test_bfloat16_columns_reach_the_host_as_the_same_numbers(tokenizer):
     for s, want in kept.items():
         assert want.dtype == torch.bfloat16
         assert penalty[s].tolist() == want.float().cpu().numpy().tolist()
+
+
+def test_long_run_moves_steps_to_host_buffers_with_the_same_numbers(tiny_lms, monkeypatch):
+    """Past HOST_CHUNK steps a generate run keeps its steps in host buffers, not as per-step tensors (heap
+    fragmentation, issue 19), and records exactly what a run that kept every step as tensors records."""
+    import numpy as np
+
+    import decoderlab.lm as lm_mod
+    import decoderlab.record as record_mod
+
+    lm = tiny_lms["llama"]
+    opts = dict(max_new_tokens=150, eos_token_id=[], do_sample=True, seeds=[3, 4], progress=False,
+                record=dl.Record(attention=True, lens=True, logits=True))
+    made = []
+
+    class Kept(record_mod.Recording):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(lm_mod, "Recording", Kept)
+    spilled = lm.generate("Hello there", **opts)
+    rec = made[-1]
+    held = [i for col in (*rec.columns.values(), rec.attention, rec.residuals) for i, x in enumerate(col)
+            if x is not None]
+    assert max(held) >= 150 - record_mod.HOST_CHUNK and min(held) >= 128  # only the last chunk as tensors
+    monkeypatch.setattr(record_mod, "HOST_CHUNK", 10**9)  # every step kept as tensors until the trace is built
+    kept = lm.generate("Hello there", **opts)
+    assert set(spilled.arrays) == set(kept.arrays)
+    for name in kept.arrays:
+        np.testing.assert_array_equal(spilled.arrays[name], kept.arrays[name], err_msg=name)
+    assert spilled.num_steps == 150 and spilled.arrays["attention"].any()
