@@ -58,7 +58,7 @@ def step(model, state: State, strategy: Strategy, observers: Sequence[Observer] 
     chosen = int(score.argmax())
     token = top_ids[:, chosen]
 
-    state.cache.batch_select_indices(torch.tensor([chosen], device=token.device))
+    state.cache.batch_select_indices(torch.tensor([chosen]))  # host index: serves every device of a sharded model
     for o in observers:
         if hasattr(o, "keep_forward_rows"):
             o.keep_forward_rows(state.steps + 1, torch.tensor([chosen], device=token.device))

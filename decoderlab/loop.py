@@ -287,9 +287,10 @@ def retire_finished(state: State) -> None:
     for i, (row, is_done) in enumerate(zip(state.row_ids.tolist(), done)):
         if is_done:
             state.retired[row] = state.ids[i]
-    keep = torch.tensor([i for i, d in enumerate(done) if not d], device=state.ids.device)
+    kept = [i for i, d in enumerate(done) if not d]
+    keep = torch.tensor(kept, device=state.ids.device)
     state.ids = state.ids[keep]
-    state.cache.batch_select_indices(keep)
+    state.cache.batch_select_indices(torch.tensor(kept))  # host indices serve every device of a sharded model
     state.generators = [state.generators[i] for i in keep.tolist()]
     state.finished = state.finished[keep]
     state.pending = state.pending[keep]

@@ -196,8 +196,8 @@ def test_sharded_sessions_compare_and_score(split_lms):
     check(sharded, STRATEGIES, 12)
 
 
-def _syncs(fn) -> int:
-    """The host synchronisations `fn` makes (torch's sync debug mode warns at each)."""
+def _syncs(fn) -> list[str]:
+    """Where `fn` synchronises the host (torch's sync debug mode warns at each): file:line of each."""
     import warnings
 
     for i in range(torch.cuda.device_count()):
@@ -209,7 +209,7 @@ def _syncs(fn) -> int:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message).lower() for w in caught)
+    return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower()]
 
 
 @two_gpus
@@ -238,21 +238,10 @@ def test_sharded_recording_adds_no_host_synchronisation(split_lms):
             loop.forward(sharded.model, ids[:, -1:], rec_cache)
             rec._flush_forward()
 
+        _syncs(lambda: None)  # the debug mode's own first warning (inside torch.cuda) is not a forward's
         n_recorded = _syncs(recorded)
     n_plain = _syncs(lambda: loop.forward(sharded.model, ids[:, -1:], plain_cache))
-    assert n_recorded == n_plain, (n_recorded, n_plain)
+    assert len(n_recorded) == len(n_plain), (n_recorded, n_plain)
     assert rec.attention[1].device == ids.device and rec.residuals[1].device == ids.device
     assert rec.attention[1].shape[:2] == (1, 4) and rec.residuals[1].shape[:2] == (1, 4)
 
-
-@two_gpus
-def test_load_device_map_auto_bfloat16(tiny_folder):
-    """dl.load(path, device_map="auto", dtype="bfloat16") with memory capped so accelerate splits even this tiny
-    model: tokens equal model.generate on it; rows and lens within 1e-3 of the same bf16 weights on one GPU."""
-    size = sum(p.numel() for p in dl.load(tiny_folder).model.parameters()) * 2
-    sharded = dl.load(tiny_folder, device_map="auto", dtype="bfloat16",
-                      max_memory={0: int(size * 0.6), 1: int(size * 4)})
-    assert {p.device.index for p in sharded.model.parameters()} == {0, 1}, sharded.model.hf_device_map
-    assert "placement='layers " in repr(sharded)
-    one = dl.load(tiny_folder, device="cuda:0", dtype="bfloat16")
-    _same_recording(_generate_parity(sharded), _generate_parity(one), atol=1e-3)
