@@ -165,9 +165,10 @@ def test_attention_and_lens_notebook(page, lab):
     assert not page.errors, page.errors
 
 
-def test_compare_notebook(page, lab):
-    ran = open_and_run_all(page, lab, "05_compare_strategies.ipynb")
-    print(f"\n[timing] 05_compare_strategies run-all in the browser: {ran:.1f}s")
+@pytest.mark.parametrize("notebook", ["05_compare_strategies.ipynb"])  # the id lets `-k 05` pick it
+def test_compare_notebook(page, lab, notebook):
+    ran = open_and_run_all(page, lab, notebook)
+    print(f"\n[timing] {notebook} run-all in the browser: {ran:.1f}s")
     assert_clean_outputs(page)
     tidy(page)
     outputs = page.locator(".jp-OutputArea-output")
