@@ -28,6 +28,9 @@ class NaNAfter(LogitsProcessor):
     ("PromptError", ValueError), ("StrategyError", ValueError), ("SessionError", ValueError),
     ("RecordError", ValueError), ("RecorderError", ValueError), ("ModelNotFoundError", ValueError),
     ("SchemaError", ValueError), ("TraceFileError", ValueError), ("NumericError", FloatingPointError),
+    ("APIError", OSError), ("ServerUnreachable", ConnectionError), ("ServerTimeout", TimeoutError),
+    ("AuthenticationFailed", PermissionError), ("UnknownModel", LookupError), ("RateLimited", OSError),
+    ("ServerFailed", OSError), ("RequestRefused", ValueError), ("NoLogprobs", OSError), ("NotSupported", ValueError),
 ])
 def test_every_error_is_a_decoderlab_error_and_its_builtin_kind(name, builtin):
     cls = getattr(errors, name)
