@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,13 +18,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from browser_support import free_port  # one way to find a free port, shared with the browser test
+
 START_TIMEOUT_S = 180  # the first start loads the model; a busy 2-core machine is slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
