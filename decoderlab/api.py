@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 from .api_client import Connection, Server, server_for
 from .api_replies import ENTROPY_NOTE, TokenStep, build, chat_steps, completion_steps
-from .errors import NoLogprobs, NotSupported, PromptError, StrategyError
+from .errors import APIError, NoLogprobs, NotSupported, PromptError, ServerFailed, StrategyError
 from .lm import DEFAULT_SYSTEM
 from .record import Record
 from .trace import Trace
@@ -190,8 +190,22 @@ class APIBackend:
             endpoint, create = "/v1/chat/completions", self.connection.client.chat.completions.create
             request = dict(messages=messages, logprobs=True, top_logprobs=k)
         reply = self.connection.call("generating", create, model=self.model, stream=stream, **request, **params)
+        describe = self.describe(strategy, params, k, endpoint)
+        chooser = "sample" if strategy["do_sample"] else "greedy"
         if stream:
-            steps, finish = self._read_stream(reply, messages is None, k, on_token, progress, max_new_tokens)
+            try:
+                steps, finish = self._read_stream(reply, messages is None, k, on_token, progress, max_new_tokens)
+                if finish is None:  # the connection closed before the server said why it stopped
+                    broken = ServerFailed(f"streaming at {self.base_url} (model {self.model!r}): the stream ended "
+                                          f"after {len(steps)} tokens without a finish reason (did the server stop?); "
+                                          "the steps received are kept in the error's .trace")
+                    broken.received = steps
+                    raise broken
+            except APIError as err:  # the steps received before the stream broke off are kept
+                received = getattr(err, "received", None)
+                if received:
+                    err.trace = self._partial_trace(received, shown, chooser, describe, f"error: {type(err).__name__}")
+                raise
         else:
             choice = reply.choices[0]
             steps = (completion_steps(choice.logprobs, k) if messages is None
@@ -199,11 +213,11 @@ class APIBackend:
             finish = choice.finish_reason
             if not steps and _reply_text(choice):
                 raise self._no_logprobs(endpoint)
-        return self.trace_of(steps, prompt=shown, chooser="sample" if strategy["do_sample"] else "greedy",
-                          strategy=self.describe(strategy, params, k, endpoint), stop=STOPS.get(finish, finish))
+        return self.trace_of(steps, prompt=shown, chooser=chooser, strategy=describe, stop=STOPS.get(finish, finish))
 
     def _read_stream(self, chunks, legacy: bool, k: int, on_token, progress, total: int) -> tuple[list, str | None]:
         """Steps and the finish reason from a streamed reply, calling `on_token` for each token as it comes."""
+        import httpx
         import openai
 
         from .lm import _progress_bar
@@ -226,8 +240,13 @@ class APIBackend:
                     if bar is not None:
                         bar.update(1)
                 finish = choice.finish_reason or finish
-        except openai.APIError as err:
-            raise self.connection.error("streaming", err) from None
+        except (openai.APIError, httpx.HTTPError) as err:  # httpx's own: a connection cut mid-stream
+            failure = (self.connection.error("streaming", err) if isinstance(err, openai.APIError) else
+                       ServerFailed(f"streaming at {self.base_url} (model {self.model!r}): the stream broke off after "
+                                    f"{len(steps)} tokens ({type(err).__name__}: {err}); the steps received are "
+                                    "kept in the error's .trace"))
+            failure.received = steps  # generate builds the partial trace from them
+            raise failure from None
         finally:
             if bar is not None:
                 bar.close()
@@ -286,6 +305,17 @@ class APIBackend:
         texts = [s.text for s in steps] + [t for s in steps for t, _ in s.alternatives]
         return build(steps, vocab=self.resolve(texts), prompt=prompt, model_name=self.name, chooser=chooser,
                      strategy=strategy, stop_reason=stop, forced=forced)
+
+    def _partial_trace(self, steps: Sequence[TokenStep], prompt: str, chooser: str, strategy: dict,
+                       stop: str) -> Trace:
+        """The steps received before a failure; their texts interned to ids of their own where the server can no
+        longer tokenize them."""
+        try:
+            return self.trace_of(steps, prompt=prompt, chooser=chooser, strategy=strategy, stop=stop)
+        except APIError:
+            return build(steps, vocab=None, prompt=prompt, model_name=self.name, chooser=chooser,
+                         strategy={**strategy, "token_ids": "interned from the text (the server was gone)"},
+                         stop_reason=stop)
 
     # ---- score -------------------------------------------------------------------------------------------------
     def score(self, prompt: str, continuation: str, *, record: Record | None = None) -> Trace:

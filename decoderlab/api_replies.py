@@ -91,7 +91,7 @@ def top_k_estimates(steps: Sequence[TokenStep]) -> tuple[np.ndarray, np.ndarray]
     return entropy, missing
 
 
-def build(steps: Sequence[TokenStep], *, vocab: dict[str, int], prompt: str, prompt_tokens: Sequence[str] = (),
+def build(steps: Sequence[TokenStep], *, vocab: dict[str, int] | None, prompt: str, prompt_tokens: Sequence[str] = (),
           model_name: str, chooser: str, strategy: dict, stop_reason: str | None,
           forced: Sequence[int] = ()) -> Trace:
     """The trace of these steps through the one builder (`from_tokens`), with the top-k estimates."""

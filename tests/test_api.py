@@ -458,3 +458,24 @@ def test_two_engines_on_one_file(api, smol):
     assert summary["top5_overlap"] >= 0.9 and summary["top5_same_set"] >= 0.6
     first = cmp.trace("greedy", prompt=QUESTION, model="llama.cpp").candidates
     assert first[first.step == 0].token.tolist()[:3] == ["The", "La", "Le"]
+
+
+def test_a_server_that_dies_mid_stream_leaves_the_steps_received():
+    """A real server killed while it streams: a clear error, and the tokens that arrived are kept (err.trace)."""
+    doomed = start("smollm2")
+    received = []
+
+    def on_token(step, text):
+        received.append(text)
+        if step == 2:
+            doomed.process.kill()
+
+    try:
+        api = dl.connect(base_url=doomed.base_url, model="smollm2", max_retries=0)
+        with pytest.raises(errors.APIError, match="stream") as info:
+            api.generate("Once upon a time there was", max_new_tokens=200, on_token=on_token)
+        trace = info.value.trace
+        assert trace is not None and trace.num_steps == len(received) >= 3
+        assert trace.tokens == received and trace.stop_reason.startswith("error:")
+    finally:
+        doomed.stop()
