@@ -8,7 +8,8 @@
 from .api import APIBackend, connect
 from .compare import Comparison, compare
 from .custom_decoder import CustomDecoder
-from .errors import APIError, DecoderlabError, NumericError, RecordError, TraceFileError
+from .errors import (APIError, AttentionDroppedError, DecoderlabError, NumericError, RecordBudgetWarning, RecordError,
+                     TraceFileError)
 from .lm import DEFAULT_SYSTEM, LM, PromptError, load
 from .models import ModelNotFoundError
 from .record import STEP_RECORDERS, Record, recorder
@@ -48,4 +49,5 @@ def playground(trace, *, step: int = 0, row: int = 0, lm=None, k: int = 20):
 __all__ = ["load", "LM", "compare", "Comparison", "Record", "Trace", "Session", "CustomDecoder", "show", "explore", "playground", "recorder",
            "STEP_RECORDERS", "greedy", "sample", "PromptError", "StrategyError", "SessionError",
            "ModelNotFoundError", "DEFAULT_SYSTEM", "DecoderlabError", "NumericError", "RecordError", "TraceFileError",
+           "AttentionDroppedError", "RecordBudgetWarning",
            "connect", "APIBackend", "APIError"]

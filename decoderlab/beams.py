@@ -262,15 +262,16 @@ def beam_arrays(run: BeamRun, recording, prompt_length: int) -> dict:
             continue
         width = prompt_length + steps - 1 if name == "attention" else like.shape[-1]
         dtype = torch.empty(0, dtype=like.dtype).numpy().dtype
-        arr = np.zeros((steps, rows, *like.shape[1:-1], width), dtype=dtype)
-        for t in range(min(steps, len(items))):
+        first = min(recording.attention_first, steps) if name == "attention" else 0  # older rows: dropped (budget)
+        arr = np.zeros((steps - first, rows, *like.shape[1:-1], width), dtype=dtype)
+        for t in range(first, min(steps, len(items))):
             if items[t] is None:
                 continue
             block = items[t].cpu().numpy()
             parents = run.tree.parent[t].tolist()
             for r, path in enumerate(paths):
                 if t < len(path):
-                    arr[t, r, ..., : block.shape[-1]] = block[parents[path[t]]]
+                    arr[t - first, r, ..., : block.shape[-1]] = block[parents[path[t]]]
         out[name] = arr
     tree = run.tree
     if steps:

@@ -58,6 +58,7 @@ class RunInfo:
     parent: int | None = None
     fork_step: int | None = None
     token_text: Mapping[int, str] | None = None  # a source with no tokenizer names its ids' text here
+    memory_budget: int | None = None  # Record(memory_budget=...) the run recorded under
 
 
 def build_trace(arrays: Mapping[str, Any], model: ModelInfo, run: RunInfo) -> Trace:
@@ -99,7 +100,7 @@ def build_trace(arrays: Mapping[str, Any], model: ModelInfo, run: RunInfo) -> Tr
         prefill_attention=dict(run.prefill_attention), branch=run.branch, parent=run.parent,
         fork_step=run.fork_step, lens_top_k=run.lens_top_k,
         lens_object=model.lens if "residual" in arrays else None,
-        row_stop_reasons=stops, seeds=seeds,
+        row_stop_reasons=stops, seeds=seeds, memory_budget=run.memory_budget,
     )
 
 
@@ -122,6 +123,7 @@ def from_recording(recording: "Recording", state: "State", strategy: "Strategy",
         attention_heads=opts.attention_heads,
         prefill_attention={k: v.cpu().numpy() for k, v in recording.prefill_attention.items()},
         lens_top_k=opts.lens_top_k, branch=branch, parent=parent, fork_step=fork_step,
+        memory_budget=opts.memory_budget,
     )
     return build_trace(arrays, model, run)
 
@@ -139,7 +141,7 @@ def from_beam_run(run: "BeamRun", recording: "Recording", strategy: "Strategy", 
                    processor_names=strategy.processor_names, chooser=strategy.chooser_name,
                    eos_token_ids=strategy.eos_token_ids, stop_reason=run.stop_reason, seeds=[strategy.seed] * rows,
                    attention_layers=opts.attention_layers, attention_heads=opts.attention_heads,
-                   lens_top_k=opts.lens_top_k,
+                   lens_top_k=opts.lens_top_k, memory_budget=opts.memory_budget,
                    # the prompt's matrices are the same for every beam: one row per returned sequence
                    prefill_attention={k: v[:1].expand(rows, *v.shape[1:]).cpu().numpy()
                                       for k, v in recording.prefill_attention.items()})

@@ -204,6 +204,14 @@ def format_number(x: Any, digits: int = 2) -> str:
     return "–" if is_missing(x) else f"{float(x):.{digits}f}"
 
 
+def format_bytes(n: int) -> str:
+    """A byte count as a reader says it: '1 GiB', '1.5 MiB', '800 B' (a memory budget, what it holds)."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.4g} {unit}"
+    return f"{n} B"
+
+
 def escape(value: Any) -> str:
     """`value` as text safe inside HTML, attribute values included: every string from the model, the
     tokenizer or the user goes through this before it reaches markup."""

@@ -37,6 +37,16 @@ class RecorderError(RecordError):
     """A recorder registered under a name that is taken."""
 
 
+class AttentionDroppedError(DecoderlabError, LookupError):
+    """Attention rows asked of a step whose rows were dropped to keep the recording within
+    `Record(memory_budget=...)` (`trace.steps.has_attention` says which steps have them)."""
+
+
+class RecordBudgetWarning(UserWarning):
+    """A run's attention rows reached `Record(memory_budget=...)`: the oldest steps' rows are being dropped.
+    Warned once a run; a warning, not an error, because the run and everything else it records go on."""
+
+
 class ModelNotFoundError(DecoderlabError, ValueError):
     """The model a user named cannot be found or loaded here."""
 
@@ -102,6 +112,6 @@ class NotSupported(APIError, ValueError):
 
 
 __all__ = ["DecoderlabError", "PromptError", "StrategyError", "SessionError", "RecordError", "RecorderError",
-           "ModelNotFoundError", "SchemaError", "TraceFileError", "NumericError", "APIError", "ServerUnreachable",
-           "ServerTimeout", "AuthenticationFailed", "UnknownModel", "RateLimited", "ServerFailed", "RequestRefused",
-           "NoLogprobs", "NotSupported"]
+           "AttentionDroppedError", "RecordBudgetWarning", "ModelNotFoundError", "SchemaError", "TraceFileError",
+           "NumericError", "APIError", "ServerUnreachable", "ServerTimeout", "AuthenticationFailed", "UnknownModel",
+           "RateLimited", "ServerFailed", "RequestRefused", "NoLogprobs", "NotSupported"]

@@ -13,7 +13,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .errors import RecorderError, RecordError  # noqa: F401 (re-exported)
+from .errors import RecordBudgetWarning, RecorderError, RecordError  # noqa: F401 (re-exported)
+from .display import format_bytes
 from . import attention as attention_mod
 from . import lens as lens_mod
 from .loop import State, StepContext
@@ -24,6 +25,10 @@ StepRecorder = Callable[[StepContext, "Record"], dict]
 STEP_RECORDERS: dict[str, StepRecorder] = {}
 BUILT_IN = ("choice", "candidates", "processors", "logits")
 HOST_CHUNK = 64  # steps a `Recording(host=...)` keeps as tensors before moving them to its host buffers
+DEFAULT_MEMORY_BUDGET = 2**30  # Record(memory_budget=...): 1 GiB of attention rows
+DEVICE_SHARE = 8  # under a budget, the rows not yet on the host take at most 1/DEVICE_SHARE of it
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 
@@ -63,8 +68,12 @@ class Record:
     lens: bool = False  # logit lens: each layer's residual at the new position
     lens_top_k: int = 5
     extra: Sequence[str] = ()  # names of your own recorders (registered with @decoderlab.recorder)
+    # the most memory attention rows may take (bytes, or text such as "512MiB", "2GiB"; None: no limit): past it
+    # the oldest steps' rows are dropped, with one RecordBudgetWarning (see `Recording._keep_within_budget`)
+    memory_budget: int | str | None = DEFAULT_MEMORY_BUDGET
 
     def __post_init__(self):
+        object.__setattr__(self, "memory_budget", parse_budget(self.memory_budget))
         for word in ("top_k", "lens_top_k"):
             v = getattr(self, word)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -104,6 +113,26 @@ class Record:
             wanted = getattr(self, word)
             if wanted is not None and size is not None and max(wanted) >= size:
                 raise RecordError(f"Record({word}={list(wanted)}): the model has {size} {what} (0..{size - 1})")
+
+
+def parse_budget(value: int | str | None) -> int | None:
+    """`Record(memory_budget=...)` as bytes: a whole number of bytes, or text "<number><unit>" with a unit of
+    B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024); None for no limit."""
+    import re
+
+    if value is None:
+        return None
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]+)\s*", value)
+        if match and match.group(2).lower() in _UNITS:
+            number = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if number is None or number < 1:
+        raise RecordError(f"Record(memory_budget={value!r}): must be a number of bytes >= 1, text such as "
+                          "'512MiB' or '2GiB' (units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), or None for no limit")
+    return number
 
 
 def _rank(scores: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
@@ -226,6 +255,10 @@ class Recording:
         self._res_layers: dict[int, torch.Tensor] = {}
         self.attention_mode: str | None = None
         self._device: torch.device | None = None  # where a step's layers are gathered: the ids' device
+        self._spilled = 0  # steps whose per-step tensors were let go (moved to the host: `_spill`)
+        self._att_lo = 0  # attention entries before it are None (spilled or dropped): `_device_attention_bytes`
+        self._att_first = 0  # steps before it lost their rows here (the host buffers drop too: `attention_first`)
+        self._warned = False  # RecordBudgetWarning given (once a run)
 
     # ---- observer -------------------------------------------------------------------------
     def before_forward(self, state: State, step: int) -> None:
@@ -245,8 +278,9 @@ class Recording:
             self.columns.setdefault(key, []).append(value)
         del self.row_ids[ctx.step:]
         self.row_ids.append(ctx.rows)
-        if self.spill is not None and self.steps - (self._host.done if self._host else 0) >= HOST_CHUNK:
+        if self.spill is not None and self.steps - self._spilled >= HOST_CHUNK:
             self._spill()
+        self._keep_within_budget()
 
     def _spill(self) -> None:
         """Move the steps so far into the host buffers and let go of their per-step tensors.
@@ -259,7 +293,84 @@ class Recording:
         self.arrays(*self.spill)
         done = self._host.done
         for buf in (*self.columns.values(), self.attention, self.residuals, self.row_ids):
-            buf[: min(done, len(buf))] = [None] * min(done, len(buf))
+            a, b = min(self._spilled, len(buf)), min(done, len(buf))
+            buf[a:b] = [None] * (b - a)
+        self._spilled = done
+        self._att_lo = max(self._att_lo, done)
+
+    # ---- the memory budget (Record.memory_budget) ---------------------------------------------
+    @property
+    def attention_first(self) -> int:
+        """The first step that still has its attention rows: those of the steps before it were dropped to keep
+        the recording within `Record(memory_budget=...)` (0 when none were)."""
+        return max(self._att_first, self._host.att_first if self._host is not None else 0)
+
+    def attention_nbytes(self) -> int:
+        """Bytes of attention rows this recording holds: per-step tensors (on the model's device) and its host
+        buffer. What `Record(memory_budget=...)` bounds."""
+        host = self._host.bufs.get("attention") if self._host is not None else None
+        return self._device_attention_bytes() + (0 if host is None else host.nbytes)
+
+    def _device_attention_bytes(self) -> int:
+        return sum(x.nbytes for x in self.attention[self._att_lo:] if x is not None)
+
+    def _host_budget(self) -> int | None:
+        """What the host buffer may take: all of the budget, less the share of the rows not yet moved there."""
+        budget = self.opts.memory_budget
+        if budget is None or self.spill is None:
+            return budget
+        return budget - budget // DEVICE_SHARE
+
+    def _keep_within_budget(self) -> None:
+        """Past `Record(memory_budget=...)`, drop the oldest steps' attention rows (the one record that grows with
+        the square of the run: each step's row is as wide as its context).
+
+        A run with host buffers moves its rows there once they take 1/DEVICE_SHARE of the budget, and the host
+        buffer, sized within the rest, keeps the newest rows that fit (`HostArrays._attention_plan`); a
+        recording without them (a beam search) lets go of its oldest per-step rows. Either way the rows are
+        freed, not zeroed, and the steps kept are always the newest: a trace's attention covers its last steps.
+        """
+        budget = self.opts.memory_budget
+        if budget is None or len(self.attention) <= self._att_lo:
+            return
+        if self.spill is not None:
+            if self._device_attention_bytes() > budget // DEVICE_SHARE:
+                self._spill()
+            return
+        held, s = self._device_attention_bytes(), self._att_lo
+        while held > budget and s < len(self.attention):
+            x = self.attention[s]
+            if x is not None:
+                held -= x.nbytes
+                self.attention[s] = None
+            s += 1
+        if s > self._att_lo:
+            self._att_lo = s
+            self._att_first = max(self._att_first, s)
+        self._warn_if_dropped()
+
+    def _release_dropped(self) -> None:
+        """Let go of the per-step rows of steps the host buffer dropped (they will never be read)."""
+        first = min(self.attention_first, len(self.attention))
+        for s in range(self._att_lo, first):
+            self.attention[s] = None
+        self._att_lo = max(self._att_lo, first)
+
+    def _warn_if_dropped(self) -> None:
+        """One RecordBudgetWarning a run, when its first rows are dropped."""
+        first = self.attention_first
+        if not first or self._warned:
+            return
+        import warnings
+
+        self._warned = True
+        warnings.warn(
+            f"Record(memory_budget={format_bytes(self.opts.memory_budget)}): the attention rows reached the budget, "
+            f"so the rows of the oldest {first} steps were dropped, and older steps' rows keep being dropped as the "
+            "run goes on (the newest are kept; trace.steps.has_attention says which steps have them, "
+            "trace.attention_dropped how many lack them). To keep more, raise it (Record(memory_budget='4GiB'), "
+            "or None for no limit) or record fewer layers and heads (attention_layers=..., attention_heads=...).",
+            RecordBudgetWarning, stacklevel=2)
 
     @property
     def steps(self) -> int:
@@ -271,6 +382,8 @@ class Recording:
         for col in self.columns.values():
             del col[steps:]
         del self.row_ids[steps:]
+        self._spilled = min(self._spilled, steps)
+        self._att_lo = min(self._att_lo, steps)
         if self._host is not None:
             self._host.forget(steps)
 
@@ -279,6 +392,7 @@ class Recording:
         self.drop_steps(steps)  # also tells the host copies
         del self.attention[steps:]
         del self.residuals[steps:]
+        self._att_first = min(self._att_first, steps)
         self._att_layers.clear()
         self._att_deferred.clear()
         self._res_layers.clear()
@@ -292,6 +406,8 @@ class Recording:
         other.row_ids = list(self.row_ids)
         other.prefill_attention = dict(self.prefill_attention)
         other._host = None if self._host is None else self._host.fork()
+        other._spilled, other._att_lo, other._att_first = self._spilled, self._att_lo, self._att_first
+        other._warned = self._warned
         return other
 
     # ---- forward-time capture ---------------------------------------------------------------
@@ -380,8 +496,10 @@ class Recording:
             if host is not None and host.done and self.spill is not None:
                 raise RuntimeError(f"recording spilled to host as {self.spill} (rows, prompt length), "
                                    f"asked for {(rows, prompt_length)}")
-            host = self._host = HostArrays(rows, prompt_length)
+            host = self._host = HostArrays(rows, prompt_length, self._host_budget())
         host.update(self, self.steps)
+        self._release_dropped()
+        self._warn_if_dropped()
         return host.views(self.steps)
 
     @contextmanager
@@ -431,85 +549,151 @@ class HostArrays:
     a rewind; a fork shares the buffers too), the buffers are copied unless every view of them is one
     handed out here and none reaches those rows (copy on write; any other view, such as a slice a user
     kept, is counted by its reference to the buffer and makes the write copy).
+
+    Attention rows have a buffer of their own, [slots, rows, layers, heads, width], whose slot 0 holds step
+    `att_base`: it holds the rows of steps `att_first` on, and stays within `budget` bytes by keeping only
+    the newest steps' rows (`_attention_plan`); the other buffers grow with the run.
     """
 
-    def __init__(self, rows: int, prompt_length: int):
+    def __init__(self, rows: int, prompt_length: int, budget: int | None = None):
         import weakref
 
         self.rows, self.prompt_length = rows, prompt_length
         self.bufs: dict[str, "np.ndarray"] = {}
         self.done = 0  # steps converted
         self.capacity = 0
+        self.budget = budget  # bytes the attention buffer may take (None: no limit)
+        self.att_first = 0  # steps before it have no attention rows (dropped to stay within the budget)
+        self.att_base = 0  # the step of the attention buffer's slot 0
         self._views: list[tuple] = []  # (weak reference to a view handed out, its steps)
         self._family = weakref.WeakSet([self])  # owners sharing these buffers (forks)
 
     def forget(self, steps: int) -> None:
         """Steps from `steps` on are to be converted again (a rewind, or a failed step)."""
         self.done = min(self.done, steps)
+        self.att_first = min(self.att_first, steps)
 
     def fork(self) -> "HostArrays":
         """A second owner of the same buffers (a forked session); either copies them before writing rows
         that a view of the other still shows."""
-        other = HostArrays(self.rows, self.prompt_length)
+        other = HostArrays(self.rows, self.prompt_length, self.budget)
         other.bufs, other.done, other.capacity = dict(self.bufs), self.done, self.capacity
+        other.att_first, other.att_base = self.att_first, self.att_base
         other._family = self._family
         self._family.add(other)
         return other
 
     def _free_from(self, step: int) -> bool:
         """Whether rows from `step` on may be written in place: every view of the buffers is one handed out
-        by this family, and none of them shows those rows."""
+        by this family, none of them shows those rows, and no other owner (a fork) holds them converted."""
         import sys
 
         family = list(self._family)
         live = [(v, n) for o in family for ref, n in o._views if (v := ref()) is not None]
         for name in self.bufs:
-            owners = sum(1 for o in family if o.bufs.get(name) is self.bufs[name])
+            sharing = [o for o in family if o.bufs.get(name) is self.bufs[name]]
             extents = [n for v, n in live if v.base is self.bufs[name]]
-            others = sys.getrefcount(self.bufs[name]) - 1 - owners  # 1: getrefcount's own argument
-            if others != len(extents) or any(n > step for n in extents):
+            others = sys.getrefcount(self.bufs[name]) - 1 - len(sharing)  # 1: getrefcount's own argument
+            if others != len(extents) or any(n > step for n in extents) or \
+                    any(o.done > step for o in sharing if o is not self):
                 return False
         return True
 
     def _resize(self, capacity: int) -> None:
-        """New buffers of `capacity` steps holding the converted prefix (the old ones stay with their views)."""
-        import weakref
-
+        """New buffers of `capacity` steps holding the converted prefix (the old ones stay with their views);
+        the attention buffer moves on its own (`_attention_buffer`). Views and forks are told apart by the
+        buffer they hold (`_free_from`), so none needs forgetting."""
         import numpy as np
 
         for name, old in self.bufs.items():
-            shape = (capacity, *old.shape[1:])
             if name == "attention":
-                shape = shape[:-1] + (self.prompt_length + capacity - 1,)
-            new = np.zeros(shape, dtype=old.dtype)
-            k = min(old.shape[-1], shape[-1]) if name == "attention" else None
-            new[: self.done, ..., :k] = old[: self.done, ..., :k]
+                continue
+            new = np.zeros((capacity, *old.shape[1:]), dtype=old.dtype)
+            new[: self.done] = old[: self.done]
             self.bufs[name] = new
         self.capacity = capacity
-        self._family.discard(self)
-        self._family = weakref.WeakSet([self])
-        self._views = []
 
-    def _buffer(self, name: str, like: torch.Tensor, width: int | None = None) -> "np.ndarray":
+    def _buffer(self, name: str, like: torch.Tensor | None) -> "np.ndarray":
+        """The buffer of `name` (made like `like` the first time)."""
         import numpy as np
 
         buf = self.bufs.get(name)
         if buf is None:
             field = SCHEMA.get(name)
-            shape = (self.capacity, self.rows, *like.shape[1:])
-            if width is not None:
-                shape = shape[:-1] + (width,)
             dtype = _host(torch.empty(0, dtype=like.dtype)).dtype
-            fill = 0 if field is None or width is not None or name == "residual" else field.fill
-            buf = self.bufs[name] = np.full(shape, fill, dtype=dtype)
+            fill = 0 if field is None or name == "residual" else field.fill
+            buf = self.bufs[name] = np.full((self.capacity, self.rows, *like.shape[1:]), fill, dtype=dtype)
         return buf
+
+    def _attention_plan(self, row_bytes: int, steps: int) -> tuple[int, int, int]:
+        """(first step kept, slots, width) of an attention buffer for steps up to `steps`, `row_bytes` a
+        (step, position) cell of every row, layer and head.
+
+        Within the budget it grows as the other buffers do (room for twice the steps). Past it, it holds what
+        fits of the newest steps at the context's width, less a quarter kept free (and as many positions of
+        width to spare), so that it moves (a copy of at most the budget) only every quarter of what fits:
+        rows are dropped in batches, a few rows' copying a step.
+        """
+        first = min(self.att_first, steps)
+        capacity = max(2 * steps, 64)
+        slots, width = capacity - first, self.prompt_length + capacity - 1
+        if self.budget is None or slots * width * row_bytes <= self.budget:
+            return first, slots, width
+        cells = self.budget // row_bytes
+        fit = cells // (self.prompt_length + steps - 1)  # steps of the current width that fit
+        spare = fit // 4
+        width = self.prompt_length + steps - 1 + spare
+        slots = cells // width
+        keep = max(0, min(steps - first, slots - spare))
+        return steps - keep, slots, width
+
+    def _attention_buffer(self, inner: tuple, dtype, steps: int, copy: bool) -> "np.ndarray":
+        """The attention buffer with room for steps [att_first, steps) at their context's width: the one
+        there, or a new one (`_attention_plan`) holding the kept rows already converted; `copy`: a new one
+        whatever (a view still shows the old one's rows about to be written)."""
+        import numpy as np
+
+        buf, first = self.bufs.get("attention"), min(self.att_first, steps)
+        if buf is not None and not copy and self.att_base <= first and steps - self.att_base <= buf.shape[0] \
+                and self.prompt_length + steps - 1 <= buf.shape[-1]:
+            return buf
+        row_bytes = self.rows * int(np.prod(inner)) * np.dtype(dtype).itemsize
+        first, slots, width = self._attention_plan(row_bytes, steps)
+        new = np.zeros((slots, self.rows, *inner, width), dtype=dtype)
+        if buf is not None:  # the rows kept that were converted before
+            lo, hi = max(first, self.att_first, self.att_base), min(self.done, steps, self.att_base + buf.shape[0])
+            if lo < hi:
+                k = min(buf.shape[-1], width)
+                new[lo - first : hi - first, ..., :k] = buf[lo - self.att_base : hi - self.att_base, ..., :k]
+        self.bufs["attention"] = new
+        self.att_base, self.att_first = first, max(self.att_first, first)
+        return new
+
+    def _update_attention(self, rec: "Recording", a: int, steps: int, ids: list, full: bool, copy: bool) -> None:
+        """Convert the attention rows of steps [a, steps) that the buffer keeps."""
+        self.att_first = max(self.att_first, rec._att_first)
+        items = rec.attention
+        like = next((x for x in items[a:steps] if x is not None), None)
+        buf = self.bufs.get("attention")
+        if like is None and buf is None:
+            return
+        inner, dtype = (like.shape[1:-1], _host(like[:0]).dtype) if like is not None else (buf.shape[2:-1], buf.dtype)
+        buf = self._attention_buffer(tuple(inner), dtype, steps, copy)
+        for s in range(max(a, self.att_first), steps):
+            x = items[s] if s < len(items) else None
+            slot = s - self.att_base
+            buf[slot] = 0
+            if x is not None:
+                where = slice(None) if ids[s - a] is None or full else ids[s - a].cpu().numpy()
+                buf[slot, where, ..., : x.shape[-1]] = _host(x)
 
     def update(self, rec: "Recording", steps: int) -> None:
         """Convert the steps not yet on the host."""
+        copy = self.done < steps and not self._free_from(self.done)  # a view still shows rows about to be written
         if steps > self.capacity:
             self._resize(max(2 * steps, 64))
-        elif self.done < steps and not self._free_from(self.done):
-            self._resize(self.capacity)  # a copy: a view still shows the rows about to be written
+        elif copy:
+            self._resize(self.capacity)
         a = self.done
         if a >= steps:
             self.done = steps
@@ -526,18 +710,15 @@ class HostArrays:
                 for i in r.tolist():
                     present[i] = True
                 self.bufs["finished"][s, [i for i, p in enumerate(present) if not p]] = True
-        for name, items in (("attention", rec.attention), ("residual", rec.residuals)):
-            like = next((x for x in items[:steps] if x is not None), None)
-            if like is None:
-                continue
-            width = self.prompt_length + self.capacity - 1 if name == "attention" else None
-            buf = self._buffer(name, like, width)
+        self._update_attention(rec, a, steps, ids, full, copy)
+        like = next((x for x in rec.residuals[a:steps] if x is not None), None)
+        if like is not None or "residual" in self.bufs:
+            buf = self._buffer("residual", like)
             for s in range(a, steps):
-                x = items[s] if s < len(items) else None
+                x = rec.residuals[s] if s < len(rec.residuals) else None
                 buf[s] = 0
                 if x is not None:
-                    where = slice(None) if ids[s - a] is None or full else ids[s - a].cpu().numpy()
-                    buf[s, where, ..., : x.shape[-1]] = _host(x)
+                    buf[s, slice(None) if ids[s - a] is None or full else ids[s - a].cpu().numpy()] = _host(x)
         self.done = steps
 
     def views(self, steps: int) -> dict:
@@ -549,7 +730,12 @@ class HostArrays:
         self._views = [(ref, n) for ref, n in self._views if ref() is not None]
         out = {}
         for name, buf in self.bufs.items():
-            out[name] = buf[:steps, ..., : self.prompt_length + steps - 1] if name == "attention" else buf[:steps]
+            if name == "attention":  # the newest steps', from att_first (older ones dropped: `_attention_plan`)
+                lo = min(self.att_first, steps)
+                kept = buf[lo - self.att_base : steps - self.att_base] if lo < steps else buf[:0]
+                out[name] = kept[..., : self.prompt_length + steps - 1]
+            else:
+                out[name] = buf[:steps]
             self._views.append((weakref.ref(out[name]), steps))
         if "token_id" not in out:  # nothing recorded yet: zero steps of `rows` rows
             out["token_id"] = np.zeros((0, self.rows), dtype=np.int64)

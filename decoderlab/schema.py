@@ -5,7 +5,8 @@ trace from another source (an HTTP API gives token strings and logprobs, nothing
 `Trace.load` that checks a file all need to agree on names, dimensions and dtypes. Written down
 here, that agreement is checked instead of assumed. Every array is step-major: its first two
 dimensions are (step, row), except the beam tree's, which are (step, candidate). Only `token_id` is required; frames show NA where a source did not
-record an array.
+record an array. `attention` may cover only the newest steps (its first dimension shorter than `token_id`'s):
+a `Record(memory_budget=...)` dropped the oldest steps' rows.
 
 A row that has finished (EOS) emits no more tokens: at its later steps `finished` is True and every
 other array holds its field's `fill` value. Frames leave those (step, row) pairs out.
@@ -32,6 +33,7 @@ class Field:
     required: bool
     meaning: str
     recorded_by: str  # the Record option or recorder that writes it
+    newest: bool = False  # may hold only the newest steps: the oldest dropped under Record(memory_budget=...)
 
     @property
     def fill(self) -> Any:
@@ -40,8 +42,8 @@ class Field:
         return {"f": np.nan, "b": False}.get(kind, -1)
 
 
-def _f(name: str, dims: str, dtype: str, meaning: str, by: str, required: bool = False) -> Field:
-    return Field(name, tuple(dims.split()), dtype, required, meaning, by)
+def _f(name: str, dims: str, dtype: str, meaning: str, by: str, required: bool = False, newest: bool = False) -> Field:
+    return Field(name, tuple(dims.split()), dtype, required, meaning, by, newest)
 
 
 _FIELDS = [
@@ -66,7 +68,8 @@ _FIELDS = [
        "processors"),
     _f("logits", "step row vocab", "float16", "the full raw logits", "Record(logits=True)"),
     _f("attention", "step row layer head position", "float16",
-       "the new token's attention over the context (zero beyond it)", "Record(attention=True)"),
+       "the new token's attention over the context (zero beyond it); the newest steps only, when "
+       "Record(memory_budget=...) dropped the oldest", "Record(attention=True)", newest=True),
     _f("residual", "step row layer hidden", "float32", "each layer's residual at the new position",
        "Record(lens=True)"),
     _f("lens_id", "step row layer lens_rank", "int64", "logit lens: each layer's top tokens", "Record(lens=True)"),
@@ -119,7 +122,8 @@ def schema_frame():
 def check_arrays(arrays: Mapping[str, np.ndarray], where: str = "trace") -> None:
     """Raise `SchemaError` naming the first array that contradicts the schema.
 
-    Arrays not in the schema (a user's own recorders) only need the shared (step, row) leading dimensions.
+    Arrays not in the schema (a user's own recorders) only need the shared (step, row) leading dimensions;
+    a field that may hold only the newest steps (`attention`) may have fewer steps.
     """
     if "token_id" not in arrays:
         raise SchemaError(f"{where}: the required array 'token_id' is missing")
@@ -136,10 +140,10 @@ def check_arrays(arrays: Mapping[str, np.ndarray], where: str = "trace") -> None
             if np.dtype(arr.dtype) != np.dtype(field.dtype):
                 raise SchemaError(f"{where}: array {name!r} is {arr.dtype}, the schema says {field.dtype}")
             continue
-        if tuple(shape[:2]) != tuple(lead):
+        newest = field is not None and field.newest and len(shape) >= 2 and shape[1] == lead[1] and shape[0] <= lead[0]
+        if tuple(shape[:2]) != tuple(lead) and not newest:
             raise SchemaError(f"{where}: array {name!r} has shape {shape}, but its (step, row) must be {lead} "
-                              "like token_id's")
-        field = SCHEMA.get(name)
+                              "like token_id's" + (" (or fewer steps: the newest)" if field and field.newest else ""))
         if field is None:
             continue
         if len(shape) != len(field.dims):

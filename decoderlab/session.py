@@ -50,7 +50,7 @@ class Session:
             # sampling (asked for, or the model's default) with no seed: pick one, so that rewinds reproduce the draws
             strategy.seed = random.randrange(2**31)
         record.check(model)
-        self.recording = Recording(record)
+        self.recording = Recording(record, host=(1, prompt_ids.shape[1]))  # steps move to host buffers as in generate
         self.branches: list[Session] = [self]
         self.branch, self.parent, self.fork_step = 0, None, None
         self._rng_states: list = []

@@ -16,11 +16,12 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import TraceFileError  # noqa: F401 (re-exported)
-from .display import escape, format_prob, format_rank
+from .errors import AttentionDroppedError, TraceFileError  # noqa: F401 (re-exported)
+from .display import escape, format_bytes, format_prob, format_rank
 from .schema import SchemaError, check_arrays
 
-FORMAT_VERSION = 2  # 2: rows (per-row seeds and stop reasons; finished rows' steps hold fill values)
+FORMAT_VERSION = 3  # 2: rows (per-row seeds and stop reasons; finished rows' steps hold fill values);
+# 3: attention may hold only the newest steps (Record(memory_budget=...)), and the budget is kept
 
 
 
@@ -50,6 +51,7 @@ class Trace:
     row_stop_reasons: list = field(default_factory=list)  # per row: "eos", or the run's stop reason
     seeds: list = field(default_factory=list)  # per row: the seed its draws came from (None: unseeded)
     row_scores: list = field(default_factory=list)  # per row: beam search's normalised score (empty otherwise)
+    memory_budget: int | None = None  # Record(memory_budget=...) in bytes, as recorded (None: no limit, or unknown)
 
     # ---- basic facts ---------------------------------------------------------------------
     @property
@@ -185,7 +187,10 @@ class Trace:
             return self if own == self.stop_reason else replace(self, stop_reason=own)
         length = int(self._alive()[:, i].sum()) if self.num_steps else 0
         lazy_lens = "residual" in self.arrays and self.lens_object is not None
-        arrays = {k: np.ascontiguousarray(v[:length] if _per_step(k) else v[:length, i : i + 1])
+        dropped = self.attention_dropped  # attention holds the newest steps: step t at t - dropped
+        arrays = {k: np.ascontiguousarray(v[:length] if _per_step(k) else
+                                          v[: max(0, length - dropped), i : i + 1] if k == "attention" else
+                                          v[:length, i : i + 1])
                   for k, v in self.arrays.items() if not (lazy_lens and k.startswith("lens_"))}
         strategy = dict(self.strategy)
         if i < len(self.seeds):
@@ -227,6 +232,7 @@ class Trace:
             "prob": prob, "logprob": cols["logprob"], "rank": ranks["rank"], "entropy": cols["entropy"],
             "final_prob": final_prob, "final_logprob": cols["final_logprob"], "final_rank": ranks["final_rank"],
             "final_entropy": cols["final_entropy"], "forced": forced, "choice": choice, "why": why,
+            "has_attention": self.has_attention & (step >= self.attention_dropped),
         })
 
     @cached_property
@@ -274,7 +280,27 @@ class Trace:
     # ---- attention -------------------------------------------------------------------------
     @property
     def has_attention(self) -> bool:
+        """Whether attention was recorded (`attention_dropped` says how many of the first steps lack it)."""
         return "attention" in self.arrays
+
+    @property
+    def attention_dropped(self) -> int:
+        """How many of the oldest steps have no attention rows: dropped to keep the recording within
+        `Record(memory_budget=...)` (the rows kept are those of the newest steps; `steps.has_attention`)."""
+        att = self.arrays.get("attention")
+        return 0 if att is None else self.num_steps - att.shape[0]
+
+    def _attention_at(self, step: int) -> np.ndarray:
+        """[rows, layers, heads, positions] of a step that has attention rows; a clear error for one whose rows
+        were dropped."""
+        dropped = self.attention_dropped
+        if step < dropped:
+            budget = "" if self.memory_budget is None else f"={format_bytes(self.memory_budget)}"
+            raise AttentionDroppedError(
+                f"step {step} has no attention rows: the rows of steps 0-{dropped - 1} were dropped to keep the "
+                f"recording within Record(memory_budget{budget}); steps {dropped}-{self.num_steps - 1} have theirs "
+                "(trace.steps.has_attention). Record again with a larger memory_budget (or None) to keep them all.")
+        return self.arrays["attention"][step - dropped]
 
     def context_length(self, step: int) -> int:
         """How many positions step `step`'s query attended over (prompt + earlier tokens)."""
@@ -290,20 +316,21 @@ class Trace:
             raise ValueError("this trace has no attention: record it with Record(attention=True)")
         if not 0 <= step < self.num_steps:
             raise IndexError(f"step {step} is outside this trace's {self.num_steps} steps")
-        return self.arrays["attention"][step, row, :, :, : self.context_length(step)].astype(np.float32)
+        return self._attention_at(step)[row, :, :, : self.context_length(step)].astype(np.float32)
 
     def attention_frame(self, steps: Sequence[int] | None = None, layers: Sequence[int] | None = None,
                         heads: Sequence[int] | None = None, mean_over: Sequence[str] = ()) -> pd.DataFrame:
         """Attention rows as a long frame, narrowed first and optionally averaged over 'head' and/or 'layer'.
 
-        Narrowing before building keeps memory small; the full frame is `trace.attention`.
+        Narrowing before building keeps memory small; the full frame is `trace.attention`. Steps whose rows
+        were dropped under `Record(memory_budget=...)` are left out (asking for one by name is an
+        `AttentionDroppedError`).
         """
         if not self.has_attention:
             raise ValueError("this trace has no attention: record it with Record(attention=True)")
         bad = set(mean_over) - {"head", "layer"}
         if bad:
             raise ValueError(f"mean_over takes 'head' and/or 'layer', not {sorted(bad)}")
-        att = self.arrays["attention"]  # [S, B, L', H', K]
         layer_ids = np.array(self.attention_layers)
         head_ids = np.array(self.attention_heads)
         for asked, have, what in ((layers, self.attention_layers, "layers"), (heads, self.attention_heads, "heads")):
@@ -312,13 +339,14 @@ class Trace:
                 raise ValueError(f"{what} {missing} were not recorded; this trace has {what} {list(have)}")
         li = np.arange(len(layer_ids)) if layers is None else np.array([self.attention_layers.index(x) for x in layers])
         hi = np.arange(len(head_ids)) if heads is None else np.array([self.attention_heads.index(x) for x in heads])
-        step_list = range(self.num_steps) if steps is None else steps
+        step_list = range(self.attention_dropped, self.num_steps) if steps is None else steps
         alive = self._alive()
         frames = []
         for s in step_list:
             k = self.context_length(s)
+            att = self._attention_at(s)  # [B, L', H', K]
             for r in np.flatnonzero(alive[s]):
-                w = att[s, r][li][:, hi][..., :k].astype(np.float32)  # [l, h, k]
+                w = att[r][li][:, hi][..., :k].astype(np.float32)  # [l, h, k]
                 lv, hv = layer_ids[li], head_ids[hi]
                 if "head" in mean_over:
                     w = w.mean(axis=1, keepdims=True)
@@ -461,6 +489,7 @@ class Trace:
             "attention_layers": self.attention_layers, "attention_heads": self.attention_heads,
             "branch": self.branch, "parent": self.parent, "fork_step": self.fork_step, "lens_top_k": self.lens_top_k,
             "row_stop_reasons": self.row_stop_reasons, "seeds": self.seeds, "row_scores": self.row_scores,
+            "memory_budget": self.memory_budget,
             "arrays": {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in self._saved_arrays().items()},
         }
 
@@ -479,10 +508,14 @@ class Trace:
         arrays = self._saved_arrays()
         cols, names = [], []
         for name, arr in arrays.items():
-            flat = np.ascontiguousarray(arr).reshape(arr.shape[0], -1)
+            flat = np.ascontiguousarray(arr).reshape(arr.shape[0], int(np.prod(arr.shape[1:])))
             width = flat.shape[1]
             values = pa.array(flat.reshape(-1))
-            cols.append(pa.FixedSizeListArray.from_arrays(values, width) if width else pa.nulls(arr.shape[0]))
+            col = pa.FixedSizeListArray.from_arrays(values, width) if width else pa.nulls(arr.shape[0])
+            missing = self.num_steps - arr.shape[0]  # attention of the newest steps only: the oldest rows null
+            if missing > 0:
+                col = pa.concat_arrays([pa.nulls(missing, col.type), col])
+            cols.append(col)
             names.append(name)
         meta = {b"decoderlab": json.dumps(self._meta()).encode()}
         for layer, m in self.prefill_attention.items():
@@ -563,7 +596,7 @@ class Trace:
             parent=meta["parent"], fork_step=meta["fork_step"], lens_top_k=meta["lens_top_k"],
             row_stop_reasons=meta.get("row_stop_reasons", [meta["stop_reason"]] * len(meta["texts"])),
             seeds=meta.get("seeds", [meta["strategy"].get("seed")] * len(meta["texts"])),
-            row_scores=meta.get("row_scores", []),
+            row_scores=meta.get("row_scores", []), memory_budget=meta.get("memory_budget"),
         )
 
     # ---- what-if (a thin forward to decoderlab.whatif) ----------------------------------------
@@ -648,7 +681,7 @@ def _jsonable(value: Any) -> Any:
 
 
 STEP_COLUMNS = ["step", "row", "branch", "token_id", "token", "prob", "logprob", "rank", "entropy", "final_prob",
-                "final_logprob", "final_rank", "final_entropy", "forced", "choice", "why"]
+                "final_logprob", "final_rank", "final_entropy", "forced", "choice", "why", "has_attention"]
 CANDIDATE_COLUMNS = ["step", "row", "branch", "rank", "token_id", "token", "logit", "prob", "final_prob", "chosen"]
 PROCESSOR_COLUMNS = ["step", "row", "branch", "order", "processor", "mass_removed", "rank_before", "rank_after",
                      "rank_changed", "prob_after"]

@@ -134,9 +134,19 @@ def random_traces(draw):
     lp = [[draw(st.floats(-30, 0)) for _ in r] for r in toks]
     k = draw(st.integers(0, 3))
     top = [[[(draw(TOKEN_TEXT), draw(st.floats(-30, 0))) for _ in range(k)] for _ in r] for r in toks]
-    return from_tokens(toks, lp, top if k else None, prompt=draw(TOKEN_TEXT), prompt_tokens=draw(st.lists(TOKEN_TEXT,
-                       max_size=3)), model_name=draw(TOKEN_TEXT), stop_reason=draw(st.sampled_from(["eos", None])),
-                       strategy={"temperature": draw(st.floats(0.1, 2)), "note": draw(TOKEN_TEXT)})
+    prompt_tokens = draw(st.lists(TOKEN_TEXT, max_size=3))
+    arrays = {}
+    steps = max(len(r) for r in toks)
+    if draw(st.booleans()):  # attention rows, the oldest steps' maybe dropped under a memory budget
+        kept = draw(st.integers(0, steps))
+        shape = (kept, rows, draw(st.integers(1, 2)), draw(st.integers(1, 2)), len(prompt_tokens) + steps - 1)
+        seed = draw(st.integers(0, 2**16))
+        arrays["attention"] = np.random.default_rng(seed).random(shape).astype(np.float16)
+    tr = from_tokens(toks, lp, top if k else None, prompt=draw(TOKEN_TEXT), prompt_tokens=prompt_tokens,
+                     model_name=draw(TOKEN_TEXT), stop_reason=draw(st.sampled_from(["eos", None])),
+                     strategy={"temperature": draw(st.floats(0.1, 2)), "note": draw(TOKEN_TEXT)}, arrays=arrays)
+    tr.memory_budget = draw(st.one_of(st.none(), st.integers(1, 2**40)))
+    return tr
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -146,9 +156,38 @@ def test_save_load_round_trips_every_frame_and_field(tmp_path, tr):
     for frame in ("steps", "candidates", "runs"):
         pd.testing.assert_frame_equal(getattr(back, frame), getattr(tr, frame))
     for name in ("prompt", "model_name", "strategy", "stop_reason", "texts", "token_text", "seeds", "row_stop_reasons",
-                 "processor_names", "chooser", "branch", "parent", "fork_step"):
+                 "processor_names", "chooser", "branch", "parent", "fork_step", "memory_budget", "attention_dropped"):
         assert getattr(back, name) == getattr(tr, name), name
     np.testing.assert_array_equal(back.prompt_ids, tr.prompt_ids)
+    assert set(back.arrays) == set(tr.arrays)
+    for name, arr in tr.arrays.items():
+        assert back.arrays[name].dtype == arr.dtype, name
+        np.testing.assert_array_equal(back.arrays[name], arr, err_msg=name)
+
+
+def test_attention_of_the_newest_steps_only():
+    """A trace whose attention covers its last steps (the oldest dropped under Record(memory_budget=...)): the frames
+    flag the steps without rows, the accessors index by step, and arrays that contradict the schema are refused."""
+    from decoderlab.schema import SchemaError, check_arrays
+
+    att = np.random.default_rng(0).random((2, 1, 1, 2, 2 + 4 - 1)).astype(np.float16)  # steps 2, 3 of 4
+    tr = from_tokens(["a", "b", "c", "d"], prompt_tokens=["p", "q"], arrays={"attention": att},
+                     attention_layers=[0], attention_heads=[0, 1])
+    assert tr.attention_dropped == 2 and tr.steps.has_attention.tolist() == [False, False, True, True]
+    np.testing.assert_array_equal(tr.attention_weights(3), att[1, 0, :, :, :5].astype(np.float32))
+    assert sorted(tr.attention.step.unique()) == [2, 3]
+    with pytest.raises(dl.errors.AttentionDroppedError, match="step 1 has no attention rows: the rows of steps 0-1"):
+        tr.attention_weights(1)
+    with pytest.raises(dl.errors.AttentionDroppedError):
+        tr.attention_frame(steps=[0, 3])
+    no_attention = from_tokens(["a", "b"])
+    assert no_attention.attention_dropped == 0 and not no_attention.steps.has_attention.any()
+    ids = np.zeros((4, 1), np.int64)
+    for bad in (np.zeros((5, 1, 1, 2, 5), np.float16), np.zeros((2, 2, 1, 2, 5), np.float16)):
+        with pytest.raises(SchemaError, match="'attention' has shape"):
+            check_arrays({"token_id": ids, "attention": bad})
+    with pytest.raises(SchemaError, match="'logprob' has shape"):  # only attention may hold fewer steps
+        check_arrays({"token_id": ids, "logprob": np.zeros((2, 1), np.float32)})
 
 
 def test_loading_never_unpickles(tmp_path):
