@@ -366,11 +366,12 @@ class Recording:
         self._warned = True
         warnings.warn(
             f"Record(memory_budget={format_bytes(self.opts.memory_budget)}): the attention rows reached the budget, "
-            f"so the rows of the oldest {first} steps were dropped, and older steps' rows keep being dropped as the "
-            "run goes on (the newest are kept; trace.steps.has_attention says which steps have them, "
-            "trace.attention_dropped how many lack them). To keep more, raise it (Record(memory_budget='4GiB'), "
-            "or None for no limit) or record fewer layers and heads (attention_layers=..., attention_heads=...).",
-            RecordBudgetWarning, stacklevel=2)
+            f"so the rows of the oldest {first} step{'s' if first > 1 else ''} were dropped, and older steps' rows "
+            "keep being dropped as the run goes on (the newest are kept; trace.steps.has_attention says which steps "
+            "have them, trace.attention_dropped how many lack them). To keep more, raise it "
+            "(Record(memory_budget='4GiB'), or None for no limit) or record fewer layers and heads "
+            "(attention_layers=..., attention_heads=...).",
+            RecordBudgetWarning, stacklevel=_caller_level())
 
     @property
     def steps(self) -> int:
@@ -515,6 +516,20 @@ class Recording:
                 yield self
             finally:
                 self._flush_forward()
+
+
+def _caller_level() -> int:
+    """The `stacklevel` that points a warning at the caller of decoderlab's outermost frame (the user's `generate`
+    line; torch's decorators sit between decoderlab's frames)."""
+    import os
+    import sys
+
+    package, frame, level, outermost = os.path.dirname(__file__), sys._getframe(2), 2, 2
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(package):
+            outermost = level
+        frame, level = frame.f_back, level + 1
+    return outermost + 1
 
 
 def _stack_rows(items: list, row_ids: list, rows: int, full: bool, name: str, zero: bool = False) -> torch.Tensor:

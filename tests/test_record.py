@@ -212,6 +212,7 @@ def test_budget_drops_the_oldest_rows_once_with_one_warning_and_keeps_the_newest
     assert len(warned) == 1
     assert "memory_budget=" in str(warned[0].message) and "oldest" in str(warned[0].message)
     assert "Record(memory_budget='4GiB'" in str(warned[0].message)  # how to raise it
+    assert warned[0].filename == __file__  # shown at the user's generate line
 
     dropped = part.attention_dropped
     assert 100 < dropped < 200 - 20 and part.memory_budget == budget and full.attention_dropped == 0
