@@ -23,6 +23,7 @@ NAME = "decoderlab_sdpa"
 
 # The sink a recording run writes to: (layer_idx, weights [B, H, K]) -> None; None when not recording.
 _sink: Callable[[int, torch.Tensor, torch.Tensor | None], None] | None = None
+_recording = False  # whether a sink is set: a bool, which code compiled by torch.compile specialises on once
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -33,8 +34,10 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
 
 
 def _causal(q_len: int, k_len: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """The causal mask sdpa leaves implicit (`is_causal`) when no mask tensor was built."""
-    i = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+    """The causal mask sdpa leaves implicit (`is_causal`) when no mask tensor was built: aligned to the first
+    keys, as sdpa aligns it (query i sees keys 0..i). Only a forward from an empty cache builds no mask, and a
+    static cache holds more key slots than that forward fills."""
+    i = torch.arange(q_len, device=device)[:, None]
     j = torch.arange(k_len, device=device)[None, :]
     out = torch.zeros(q_len, k_len, dtype=dtype, device=device).masked_fill(j > i, torch.finfo(dtype).min)
     return out[None, None]
@@ -89,19 +92,60 @@ def recording_attention(module, query, key, value, attention_mask, dropout=0.0, 
         if mask is None and query.shape[2] > 1:
             mask = _causal(query.shape[2], key.shape[2], query.dtype, query.device)
         out, weights = eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
-        if _sink is not None:
-            _sink(module.layer_idx, weights[:, :, -1, :].float(), weights if query.shape[2] > 1 else None)
+        if _recording:
+            _hand(module, query, key, attention_mask, scaling, weights=weights)
         return out, None
     out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if _sink is not None:
-        wants_full = query.shape[2] > 1 and getattr(_sink, "wants_full", False)
-        defer = getattr(_sink, "defer", None)
-        if defer is not None and attention_mask is None and not wants_full:
-            defer(module.layer_idx, query[:, :, -1:], key, scaling)  # rows of all layers at once: `last_rows`
-            return out, None
-        full = attention_weights(module, query, key, attention_mask, scaling) if wants_full else None
-        _sink(module.layer_idx, last_row(module, query, key, attention_mask, scaling), full)
+    if _recording:
+        if attention_mask is None and query.shape[2] > 1:
+            key = key[:, :, : query.shape[2]]  # is_causal: the last query sees the first Q keys (see `_causal`)
+        # with a mask (every decode step over a static cache) the row is computed here, where compiled code fuses it
+        row = None if attention_mask is None else last_row(module, query, key, attention_mask, scaling)
+        _hand(module, query, key, attention_mask, scaling, row=row)
     return out, None
+
+
+def _hand_to_sink(module, query, key, attention_mask, scaling: float, row: torch.Tensor | None = None,
+                  weights: torch.Tensor | None = None) -> None:
+    """Give the sink this layer's row: `row` computed already, read off `weights` (the model's eager function
+    computed them), or computed here from the last query and the keys (or handed over as they are, for
+    `last_rows`). Nothing without a sink."""
+    if _sink is None:
+        return
+    if weights is not None:
+        _sink(module.layer_idx, weights[:, :, -1, :].float(), weights if query.shape[2] > 1 else None)
+        return
+    if row is not None and not (query.shape[2] > 1 and getattr(_sink, "wants_full", False)):
+        _sink(module.layer_idx, row, None)
+        return
+    wants_full = query.shape[2] > 1 and getattr(_sink, "wants_full", False)
+    defer = getattr(_sink, "defer", None)
+    if defer is not None and attention_mask is None and not wants_full:
+        defer(module.layer_idx, query[:, :, -1:], key, scaling)  # rows of all layers at once: `last_rows`
+        return
+    full = attention_weights(module, query, key, attention_mask, scaling) if wants_full else None
+    _sink(module.layer_idx, last_row(module, query, key, attention_mask, scaling), full)
+
+
+_hand = _hand_to_sink  # what the attention function calls (`sink_outside_compiled_code` swaps it)
+_hand_uncompiled: Callable | None = None
+
+
+@contextmanager
+def sink_outside_compiled_code() -> Iterator[None]:
+    """Within the block, handing a row to the sink runs eagerly even where torch.compile traces the attention
+    function (a graph break): the sink is Python that records, and changes from run to run, which compiled code
+    must neither trace nor guard on. The disabled function is made once, so compiled code keeps matching it."""
+    global _hand, _hand_uncompiled
+    if _hand_uncompiled is None:
+        import torch._dynamo
+
+        _hand_uncompiled = torch._dynamo.disable(_hand_to_sink)
+    before, _hand = _hand, _hand_uncompiled
+    try:
+        yield
+    finally:
+        _hand = before
 
 
 def last_rows(queries: list[torch.Tensor], keys: list[torch.Tensor], scaling: float,
@@ -158,15 +202,15 @@ def recording(model, sink: Callable[[int, torch.Tensor, torch.Tensor | None], No
 
     Yields "fast" (the recording function) or "eager" (fallback: the caller reads `output_attentions`).
     """
-    global _sink
+    global _sink, _recording
     before = model.config._attn_implementation
     if supported(model):
         _set_implementation(model, NAME)
-        _sink = sink
+        _sink, _recording = sink, True
         try:
             yield "fast"
         finally:
-            _sink = None
+            _sink, _recording = None, False
             _set_implementation(model, before)
     else:
         warnings.warn(

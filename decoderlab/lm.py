@@ -140,6 +140,7 @@ class LM:
         on_token: Callable[[int, str], None] | None = None,
         seeds: Sequence[int] | None = None,
         stream_row: int = 0,
+        compile: bool = False,
         **strategy: Any,
     ) -> Trace:
         """Decode to a stop with everything recorded. Takes `model.generate`'s strategy words, plus
@@ -149,16 +150,19 @@ class LM:
         alone, and stops at its own EOS); `on_token(step, text)` streams row `stream_row`. With
         `num_beams > 1` the rows are the returned beams and `on_token` is not called (a beam's tokens are
         known only once the search ends).
+        `compile=True` takes the fast path on a GPU: a static KV cache and the decode step captured once as a CUDA
+        graph, recording on (`decoderlab.fast`); token-by-token strategies only (not beams, contrastive search, DoLa).
         On Ctrl-C the trace so far is returned (stop_reason "interrupted"); on another error, the
         trace so far is attached to the exception as `err.trace`.
         """
         ids, text = self.encode(prompt, chat=chat, system=system)
         return self.generate_ids(ids, text, record=record, progress=progress, on_token=on_token, seeds=seeds,
-                                 stream_row=stream_row, **strategy)
+                                 stream_row=stream_row, compile=compile, **strategy)
 
     def generate_ids(self, ids: torch.Tensor, prompt_text: str = "", *, record: Record | None = None,
                      progress: bool | None = None, on_token: Callable[[int, str], None] | None = None,
-                     seeds: Sequence[int] | None = None, stream_row: int = 0, **strategy: Any) -> Trace:
+                     seeds: Sequence[int] | None = None, stream_row: int = 0, compile: bool = False,
+                     **strategy: Any) -> Trace:
         """`generate` from token ids [1, P] already encoded (the prompt text is kept for the trace)."""
         record = record or Record()
         if ids.shape[1] == 0:
@@ -169,6 +173,11 @@ class LM:
             raise PromptError(f"stream_row={stream_row!r}: must be a row in [0, {rows})")
         strat = self.strategy(ids.shape[1], **strategy)
         record.check(self.model)
+        if not isinstance(compile, bool):
+            raise StrategyError(f"compile={compile!r}: must be True (the fast path) or False")
+        if compile and strat.method != "token":
+            raise StrategyError(f"compile=True with {strat.method} decoding: the fast path captures one forward per "
+                                "step, which beam search, contrastive search and DoLa do not have; leave compile off")
         if strat.num_beams > 1:
             if seeds is not None:
                 raise StrategyError("seeds= with num_beams > 1: a beam search returns its own rows "
@@ -196,9 +205,12 @@ class LM:
         state = None
         try:
             step_fn = _step_function(strat)
+            decoder = self._captured_decoder(ids.shape[1], strat, observers) if compile else None
             with recording.attached(self.model):
                 state = loop.prefill(self.model, batch, strat, observers, seeds=row_seeds,
-                                     keep_hidden=step_fn is not loop.step)
+                                     keep_hidden=step_fn is not loop.step,
+                                     cache=None if decoder is None else decoder.cache)
+                state.forward = decoder
                 loop.run(self.model, state, strat, observers, max_length=self.context_window, on_token=stream,
                          step_fn=step_fn)
         except KeyboardInterrupt:
@@ -215,6 +227,13 @@ class LM:
             if bar is not None:
                 bar.close()
         return from_recording(recording, state, strat, info, prompt_text, seeds=row_seeds)
+
+    def _captured_decoder(self, prompt_length: int, strat: Strategy, observers: list):
+        """The fast path's forwards: a static cache for the prompt and every step's token (within the window)."""
+        from .fast import CapturedDecoder, cache_length
+
+        return CapturedDecoder(self.model, cache_length(prompt_length + strat.max_new_tokens, self.context_window),
+                               observers)
 
     def _beam_search(self, ids: torch.Tensor, prompt_text: str, strat: Strategy, record: Record) -> Trace:
         """`generate` with num_beams > 1: the returned sequences as rows, best first, and the tree."""

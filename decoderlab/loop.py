@@ -41,6 +41,7 @@ class State:
     keep_hidden: bool = False  # keep every layer's hidden states of the last forward (DoLa, contrastive search)
     hidden: tuple | None = None  # those: (embeddings, layer 1, ..., last layer after the final norm), [B, T_new, D]
     extra: dict = field(default_factory=dict)  # what a strategy's own rule carries from step to step
+    forward: Callable | None = None  # runs this state's forwards instead of `forward` (the fast path's captured step)
 
     def __post_init__(self):
         if self.row_ids is None:
@@ -125,6 +126,8 @@ def forward_hidden(model, input_ids: torch.Tensor, cache: DynamicCache) -> tuple
 
 
 def _forward(model, state: "State", input_ids: torch.Tensor) -> torch.Tensor:
+    if state.forward is not None:
+        return state.forward(model, state, input_ids)
     if state.keep_hidden:
         logits, state.hidden = forward_hidden(model, input_ids, state.cache)
         return logits
@@ -238,7 +241,12 @@ def step(
     logits = ensure_logits(model, state, observers)
     keep = any(o.keep_stages for o in observers)
     scores, stages = process(strategy, state.ids, logits, keep, state.steps)
-    return choose(state, strategy, logits, scores, stages, observers, force)
+    ahead = None
+    if state.forward is not None and getattr(state.forward, "forwards_ahead", None) is not None and \
+            state.forward.forwards_ahead(state, strategy):
+        def ahead(advanced: State) -> None:
+            ensure_logits(model, advanced, observers)
+    return choose(state, strategy, logits, scores, stages, observers, force, ahead=ahead)
 
 
 @torch.inference_mode()
@@ -252,10 +260,15 @@ def choose(
     force: torch.Tensor | None = None,
     decision: dict | None = None,
     inputs: torch.Tensor | None = None,
+    ahead: Callable[[State], None] | None = None,
 ) -> torch.Tensor:
     """The end of every step: the chooser picks from `scores` (`force` overrides it, finished rows get padding),
     observers see the step (`decision`: what a strategy's own rule decided, e.g. DoLa's layer), and the token
-    is appended, to be forwarded at the start of the next step. `step` and DoLa's step end here."""
+    is appended, to be forwarded at the start of the next step. `step` and DoLa's step end here.
+
+    `ahead(state)` (the fast path) forwards the token at once instead, before the observers see the step: the
+    host records this step while the GPU runs the next forward. Otherwise a failing observer leaves the state
+    as it was before the step."""
     token = strategy.chooser(scores, state.generators)
     forced = torch.zeros_like(state.finished)
     if force is not None:
@@ -265,21 +278,32 @@ def choose(
         token = torch.where(state.finished, torch.full_like(token, strategy.pad_token_id), token)
     ctx = StepContext(state.steps, state.ids, logits, scores, stages, token, forced, state.finished, state.row_ids,
                       {} if decision is None else decision, inputs)
+    if ahead is not None:
+        _append(state, strategy, token)
+        ahead(state)
     for o in observers:
         o.on_step(ctx)
+    if ahead is None:
+        _append(state, strategy, token)
+    return token
+
+
+def _append(state: State, strategy: Strategy, token: torch.Tensor) -> None:
+    """The chosen token joins the rows' ids, pending its forward (the step's context keeps the tensors before)."""
     state.ids = torch.cat([state.ids, token[:, None]], dim=-1)
     state.pending = token
     if strategy.eos_token_ids:
         state.finished = state.finished | torch.isin(token, strategy.eos_tensor(token.device))
-    return token
 
 
 def retire_finished(state: State) -> None:
     """Take rows that reached EOS out of the batch (cache, ids, generators), so they cost nothing more.
 
-    Only while other rows still run: a run of one row, or a session, keeps its row (and can rewind).
+    Only while other rows still run: a run of one row, or a session, keeps its row (and can rewind). A run whose
+    forwards are captured (`state.forward`, the fast path) keeps its rows too: the graph's shapes are fixed, and
+    finished rows emit padding, as in `generate`.
     """
-    if state.rows < 2 or state.pending is None or not bool(state.finished.any()):
+    if state.rows < 2 or state.pending is None or state.forward is not None or not bool(state.finished.any()):
         return
     done = state.finished.tolist()
     if all(done):

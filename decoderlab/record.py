@@ -433,15 +433,21 @@ class Recording:
             self._att_deferred.setdefault(group, []).append((layer, query, key))
 
     def _rows_to_keep(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        """[L, B, H, K] float32 rows -> one [B, H', K'] float16 row per layer: the heads asked for, right-aligned
-        to the context (a sliding-window cache holds only the most recent keys)."""
+        """[L, B, H, K] float32 rows -> one [B, H', K] float16 row per layer: the heads asked for (fitted to the
+        context when the forward is over, `_fit_context`)."""
         heads = self.opts.attention_heads
         if heads is not None:
             rows = rows[:, :, list(heads)]
-        missing = self._context - rows.shape[-1]
-        if missing > 0:
-            rows = torch.nn.functional.pad(rows, (missing, 0))
         return list(rows.to(dtype=torch.float16, device=self._device or rows.device, non_blocking=True).unbind(0))
+
+    def _fit_context(self, row: torch.Tensor) -> torch.Tensor:
+        """A layer's row as wide as the context: a sliding-window cache holds only the most recent keys (the row is
+        right-aligned to the context); a static cache holds more key slots than the context (the first ones are
+        the context's, the others are masked). Done after the forward, so a captured forward is context-free."""
+        missing = self._context - row.shape[-1]
+        if missing > 0:
+            return torch.nn.functional.pad(row, (missing, 0))
+        return row[..., : self._context] if missing < 0 else row
 
     def keep_forward_rows(self, step: int, rows: torch.Tensor) -> None:
         """The forward that made step `step`'s distribution ran more rows than the run keeps (contrastive
@@ -462,11 +468,21 @@ class Recording:
                 self._att_layers[layer] = row
         self._att_deferred = {}
         if self._att_layers:
-            self._store(self.attention, self._gather(self._att_layers))
+            self._store(self.attention, self._gather({i: self._fit_context(r) for i, r in self._att_layers.items()}))
             self._att_layers = {}
         if self._res_layers:
             self._store(self.residuals, self._gather(self._res_layers).float())
             self._res_layers = {}
+
+    def forward_capture(self) -> tuple[dict, dict]:
+        """What the forward running now has handed the recording (attention rows, residuals by layer): while a
+        decode step is captured as a CUDA graph, tensors of the graph's memory (`fast.CapturedDecoder`)."""
+        return dict(self._att_layers), dict(self._res_layers)
+
+    def replay_capture(self, captured: tuple[dict, dict]) -> None:
+        """Hand the recording what a captured forward handed it (`forward_capture`), before the graph's replay
+        rewrites those tensors: the step's flush copies them out, as after an eager forward."""
+        self._att_layers, self._res_layers = dict(captured[0]), dict(captured[1])
 
     def _gather(self, layers: dict[int, torch.Tensor]) -> torch.Tensor:
         """Per-layer [B, ...] tensors -> [B, L, ...] in layer order, on the ids' device. A model sharded with
@@ -547,6 +563,18 @@ def _stack_rows(items: list, row_ids: list, rows: int, full: bool, name: str, ze
         if x is not None:
             out[s, r.to(out.device) if r is not None else slice(None)] = x.to(out.device)
     return out
+
+
+def _on_host(items: list) -> list:
+    """Per-step tensors (or None) as numpy arrays, in one copy where they share their leading shape (rows that
+    grow by a key each step are right-padded, then cut back): a chunk of steps reaches the host with one
+    synchronisation, not one per step, so a GPU's forward made ahead keeps running meanwhile."""
+    present = [x for x in items if x is not None]
+    if len(present) < 2 or len({(x.shape[:-1], x.dtype, x.device) for x in present}) > 1:
+        return [None if x is None else _host(x) for x in items]
+    width = max(x.shape[-1] for x in present)
+    block = iter(_host(torch.stack([torch.nn.functional.pad(x, (0, width - x.shape[-1])) for x in present])))
+    return [None if x is None else next(block)[..., : x.shape[-1]] for x in items]
 
 
 def _host(x: torch.Tensor) -> "np.ndarray":
@@ -694,13 +722,13 @@ class HostArrays:
             return
         inner, dtype = (like.shape[1:-1], _host(like[:0]).dtype) if like is not None else (buf.shape[2:-1], buf.dtype)
         buf = self._attention_buffer(tuple(inner), dtype, steps, copy)
-        for s in range(max(a, self.att_first), steps):
-            x = items[s] if s < len(items) else None
+        lo = max(a, self.att_first)
+        for s, x in zip(range(lo, steps), _on_host([items[s] if s < len(items) else None for s in range(lo, steps)])):
             slot = s - self.att_base
             buf[slot] = 0
             if x is not None:
                 where = slice(None) if ids[s - a] is None or full else ids[s - a].cpu().numpy()
-                buf[slot, where, ..., : x.shape[-1]] = _host(x)
+                buf[slot, where, ..., : x.shape[-1]] = x
 
     def update(self, rec: "Recording", steps: int) -> None:
         """Convert the steps not yet on the host."""
@@ -729,12 +757,33 @@ class HostArrays:
         like = next((x for x in rec.residuals[a:steps] if x is not None), None)
         if like is not None or "residual" in self.bufs:
             buf = self._buffer("residual", like)
-            for s in range(a, steps):
-                x = rec.residuals[s] if s < len(rec.residuals) else None
+            items = [rec.residuals[s] if s < len(rec.residuals) else None for s in range(a, steps)]
+            for s, x in zip(range(a, steps), _on_host(items)):
                 buf[s] = 0
                 if x is not None:
-                    buf[s, slice(None) if ids[s - a] is None or full else ids[s - a].cpu().numpy()] = _host(x)
+                    buf[s, slice(None) if ids[s - a] is None or full else ids[s - a].cpu().numpy()] = x
+        self._blank_finished(a, steps)
         self.done = steps
+
+    def _blank_finished(self, a: int, steps: int) -> None:
+        """Rows that had finished before a step yet ran in it emitted padding (the fast path keeps finished rows in
+        its captured batch): recorded as a retired row is, with the schema's fill values and zero rows, so the
+        trace is the one the eager path records (its finished rows leave the batch)."""
+        done = self.bufs.get("finished")
+        if done is None or not done[a:steps].any():
+            return
+        mask = done[a:steps]
+        for name, buf in self.bufs.items():
+            if name == "finished":
+                continue
+            field = SCHEMA.get(name)
+            fill = 0 if name in ("attention", "residual") or field is None else field.fill
+            if name == "attention":
+                lo = max(a, self.att_first)
+                if lo < steps:
+                    buf[lo - self.att_base : steps - self.att_base][mask[lo - a :]] = fill
+            else:
+                buf[a:steps][mask] = fill
 
     def views(self, steps: int) -> dict:
         """The arrays of the first `steps` steps (views into the buffers, from now on never written)."""

@@ -245,3 +245,54 @@ def test_sharded_recording_adds_no_host_synchronisation(split_lms):
     assert rec.attention[1].device == ids.device and rec.residuals[1].device == ids.device
     assert rec.attention[1].shape[:2] == (1, 4) and rec.residuals[1].shape[:2] == (1, 4)
 
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
+def fast_lm(request, tokenizer):
+    """Architectures the fast path captures (sliding-window models are refused: tests/test_fast.py)."""
+    return dl.LM(make_tiny(request.param, tokenizer).to("cuda"), tokenizer, name=request.param)
+
+
+@pytest.fixture
+def captures(monkeypatch):
+    """The fast path's decoders of a test, each seen when it captures its decode step."""
+    from decoderlab import fast
+
+    seen = []
+    capture = fast.CapturedDecoder._capture
+
+    def spy(self, model, input_ids):
+        seen.append(self)
+        return capture(self, model, input_ids)
+
+    monkeypatch.setattr(fast.CapturedDecoder, "_capture", spy)
+    return seen
+
+
+@pytest.mark.parametrize("words", [dict(), dict(do_sample=True, top_k=20, temperature=0.8, seed=3),
+                                   dict(do_sample=True, top_p=0.9, repetition_penalty=1.3, seeds=[1, 2, 3])],
+                         ids=["greedy", "top_k", "rows"])
+def test_fast_path_on_gpu_records_what_the_eager_path_records(fast_lm, words, captures):
+    """compile=True on the GPU: the decode step captured as a CUDA graph, with compiled layers, replayed; tokens
+    equal the eager run's (float32), every recorded array within float16 storage (attention rows within 2e-3)."""
+    from tests.test_fast import EVERYTHING, PROMPT, same_trace
+
+    a = fast_lm.generate(PROMPT, max_new_tokens=14, record=EVERYTHING, progress=False, **words)
+    b = fast_lm.generate(PROMPT, max_new_tokens=14, record=EVERYTHING, progress=False, compile=True, **words)
+    assert len(captures) == 1 and captures[0].graph is not None and captures[0].decode_steps == 13
+    same_trace(a, b, attention_atol=2e-3)
+
+
+def test_fast_path_on_gpu_rows_ending_at_eos(fast_lm, captures):
+    """Rows that reach EOS stay in the captured batch and are recorded as the eager run's retired rows."""
+    from tests.test_fast import EVERYTHING, PROMPT, same_trace
+
+    words = dict(do_sample=True, temperature=1.5, max_new_tokens=20, seeds=[0, 1, 2, 3])
+    free = fast_lm.generate(PROMPT, eos_token_id=[], progress=False, **words)
+    counts = np.unique(free.arrays["token_id"][:8], return_counts=True)
+    eos = int(counts[0][np.argmax(counts[1])])
+    a = fast_lm.generate(PROMPT, eos_token_id=eos, pad_token_id=0, record=EVERYTHING, progress=False, **words)
+    b = fast_lm.generate(PROMPT, eos_token_id=eos, pad_token_id=0, record=EVERYTHING, progress=False, compile=True,
+                        **words)
+    assert captures and captures[0].graph is not None
+    same_trace(a, b, attention_atol=2e-3)
