@@ -57,8 +57,9 @@ def compiled_layers(model) -> Iterator[None]:
     try:
         with attention.sink_outside_compiled_code():
             for layer in layers:
-                layer.forward = _COMPILED.setdefault(layer, torch.compile(type(layer).forward.__get__(layer),
-                                                                          dynamic=False))
+                if layer not in _COMPILED:  # torch.compile's wrapper costs milliseconds to make: once per layer
+                    _COMPILED[layer] = torch.compile(type(layer).forward.__get__(layer), dynamic=False)
+                layer.forward = _COMPILED[layer]
             yield
     finally:
         for layer in layers:
