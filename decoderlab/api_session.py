@@ -23,7 +23,7 @@ draws the same token.
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import pandas as pd
 
@@ -32,8 +32,25 @@ from .errors import NotSupported, SessionError
 from .record import Record
 from .trace import Trace
 
-if TYPE_CHECKING:
-    from .api import APIBackend
+
+class APIBackend(Protocol):
+    """What a session needs of its backend (`decoderlab.api.APIBackend` is one); a Protocol, so that this module,
+    which `api.py` imports, does not import it back."""
+
+    name: str
+    model: str
+    server: Any
+    connection: Any
+    top_k: int
+    vocab: Any
+    _no_logprobs: Any
+
+    def describe(self, *args: Any, **kwargs: Any) -> Any: ...
+    def messages(self, *args: Any, **kwargs: Any) -> Any: ...
+    def request_words(self, *args: Any, **kwargs: Any) -> Any: ...
+    def resolve(self, *args: Any, **kwargs: Any) -> Any: ...
+    def tokenize(self, *args: Any, **kwargs: Any) -> Any: ...
+    def trace_of(self, *args: Any, **kwargs: Any) -> Any: ...
 
 __all__ = ["APISession"]
 

@@ -30,7 +30,7 @@ with more than a processor list and are refused.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
@@ -43,8 +43,17 @@ from .display import TraceLike
 from .record import record_processors
 from .strategy import Strategy, StrategyError, resolve
 
-if TYPE_CHECKING:
-    from .lm import LM
+
+class LM(Protocol):
+    """What a what-if needs of a loaded model (`decoderlab.LM` is one); a Protocol, so that this module, which
+    `trace.py` imports, imports nothing that imports the trace."""
+
+    model: Any
+    name: str
+    device: torch.device
+    token_text: Callable[[int], str]
+
+    def strategy(self, prompt_length: int, **words: Any) -> Strategy: ...
 
 __all__ = ["what_if", "what_if_at", "row_logits", "WhatIf", "WhatIfError", "run_words", "step_logits", "step_prefix", "strategy_for",
            "outcome", "has_logits", "Weightless", "TOKEN_COLUMNS", "SUMMARY_COLUMNS", "PROCESSOR_COLUMNS"]
