@@ -21,8 +21,8 @@ import urllib.parse
 from typing import Any, Callable, Sequence
 
 from .api_client import Connection, Server, server_for
-from .api_replies import ENTROPY_NOTE, TokenStep, build, chat_steps, completion_steps
-from .errors import APIError, NoLogprobs, NotSupported, PromptError, ServerFailed, StrategyError
+from .api_replies import ENTROPY_NOTE, TokenStep, build, chat_steps, completion_steps, numeric_fault
+from .errors import APIError, NoLogprobs, NotSupported, NumericError, PromptError, ServerFailed, StrategyError
 from .lm import DEFAULT_SYSTEM
 from .record import Record
 from .trace import Trace
@@ -213,6 +213,15 @@ class APIBackend:
             finish = choice.finish_reason
             if not steps and _reply_text(choice):
                 raise self._no_logprobs(endpoint)
+        bad = numeric_fault(steps)
+        if bad is not None:
+            step, what = bad
+            err = NumericError(f"step {step}: {self.name} at {self.base_url} gave the chosen token {steps[step].text!r} "
+                               f"a logprob of {what}; the server's numbers went wrong (check its model file and "
+                               "sampling settings). The steps before it are kept in the error's .trace",
+                               step=step, processor="server")
+            err.trace = self._partial_trace(steps[:step], shown, chooser, describe, "error: NumericError")
+            raise err
         return self.trace_of(steps, prompt=shown, chooser=chooser, strategy=describe, stop=STOPS.get(finish, finish))
 
     def _read_stream(self, chunks, legacy: bool, k: int, on_token, progress, total: int) -> tuple[list, str | None]:

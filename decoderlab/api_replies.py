@@ -77,6 +77,16 @@ def completion_steps(logprobs: Any, k: int, start: int = 0) -> list[TokenStep]:
             for text, lp, top in list(zip(logprobs.tokens, logprobs.token_logprobs, tops))[start:]]
 
 
+def numeric_fault(steps: Sequence[TokenStep]) -> tuple[int, str] | None:
+    """The first step whose chosen token's logprob cannot be one (NaN, or +inf), and what it was; None if none.
+    (An alternative with such a logprob is left out of the step's candidates, `ordered`.)"""
+    for i, step in enumerate(steps):
+        lp = step.logprob
+        if lp is not None and (math.isnan(lp) or lp == math.inf):
+            return i, "NaN" if math.isnan(lp) else "+inf"
+    return None
+
+
 def top_k_estimates(steps: Sequence[TokenStep]) -> tuple[np.ndarray, np.ndarray]:
     """Per step: the entropy's lower bound from the alternatives, and the mass outside them (NaN without any)."""
     entropy = np.full((len(steps), 1), np.nan, np.float32)

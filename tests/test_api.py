@@ -313,10 +313,15 @@ class Scripted(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):  # quiet
         pass
 
-    def _send(self, status: int, body: dict, headers: dict | None = None) -> None:
-        data = json.dumps(body).encode()
+    def _send(self, status: int, body, headers: dict | None = None) -> None:
+        headers = dict(headers or {})
+        if headers.pop("stream", None):  # a list of chunks, sent as server-sent events
+            data = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in body).encode() + b"data: [DONE]\n\n"
+            kind = "text/event-stream"
+        else:
+            data, kind = json.dumps(body).encode(), "application/json"
         self.send_response(status)
-        self.send_header("content-type", "application/json")
+        self.send_header("content-type", kind)
         self.send_header("content-length", str(len(data)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
@@ -393,6 +398,26 @@ def test_timeout_and_a_reply_without_logprobs(scripted):
     Scripted.script = [(200, chat_reply(VLLM_LIKE, logprobs=False), {}, 0)]
     with pytest.raises(errors.NoLogprobs, match="without logprobs"):
         dl.connect(base_url=scripted, model="stub").generate("hi", chat=True)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_logprob_that_cannot_be_stops_with_the_steps_before(scripted, stream):
+    """A server that gives the chosen token a NaN logprob (JSON's NaN, which Python's json reads): a NumericError
+    naming the step and the server, with the steps before it in .trace (streamed or not)."""
+    tokens = [(" sea", -1.2, [(" sea", -1.2)]), (" is", -0.1, [(" is", -0.1)]), (" calm", float("nan"), [])]
+    if stream:
+        chunks = [{"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "stub",
+                   "choices": [{"index": 0, "delta": {"content": t}, "finish_reason": None,
+                                "logprobs": chat_reply([(t, lp, top)])["choices"][0]["logprobs"]}]}
+                  for t, lp, top in tokens]
+        chunks[-1]["choices"][0]["finish_reason"] = "length"
+        Scripted.script = [(200, chunks, {"stream": "1"}, 0)]
+    else:
+        Scripted.script = [(200, chat_reply(tokens), {}, 0)]
+    with pytest.raises(dl.NumericError, match="step 2: .* logprob of NaN") as caught:
+        dl.connect(base_url=scripted, model="stub").generate("hi", chat=True, max_new_tokens=3, stream=stream)
+    assert caught.value.step == 2 and caught.value.processor == "server"
+    assert caught.value.trace.tokens == [" sea", " is"]
 
 
 # ---- two engines, one file --------------------------------------------------------------------------------------

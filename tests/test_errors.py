@@ -31,6 +31,7 @@ class NaNAfter(LogitsProcessor):
     ("APIError", OSError), ("ServerUnreachable", ConnectionError), ("ServerTimeout", TimeoutError),
     ("AuthenticationFailed", PermissionError), ("UnknownModel", LookupError), ("RateLimited", OSError),
     ("ServerFailed", OSError), ("RequestRefused", ValueError), ("NoLogprobs", OSError), ("NotSupported", ValueError),
+    ("AttentionDroppedError", LookupError),
 ])
 def test_every_error_is_a_decoderlab_error_and_its_builtin_kind(name, builtin):
     cls = getattr(errors, name)
