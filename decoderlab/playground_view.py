@@ -27,10 +27,10 @@ from .display import (CHOSEN_FINAL_COLOR, CHOSEN_RAW_COLOR, FINAL_COLOR, RAW_COL
 if TYPE_CHECKING:
     from .lm import LM
 
-__all__ = ["playground", "Playground", "PLAYGROUND_CSS_CLASSES", "SLIDER_WORDS"]
+__all__ = ["playground", "Playground", "CSS_CLASSES", "SLIDER_WORDS"]
 
 # The stable selectors, for notebooks that restyle and for browser tests.
-PLAYGROUND_CSS_CLASSES = {
+CSS_CLASSES = {
     "dl-playground": "the whole sampler playground (dl.playground)",
     "dl-playground-header": "the model, the step, its context's last tokens and the token the run chose",
     "dl-playground-step": "the step slider (the row's steps)",

@@ -43,72 +43,64 @@ def test_rows_match_eager_attention(tiny_lms, arch):
         np.testing.assert_allclose(got, want[P - 1 + s], atol=1e-3)  # stored as float16
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_rows_match_eager_attention_in_float32(tiny_lms, arch):
-    """The row computed inside the recording function, before float16 storage, is within 1e-5 of eager."""
+def rows_against_eager(lm, sink) -> None:
+    """Record rows of steps 0, 1 and 5 into `sink` (which fills `sink.got[step][layer]`) and compare each with
+    eager attention within 1e-5; a sliding-window cache hands the function only the most recent keys, so the row
+    is compared with the right end of the eager row, whose other positions must be 0."""
     from decoderlab import attention, loop
 
-    lm = tiny_lms[arch]
     ids, _ = lm.encode("A long enough prompt to pass a sliding window of eight tokens")
-    got: dict[int, dict[int, torch.Tensor]] = {}
-    step = {"n": 0}
-
-    def sink(layer, row, full):
-        got.setdefault(step["n"], {})[layer] = row[0].clone()
-
     strategy = lm.strategy(ids.shape[1], max_new_tokens=6, eos_token_id=[])
     with attention.recording(lm.model, sink):
         state = loop.prefill(lm.model, ids, strategy)
         for n in range(1, 6):
             loop.step(lm.model, state, strategy)
-            step["n"] = n
+            sink.step = n
             loop.ensure_logits(lm.model, state)
     P = ids.shape[1]
     want = eager_rows(lm.model, state.ids, [P - 1 + s for s in (0, 1, 5)])
     for s in (0, 1, 5):
-        assert sorted(got[s]) == list(range(len(want[P - 1 + s])))
-        for layer, row in got[s].items():
+        assert sorted(sink.got[s]) == list(range(len(want[P - 1 + s])))
+        for layer, row in sink.got[s].items():
             expected = want[P - 1 + s][layer]
-            # a sliding-window cache hands the function only the most recent keys: compare the right end
             k = row.shape[-1]
             np.testing.assert_allclose(row.numpy(), expected[..., -k:], atol=1e-5)
             assert np.abs(expected[..., :-k]).max(initial=0.0) == 0.0
+
+
+class RowSink:
+    """Keeps each step's rows as the recording function hands them (computed inside it)."""
+
+    wants_full = False
+
+    def __init__(self):
+        self.got: dict[int, dict[int, torch.Tensor]] = {}
+        self.step = 0
+
+    def __call__(self, layer, row, full):
+        self.got.setdefault(self.step, {})[layer] = row[0].clone()
+
+
+class DeferringSink(RowSink):
+    """Takes the layer's last query and keys instead, where no mask applies, and computes the row with `last_rows`."""
+
+    def defer(self, layer, query, key, scaling):
+        from decoderlab import attention
+
+        self.got.setdefault(self.step, {})[layer] = attention.last_rows([query], [key], scaling)[0, 0]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rows_match_eager_attention_in_float32(tiny_lms, arch):
+    """The row computed inside the recording function, before float16 storage, is within 1e-5 of eager."""
+    rows_against_eager(tiny_lms[arch], RowSink())
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_rows_of_all_layers_at_once_match_eager_in_float32(tiny_lms, arch):
     """Where no mask applies, the recording function hands the layer's last query and keys to the sink's `defer`;
     `last_rows` computes every layer's row in one product (GQA heads share their key head), within 1e-5 of eager."""
-    from decoderlab import attention, loop
-
-    lm = tiny_lms[arch]
-    ids, _ = lm.encode("A long enough prompt to pass a sliding window of eight tokens")
-    got: dict[int, dict[int, torch.Tensor]] = {}
-    step = {"n": 0}
-
-    class Sink:
-        wants_full = False
-
-        def __call__(self, layer, row, full):
-            got.setdefault(step["n"], {})[layer] = row[0].clone()
-
-        def defer(self, layer, query, key, scaling):
-            got.setdefault(step["n"], {})[layer] = attention.last_rows([query], [key], scaling)[0, 0]
-
-    strategy = lm.strategy(ids.shape[1], max_new_tokens=6, eos_token_id=[])
-    with attention.recording(lm.model, Sink()):
-        state = loop.prefill(lm.model, ids, strategy)
-        for n in range(1, 6):
-            loop.step(lm.model, state, strategy)
-            step["n"] = n
-            loop.ensure_logits(lm.model, state)
-    P = ids.shape[1]
-    want = eager_rows(lm.model, state.ids, [P - 1 + s for s in (0, 1, 5)])
-    for s in (0, 1, 5):
-        assert sorted(got[s]) == list(range(len(want[P - 1 + s])))
-        for layer, row in got[s].items():
-            k = row.shape[-1]
-            np.testing.assert_allclose(row.numpy(), want[P - 1 + s][layer][..., -k:], atol=1e-5)
+    rows_against_eager(tiny_lms[arch], DeferringSink())
 
 
 def test_last_rows_batches_layers_in_chunks():

@@ -162,7 +162,7 @@ def test_without_recorded_logits_one_forward_of_the_row_gives_them(tiny_lms, sam
 def test_every_part_carries_its_css_class(sampled):
     view = dl.playground(sampled, step=1)
     classes = {c for w in all_widgets(view) for c in w._dom_classes}
-    assert set(pv.PLAYGROUND_CSS_CLASSES) <= classes
+    assert set(pv.CSS_CLASSES) <= classes
 
 
 def test_bad_input_is_named(tiny_lms, sampled):
