@@ -99,3 +99,20 @@ def test_strategies_without_one_forward_a_step_are_refused(tiny_lms, words, what
 def test_compile_must_be_a_bool(tiny_lms):
     with pytest.raises(StrategyError, match="compile='yes'"):
         tiny_lms["llama"].generate(PROMPT, max_new_tokens=3, compile="yes", progress=False)
+
+
+def test_numbers_that_go_wrong_stop_the_fast_path_with_the_steps_before(tiny_lms):
+    """A processor that turns the scores to NaN at step 4: the same NumericError as the eager path, naming the step
+    and the processor, and `err.trace` holds the same four steps (the forward made ahead is not a step)."""
+    from tests.test_errors import NaNAfter
+
+    lm = tiny_lms["llama"]
+    length = lm.encode(PROMPT)[0].shape[1] + 4
+    traces = []
+    for compile in (False, True):
+        with pytest.raises(dl.NumericError, match="step 4: after NaNAfter") as caught:
+            lm.generate(PROMPT, max_new_tokens=10, record=EVERYTHING, progress=False, compile=compile,
+                        logits_processor=[NaNAfter(length)])
+        assert caught.value.step == 4 and caught.value.trace.num_steps == 4
+        traces.append(caught.value.trace)
+    same_trace(*traces)
