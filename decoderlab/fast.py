@@ -18,9 +18,9 @@ path's logic; the graph itself is tested on a GPU, tests/test_cuda.py).
 from __future__ import annotations
 
 import contextlib
-import weakref
+import types
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from transformers import StaticCache
@@ -57,9 +57,10 @@ def compiled_layers(model) -> Iterator[None]:
     try:
         with attention.sink_outside_compiled_code():
             for layer in layers:
-                if layer not in _COMPILED:  # torch.compile's wrapper costs milliseconds to make: once per layer
-                    _COMPILED[layer] = torch.compile(type(layer).forward.__get__(layer), dynamic=False)
-                layer.forward = _COMPILED[layer]
+                cls = type(layer)
+                if cls not in _COMPILED:  # torch.compile's wrapper costs milliseconds to make: once per class
+                    _COMPILED[cls] = torch.compile(cls.forward, dynamic=False)
+                layer.forward = types.MethodType(_COMPILED[cls], layer)
             yield
     finally:
         for layer in layers:
@@ -67,7 +68,7 @@ def compiled_layers(model) -> Iterator[None]:
         config.cache_size_limit = before
 
 
-_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # layer -> its compiled forward
+_COMPILED: dict[type, Callable] = {}  # a decoder layer class -> its compiled forward (no model is kept alive)
 
 
 class CapturedDecoder:

@@ -116,3 +116,15 @@ def test_numbers_that_go_wrong_stop_the_fast_path_with_the_steps_before(tiny_lms
         assert caught.value.step == 4 and caught.value.trace.num_steps == 4
         traces.append(caught.value.trace)
     same_trace(*traces)
+
+
+def test_compiled_layers_record_what_eager_layers_record(tiny_lms):
+    """`fast.compiled_layers` (on a GPU, the warm-up and the capture run in it) on the CPU, around a whole run:
+    torch.compile's layers, with the attention sink outside compiled code and the lens hooks around the layers,
+    record what the eager layers record; afterwards the model's own forwards are back."""
+    lm = tiny_lms["llama"]
+    a = lm.generate(PROMPT, max_new_tokens=5, record=EVERYTHING, progress=False)
+    with fast.compiled_layers(lm.model):
+        b = lm.generate(PROMPT, max_new_tokens=5, record=EVERYTHING, progress=False, compile=True)
+    same_trace(a, b)
+    assert all("forward" not in vars(layer) for layer in lm.model.model.layers)
