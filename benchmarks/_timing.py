@@ -69,9 +69,17 @@ def same_tokens(a: list[int], b: list[int]) -> str:
 
 def markdown(header: list[str], rows: list[list[Any]]) -> str:
     """A markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return "\n".join([markdown_header(header), *(markdown_row(row) for row in rows)])
+
+
+def markdown_header(header: list[str]) -> str:
+    """A markdown table's first two lines (for a table printed row by row)."""
+    return markdown_row(header) + "\n|" + " --- |" * len(header)
+
+
+def markdown_row(cells: list[Any]) -> str:
+    """One line of a markdown table."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 def json_line(**fields: Any) -> str:

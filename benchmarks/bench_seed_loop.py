@@ -11,7 +11,8 @@ tokens: the seed's loop stops when a token equals `tokenizer.eos_token_id`, so i
 `NoEos`, which answers None for that id and passes everything else through; decoderlab gets `eos_token_id=[]`.
 decoderlab runs with the default `Record()` and with everything on (bench_overhead's: attention, lens, fp16
 logits; `trace.lens` read once). The three runs of a length are interleaved after a short warm-up of each;
-medians of `--repeats` (default 1: the seed's loop is O(N²) in the tokens, minutes at 1,024 on a CPU).
+medians of `--repeats` (default 1: the seed's loop is O(N²) in the tokens, about an hour at 1,024 on 2 CPU
+cores). Each length's row is printed as soon as it is measured.
 Bar (issue 19): `lm.generate` >= 10x faster than the seed's loop at 1,024 new tokens.
 """
 from __future__ import annotations
@@ -28,7 +29,8 @@ from transformers import GenerationMixin
 
 import decoderlab as dl
 from _models import add_arguments, load
-from _timing import EVERYTHING, json_line, load_average, markdown, run_recorded, same_tokens, setting, timed
+from _timing import (EVERYTHING, json_line, load_average, markdown_header, markdown_row, run_recorded, same_tokens,
+                     setting, timed)
 
 BAR, BAR_AT = 10.0, 1024
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
@@ -126,9 +128,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     lm = load(args)
     ids, _ = lm.encode(PROMPT, chat=True)  # on the model's device
-    print(load_average(), "(start)")
+    ours = [k for k in VARIANTS if k != SEED]
+    print(f"model={lm.name} device={lm.device} dtype={lm.model.dtype} threads={torch.get_num_threads()} "
+          f"prompt={ids.shape[1]} tokens, greedy, EOS off, median of {args.repeats}; {load_average()} (start)")
     for run in VARIANTS.values():  # warm up
         run(lm, ids, 8)
+    # each length's row is printed as soon as it is measured: the 1,024-token run takes an hour on a CPU
+    print(markdown_header(["new tokens", f"{SEED} s", *(f"{k} s (speed-up)" for k in ours),
+                           "same tokens as the seed's loop", "load average after"]), flush=True)
     results = []
     for n in args.tokens:
         times: dict[str, list[float]] = {name: [] for name in VARIANTS}
@@ -139,19 +146,13 @@ def main() -> None:
                 times[name].append(seconds)
                 gc.collect()
         med = {name: statistics.median(ts) for name, ts in times.items()}
-        results.append(dict(new_tokens=n, seconds=med, speedup={k: med[SEED] / v for k, v in med.items() if k != SEED},
-                            same_tokens={k: tokens[k] == tokens[SEED] for k in VARIANTS if k != SEED},
-                            first_difference={k: same_tokens(tokens[k], tokens[SEED]) for k in VARIANTS if k != SEED},
-                            load_average=os.getloadavg()))
-        print(f"  measured {n} tokens ({load_average()})", flush=True)
-    print(f"model={lm.name} device={lm.device} dtype={lm.model.dtype} threads={torch.get_num_threads()} "
-          f"prompt={ids.shape[1]} tokens, greedy, EOS off, median of {args.repeats}; {load_average()}")
-    ours = [k for k in VARIANTS if k != SEED]
-    print(markdown(["new tokens", f"{SEED} s", *(f"{k} s (speed-up)" for k in ours), "same tokens as the seed's loop"],
-                   [[r["new_tokens"], f"{r['seconds'][SEED]:.2f}",
-                     *(f"{r['seconds'][k]:.2f} ({r['speedup'][k]:.1f}x)" for k in ours),
-                     "; ".join(f"{k.removeprefix('lm.generate, ')}: {r['first_difference'][k]}" for k in ours)]
-                    for r in results]))
+        r = dict(new_tokens=n, seconds=med, speedup={k: med[SEED] / med[k] for k in ours},
+                 same_tokens={k: tokens[k] == tokens[SEED] for k in ours}, load_average=os.getloadavg())
+        results.append(r)
+        print(markdown_row([n, f"{med[SEED]:.2f}", *(f"{med[k]:.2f} ({r['speedup'][k]:.1f}x)" for k in ours),
+                            "; ".join(f"{k.removeprefix('lm.generate, ')}: {same_tokens(tokens[k], tokens[SEED])}"
+                                      for k in ours),
+                            ", ".join(f"{x:.2f}" for x in r["load_average"])]), flush=True)
     at_bar = [r for r in results if r["new_tokens"] == BAR_AT]
     met = None
     if at_bar:
