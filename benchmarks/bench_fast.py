@@ -117,8 +117,8 @@ def main() -> None:
 def replay_time(lm: dl.LM, ids: torch.Tensor, record: dl.Record, steps: int = 200) -> float:
     """Seconds a replay of the captured decode step takes on the GPU (no host work between replays): the floor
     of the fast path's step, to compare with its measured step."""
-    from decoderlab import loop
-    from decoderlab.fast import CapturedDecoder
+    from decoderlab.engine import loop
+    from decoderlab.engine.fast import CapturedDecoder
     from decoderlab.record import Recording
 
     recording = Recording(record)

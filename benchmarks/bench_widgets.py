@@ -27,9 +27,10 @@ import torch
 
 import decoderlab as dl
 from bench_compare import STRATEGIES as COMPARE_STRATEGIES
-from decoderlab.compare_view import ComparisonView
-from decoderlab.playground_view import SLIDER_WORDS, Playground
-from decoderlab.widgets import SessionExplorer, TraceView
+from decoderlab.views.compare_view import ComparisonView
+from decoderlab.views.playground import SLIDER_WORDS, Playground
+from decoderlab.views.session_explorer import SessionExplorer
+from decoderlab.views.trace_view import TraceView
 
 PROMPT = "Tell me a long story about a lighthouse keeper and a storm."
 RECORD = dl.Record(attention=True, lens=True)

@@ -4,50 +4,94 @@
     lm = dl.load()                                   # bundled SmolLM2-135M-Instruct, offline
     trace = lm.generate("What is the capital of France?", chat=True, max_new_tokens=32)
     trace.steps, trace.candidates, trace.processors  # tidy pandas frames
+
+The house, one room per concern (each room's `__init__` says what it is for and what it exports):
+engine/ (the step loop, strategy words and rules, models), record/ (what a run records), trace/ (the Trace,
+its builder and files), backends/ (a local model, a server, the seed's decoder, sessions), analysis/ (compare,
+what-if, metrics), views/ (plots, HTML, widgets). This module is the front door: it wires the rooms together
+and is the only place above all of them.
 """
-from .api import APIBackend, connect
-from .compare import Comparison, compare
-from .custom_decoder import CustomDecoder
-from .errors import (APIError, AttentionDroppedError, DecoderlabError, NumericError, RecordBudgetWarning, RecordError,
-                     TraceFileError)
-from .lm import DEFAULT_SYSTEM, LM, PromptError, load
-from .models import ModelNotFoundError
+from .analysis.compare import Comparison, compare
+from .backends.api import APIBackend, connect
+from .backends.custom_decoder import CustomDecoder
+from .backends.local import DEFAULT_SYSTEM, LM, load
+from .backends.session import Session
+from .engine.rules.sampling import greedy, sample
+from .errors import (APIError, AttentionDroppedError, DecoderlabError, ModelNotFoundError, NumericError, PromptError,
+                     RecordBudgetWarning, RecordError, SessionError, StrategyError, TraceFileError)
 from .record import STEP_RECORDERS, Record, recorder
-from .session import Session, SessionError
-from .strategy import StrategyError, greedy, sample
 from .trace import Trace
 
+from .moved import install as _install_old_addresses
+from .trace.trace import PRESENTERS as _TRACE_PRESENTERS
+
 __version__ = "0.1.0"
+
+
+def _trace_html(trace) -> str:
+    from .views.html import trace_html
+
+    return trace_html(trace)
+
+
+def _coloured_text(trace) -> str:
+    from .views.html import coloured_text
+
+    return coloured_text(trace)
+
+
+def _what_if(trace, step, strategies, **kwargs):
+    from .analysis.whatif import what_if
+
+    return what_if(trace, step, strategies, **kwargs)
+
+
+# The trace room's methods that show or analyse a trace are served by the rooms above it, plugged in here.
+_TRACE_PRESENTERS.update(html=_trace_html, coloured_text=_coloured_text, what_if=_what_if)
+
+_install_old_addresses()  # `from decoderlab.whatif import ...` (the 0.1 layout) still works, with a warning
+
+# Modules users reach as `dl.plots` / `from decoderlab import plots`: loaded on first use (matplotlib is heavy).
+_LAZY_MODULES = {"plots": ".views.plots", "metrics": ".analysis.metrics"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_MODULES:
+        import importlib
+
+        module = importlib.import_module(_LAZY_MODULES[name], __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'decoderlab' has no attribute {name!r}")
 
 
 def show(trace, **kwargs):
     """The trace explorer widget (Jupyter); for a `Comparison` (`dl.compare`), its runs side by side."""
     if isinstance(trace, Comparison):
-        from .compare_view import show_comparison
+        from .views.compare_view import show_comparison
 
         return show_comparison(trace, **kwargs)
-    from .widgets import show as _show
+    from .views.trace_view import show as _show
 
     return _show(trace, **kwargs)
 
 
 def explore(session, **kwargs):
-    """The step-through widget for a `Session` (Jupyter)."""
-    from .widgets import explore as _explore
+    """The step-through widget for a session (`lm.session(...)` or `api.session(...)`, Jupyter)."""
+    from .views.session_explorer import explore as _explore
 
     return _explore(session, **kwargs)
 
 
 def playground(trace, *, step: int = 0, row: int = 0, lm=None, k: int = 20):
     """The sampler playground (Jupyter): one step of `trace` reshaped live by temperature, top-k, top-p, min-p
-    and typical-p sliders (needs `Record(logits=True)` or `lm=`); see `decoderlab.playground_view`."""
-    from .playground_view import playground as _playground
+    and typical-p sliders (needs `Record(logits=True)` or `lm=`); see `decoderlab.views.playground`."""
+    from .views.playground import playground as _playground
 
     return _playground(trace, step=step, row=row, lm=lm, k=k)
 
 
-__all__ = ["load", "LM", "compare", "Comparison", "Record", "Trace", "Session", "CustomDecoder", "show", "explore", "playground", "recorder",
-           "STEP_RECORDERS", "greedy", "sample", "PromptError", "StrategyError", "SessionError",
-           "ModelNotFoundError", "DEFAULT_SYSTEM", "DecoderlabError", "NumericError", "RecordError", "TraceFileError",
-           "AttentionDroppedError", "RecordBudgetWarning",
-           "connect", "APIBackend", "APIError"]
+__all__ = ["load", "LM", "compare", "Comparison", "Record", "Trace", "Session", "CustomDecoder", "show", "explore",
+           "playground", "recorder", "STEP_RECORDERS", "greedy", "sample", "PromptError", "StrategyError",
+           "SessionError", "ModelNotFoundError", "DEFAULT_SYSTEM", "DecoderlabError", "NumericError", "RecordError",
+           "TraceFileError", "AttentionDroppedError", "RecordBudgetWarning", "connect", "APIBackend", "APIError"]

@@ -10,8 +10,8 @@ import os
 import sys
 from typing import Sequence
 
-from .display import format_number, format_prob, format_rank, visible_text
-from .trace import Trace
+from .formats import format_number, format_prob, format_rank, visible_text
+from .trace.trace import Trace
 
 
 def parser() -> argparse.ArgumentParser:

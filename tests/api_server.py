@@ -52,7 +52,7 @@ def start(model: str = "smollm2", *, api_key: str | None = None, n_ctx: int = 20
     except ImportError as err:
         raise RuntimeError(f"llama-cpp-python's server is not installed ({err}): run `make test`, or "
                            "`.venv/bin/pip install 'llama-cpp-python[server]==0.3.36' openai`") from err
-    from decoderlab.models import default_gguf
+    from decoderlab.engine.models import default_gguf
 
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="llama-server-", suffix=".log")[1])

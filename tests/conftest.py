@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import decoderlab as dl
-from decoderlab.models import default_model_dir
+from decoderlab.engine.models import default_model_dir
 
 ARCHS = ["llama", "qwen2", "mistral", "gemma2", "gpt2", "phi3"]
 

@@ -22,9 +22,11 @@ import pandas as pd
 import pytest
 
 import decoderlab as dl
-from decoderlab import api_client, cli, errors
-from decoderlab.api import APIBackend
-from decoderlab.api_client import Connection
+from decoderlab.backends import api_client
+from decoderlab import cli
+from decoderlab import errors
+from decoderlab.backends.api import APIBackend
+from decoderlab.backends.api_client import Connection
 
 from api_server import free_port, start
 

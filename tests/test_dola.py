@@ -12,8 +12,9 @@ from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarp
 
 import decoderlab as dl
 from conftest import make_tiny
-from decoderlab import dola, loop
-from decoderlab.dola import premature_layers
+from decoderlab.engine.rules import dola
+from decoderlab.engine import loop
+from decoderlab.engine.rules.dola import premature_layers
 from decoderlab.record import Recording
 
 PROMPT = "The quick brown fox"

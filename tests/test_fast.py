@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import decoderlab as dl
-from decoderlab import fast
+from decoderlab.engine import fast
 from decoderlab.errors import StrategyError
 
 PROMPT = "A prompt longer than the sliding window of eight tokens"

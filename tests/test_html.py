@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 import decoderlab as dl
-from decoderlab.display import escape, prob_colour, strategy_summary
-from decoderlab.builder import from_tokens
-from decoderlab.html import coloured_text, trace_html
-from decoderlab.trace import Trace
+from decoderlab.views.display import escape, prob_colour, strategy_summary
+from decoderlab.trace.builder import from_tokens
+from decoderlab.views.html import coloured_text, trace_html
+from decoderlab.trace.trace import Trace
 from test_plots import row_length, row_token
 
 NASTY = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", ' "quoted"', " 'single'", " שלום", " مرحبا",
@@ -131,7 +131,7 @@ def test_coloured_text_colours_by_probability_and_marks_forced():
 
 def test_fragment_css_only_styles_its_own_classes():
     # a <style> in a notebook output is global: it must not touch the widgets' dl- classes or bare tags
-    from decoderlab.html import CSS
+    from decoderlab.views.html import CSS
 
     selectors = [sel.strip() for rule in re.findall(r"([^{}]+)\{", CSS) for sel in rule.split(",")]
     assert selectors and all(sel.startswith(".dlh-") for sel in selectors), selectors

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import decoderlab as dl
-from decoderlab.lens import Lens, decoder_layers, final_norm
+from decoderlab.engine.lens import Lens, decoder_layers, final_norm
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma2", "gpt2", "phi3"])

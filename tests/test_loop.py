@@ -88,7 +88,7 @@ def test_context_window_stops_generation(tokenizer):
 
 
 def test_loop_runs_without_observers(tiny_lms):
-    from decoderlab import loop
+    from decoderlab.engine import loop
 
     lm = tiny_lms["mistral"]
     ids, _ = lm.encode("No recording at all")

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from decoderlab.metrics import distinct_n, is_repetitive, ngrams, repeated_ngram_share, repetition, self_bleu
+from decoderlab.analysis.metrics import distinct_n, is_repetitive, ngrams, repeated_ngram_share, repetition, self_bleu
 
 
 def test_distinct_n_by_hand():

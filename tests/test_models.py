@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 import decoderlab as dl
-from decoderlab import models
+from decoderlab.engine import models
 
 
 def test_default_gguf_is_found_without_importing_it():

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import decoderlab as dl
-from decoderlab import panels
-from decoderlab.builder import from_tokens
-from decoderlab.display import LENS_SCALE, WEIGHT_SCALE, format_prob, token_label
+from decoderlab.views import panels
+from decoderlab.trace.builder import from_tokens
+from decoderlab.views.display import LENS_SCALE, WEIGHT_SCALE, format_prob, token_label
 from test_plots import hand_trace
 
 HOSTILE = "<script>alert(1)</script>"

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import decoderlab as dl
-from decoderlab import playground_view as pv
-from decoderlab import whatif
-from decoderlab.whatif import WhatIfError
+from decoderlab.views import playground as pv
+from decoderlab.analysis import whatif
+from decoderlab.analysis.whatif import WhatIfError
 from test_panels import dom, widths
 from test_whatif import VOCAB, hand_made, keep_min_p, keep_top_k, keep_top_p, keep_typical, logits_at, softmax
 

@@ -17,10 +17,10 @@ from matplotlib.figure import Figure
 
 import decoderlab as dl
 from decoderlab import plots
-from decoderlab.display import token_label
-from decoderlab.plots import MAX_LABELS
-from decoderlab.builder import from_tokens
-from decoderlab.trace import Trace
+from decoderlab.views.display import token_label
+from decoderlab.views.plots import MAX_LABELS
+from decoderlab.trace.builder import from_tokens
+from decoderlab.trace.trace import Trace
 
 PROCESSORS = ["TemperatureLogitsWarper", "TopKLogitsWarper"]
 

@@ -10,8 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from decoderlab import strategy as strategy_mod
-from decoderlab.loop import StepContext, process
+from decoderlab.engine.rules import sampling as strategy_mod
+from decoderlab.engine.loop import StepContext, process
 from decoderlab.record import Record, record_processors
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -40,7 +40,7 @@ def test_quick_start_example(smol):
 
 
 def test_schema_table_lists_every_array():
-    from decoderlab.schema import SCHEMA
+    from decoderlab.record.schema import SCHEMA
 
     text = README.read_text()
     for name, field in SCHEMA.items():

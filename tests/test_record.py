@@ -127,8 +127,8 @@ def test_long_run_moves_steps_to_host_buffers_with_the_same_numbers(tiny_lms, mo
     fragmentation, issue 19), and records exactly what a run that kept every step as tensors records."""
     import numpy as np
 
-    import decoderlab.lm as lm_mod
-    import decoderlab.record as record_mod
+    import decoderlab.backends.local as lm_mod
+    import decoderlab.record.recording as record_mod
 
     lm = tiny_lms["llama"]
     opts = dict(max_new_tokens=150, eos_token_id=[], do_sample=True, seeds=[3, 4], progress=False,
@@ -176,8 +176,8 @@ def test_bad_memory_budget_names_argument_value_and_what_is_allowed(value):
 def held_bytes(monkeypatch):
     """The bytes of attention rows each recording made by `LM.generate` holds after every step (its per-step tensors
     and its host buffer), measured on a real Recording (a subclass that reads them after each step)."""
-    import decoderlab.lm as lm_mod
-    import decoderlab.record as record_mod
+    import decoderlab.backends.local as lm_mod
+    import decoderlab.record.recording as record_mod
 
     held: list[int] = []
 

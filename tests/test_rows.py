@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import decoderlab as dl
-from decoderlab import loop
+from decoderlab.engine import loop
 
 PROMPT = "Once upon a time, in a land far away,"
 SEEDS = [3, 11, 42, 7]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import decoderlab as dl
-from decoderlab.session import SessionError
+from decoderlab.backends.session import SessionError
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 import decoderlab as dl
-from decoderlab.strategy import StrategyError
+from decoderlab.errors import StrategyError
 
 
 def names(lm, **words):

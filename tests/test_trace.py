@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 import decoderlab as dl
-from decoderlab.trace import CANDIDATE_COLUMNS, PROCESSOR_COLUMNS, STEP_COLUMNS
+from decoderlab.record.schema import CANDIDATE_COLUMNS, PROCESSOR_COLUMNS, STEP_COLUMNS
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_processor_mass_removed_matches_hand_computation(tiny_lms):
     # recompute step 0 from float32 logits of a fresh prefill
     ids, _ = lm.encode("Top-k removes mass")
     strat = lm.strategy(ids.shape[1], do_sample=True, top_k=5)
-    from decoderlab import loop
+    from decoderlab.engine import loop
 
     state = loop.prefill(lm.model, ids, strat)
     raw = state.next_logits[0]
@@ -98,7 +98,7 @@ def test_empty_trace_frames(tiny_lms):
 
 
 def test_tokens_keep_partial_utf8_visible(tokenizer):
-    from decoderlab.tokens import TokenText
+    from decoderlab.engine.tokens import TokenText
 
     text = TokenText(tokenizer)
     ids = tokenizer("你好，世界 🌍", add_special_tokens=False).input_ids
@@ -115,7 +115,7 @@ def test_tokens_keep_partial_utf8_visible(tokenizer):
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from decoderlab.builder import from_tokens  # noqa: E402
+from decoderlab.trace.builder import from_tokens  # noqa: E402
 
 # token text as tokenizers decode it: newlines, NUL, bidi marks and overrides, emoji, CJK, the replacement character
 # of a partial UTF-8 byte, and lone surrogates
@@ -168,7 +168,7 @@ def test_save_load_round_trips_every_frame_and_field(tmp_path, tr):
 def test_attention_of_the_newest_steps_only():
     """A trace whose attention covers its last steps (the oldest dropped under Record(memory_budget=...)): the frames
     flag the steps without rows, the accessors index by step, and arrays that contradict the schema are refused."""
-    from decoderlab.schema import SchemaError, check_arrays
+    from decoderlab.record.schema import SchemaError, check_arrays
 
     att = np.random.default_rng(0).random((2, 1, 1, 2, 2 + 4 - 1)).astype(np.float16)  # steps 2, 3 of 4
     tr = from_tokens(["a", "b", "c", "d"], prompt_tokens=["p", "q"], arrays={"attention": att},

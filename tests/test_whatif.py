@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import decoderlab as dl
-from decoderlab import whatif
-from decoderlab.builder import from_tokens
-from decoderlab.whatif import WhatIfError, run_words, strategy_for
+from decoderlab.analysis import whatif
+from decoderlab.trace.builder import from_tokens
+from decoderlab.analysis.whatif import WhatIfError, run_words, strategy_for
 
 
 # ---- hand computations ------------------------------------------------------------------------------------------

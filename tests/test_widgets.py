@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 import decoderlab as dl
-from decoderlab import panels, widgets
-from decoderlab.builder import from_tokens
-from decoderlab.display import escape, prob_colour, strategy_summary, token_label
-from decoderlab.widgets import SessionExplorer, TraceView
+from decoderlab.views import panels
+from decoderlab.views import trace_view as widgets
+from decoderlab.trace.builder import from_tokens
+from decoderlab.views.display import escape, prob_colour, strategy_summary, token_label
+from decoderlab.views.session_explorer import SessionExplorer
+from decoderlab.views.trace_view import TraceView
 from test_plots import hand_trace, row_length, row_token
 
 FULL = dl.Record(attention=True, lens=True)

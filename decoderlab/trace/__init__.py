@@ -1,0 +1,7 @@
+"""The trace: what a run recorded, as arrays and tidy pandas frames (`Trace`), the builder that is the only code
+making arrays into a `Trace` (local runs, beams, sessions, servers), and saving and loading trace files.
+"""
+from .builder import ModelInfo, RunInfo, build_trace, from_beam_run, from_recording, from_tokens
+from .trace import Trace
+
+__all__ = ["Trace", "ModelInfo", "RunInfo", "build_trace", "from_beam_run", "from_recording", "from_tokens"]
