@@ -135,3 +135,42 @@ def test_more_refused_words(tiny_lms, words, match):
 def test_score_rejects_ids_outside_the_vocabulary(tiny_lms):
     with pytest.raises(dl.PromptError, match="outside the vocabulary"):
         tiny_lms["llama"].score("x", [10**7])
+
+
+# ---- the one rule table -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("words, rule", [
+    (dict(), "TOKEN"), (dict(do_sample=True, top_p=0.9), "TOKEN"),
+    (dict(num_beams=3), "BEAM"), (dict(num_beams=3, do_sample=True), "BEAM"),
+    (dict(num_beams=4, num_beam_groups=2, diversity_penalty=1.0), "GROUP_BEAM"),
+    (dict(penalty_alpha=0.6, top_k=4), "CONTRASTIVE"),
+    (dict(penalty_alpha=0.6, top_k=1), "TOKEN"),  # top_k <= 1: contrastive search is greedy, generate's rule too
+    (dict(penalty_alpha=0.6, top_k=4, do_sample=True), "TOKEN"),
+    (dict(dola_layers="high"), "DOLA"), (dict(dola_layers="high", num_beams=2), "BEAM"),
+])
+def test_the_table_picks_the_rule_generate_picks(tiny_lms, words, rule):
+    from decoderlab.engine import rules
+
+    strat = tiny_lms["llama"].strategy(4, **words)
+    assert strat.rule is getattr(rules, rule)
+    assert strat.rule is rules.rule_for(strat.config)
+
+
+def test_a_session_takes_what_the_table_says_is_stepped_by_processors(tiny_lms):
+    """penalty_alpha with top_k=1 is the token rule (greedy): a session steps it, as generate runs it; the words
+    that pick another rule are refused with that rule's reason."""
+    lm = tiny_lms["llama"]
+    s = lm.session("The sea", penalty_alpha=0.6, top_k=1)
+    s.step(3)
+    assert s.trace.token_ids == lm.generate("The sea", penalty_alpha=0.6, top_k=1, max_new_tokens=3,
+                                            progress=False).token_ids
+    with pytest.raises(dl.SessionError, match="DoLa"):
+        lm.session("The sea", dola_layers="high")
+
+
+def test_both_sessions_share_one_base():
+    from decoderlab.backends.api_session import APISession
+    from decoderlab.backends.branching import BranchingSession
+
+    assert issubclass(dl.Session, BranchingSession) and issubclass(APISession, BranchingSession)
+    shared = ("step", "run", "choose", "rewind", "fork", "branch_of", "tree", "trace")
+    assert all(name not in vars(dl.Session) and name not in vars(APISession) for name in shared)

@@ -34,6 +34,12 @@ def check_words(cfg: GenerationConfig, user: dict[str, Any], only_given: bool = 
     def bad(word: str, why: str) -> StrategyError:
         return StrategyError(f"{word}={user.get(word, getattr(cfg, word, None))!r}: {why}")
 
+    def whole(word: str, least: int, why: str) -> int | None:
+        v = getattr(cfg, word, None)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+            raise bad(word, why)
+        return v
+
     def num(word: str) -> float | None:
         v = getattr(cfg, word, None)
         if v is None:
@@ -48,9 +54,7 @@ def check_words(cfg: GenerationConfig, user: dict[str, Any], only_given: bool = 
     p = num("top_p")
     if p is not None and not 0 < p <= 1:
         raise bad("top_p", "must be in (0, 1]")
-    k = getattr(cfg, "top_k", None)
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
-        raise bad("top_k", "must be a whole number >= 0 (0 turns it off)")
+    k = whole("top_k", 0, "must be a whole number >= 0 (0 turns it off)")
     m = num("min_p")
     if m is not None and not 0 <= m <= 1:
         raise bad("min_p", "must be in [0, 1]")
@@ -60,22 +64,14 @@ def check_words(cfg: GenerationConfig, user: dict[str, Any], only_given: bool = 
     rp = num("repetition_penalty")
     if rp is not None and rp <= 0:
         raise bad("repetition_penalty", "must be > 0 (1.0 turns it off)")
-    n = getattr(cfg, "no_repeat_ngram_size", None)
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-        raise bad("no_repeat_ngram_size", "must be a whole number >= 0")
-    mnt = getattr(cfg, "max_new_tokens", None)
-    if mnt is not None and (isinstance(mnt, bool) or not isinstance(mnt, int) or mnt < 1):
-        raise bad("max_new_tokens", "must be a whole number >= 1")
+    n = whole("no_repeat_ngram_size", 0, "must be a whole number >= 0")
+    mnt = whole("max_new_tokens", 1, "must be a whole number >= 1")
     for word in ("epsilon_cutoff", "eta_cutoff"):
         v = num(word)
         if v is not None and not 0 <= v < 1:
             raise bad(word, "must be in [0, 1) (0 turns it off)")
-    nb = getattr(cfg, "num_beams", None)
-    if nb is not None and (isinstance(nb, bool) or not isinstance(nb, int) or nb < 1):
-        raise bad("num_beams", "must be a whole number >= 1 (1: no beam search)")
-    nr = getattr(cfg, "num_return_sequences", None)
-    if nr is not None and (isinstance(nr, bool) or not isinstance(nr, int) or nr < 1):
-        raise bad("num_return_sequences", "must be a whole number >= 1")
+    nb = whole("num_beams", 1, "must be a whole number >= 1 (1: no beam search)")
+    nr = whole("num_return_sequences", 1, "must be a whole number >= 1")
     if nr is not None and nr > 1 and (nb or 1) == 1:
         raise StrategyError(f"num_return_sequences={nr}: without beams one run is one sequence; use seeds=[...] for "
                             "several samples, or num_beams >= num_return_sequences")
@@ -86,9 +82,7 @@ def check_words(cfg: GenerationConfig, user: dict[str, Any], only_given: bool = 
     if es is not None and es not in (True, False, "never"):
         raise bad("early_stopping", "must be True, False or 'never'")
     num("length_penalty")  # any number: > 0 favours longer sequences, < 0 shorter
-    ng = getattr(cfg, "num_beam_groups", None)
-    if ng is not None and (isinstance(ng, bool) or not isinstance(ng, int) or ng < 1):
-        raise bad("num_beam_groups", "must be a whole number >= 1")
+    ng = whole("num_beam_groups", 1, "must be a whole number >= 1")
     if ng is not None and ng > 1 and (not isinstance(nb, int) or nb % ng):
         raise StrategyError(f"num_beam_groups={ng}: num_beams={nb} must be a multiple of it (each group keeps "
                             "num_beams / num_beam_groups beams)")
@@ -206,17 +200,8 @@ def resolve(
         pick, name = sample, "sample"
     else:
         pick, name = greedy, "greedy"
-    return Strategy(
-        config=config,
-        processors=processors,
-        chooser=pick,
-        chooser_name=name,
-        seed=seed,
-        eos_token_ids=eos_ids,
-        pad_token_id=pad_id,
-        max_new_tokens=max_new,
-        rule=rule,
-    )
+    return Strategy(config=config, processors=processors, chooser=pick, chooser_name=name, seed=seed,
+                    eos_token_ids=eos_ids, pad_token_id=pad_id, max_new_tokens=max_new, rule=rule)
 
 
 def describe(strategy: Strategy) -> dict[str, Any]:
