@@ -87,8 +87,8 @@ def test_lens_for_one_step_computes_only_that_step(tiny_lms):
     trace = lm.generate("Lazy lens", max_new_tokens=5, eos_token_id=[], progress=False, record=dl.Record(lens=True))
     one = trace.lens_for([3])
     assert set(one.step) == {3}
-    assert trace._lens_done.all(axis=1).tolist() == [False, False, False, True, False]
+    assert trace.lens_done.all(axis=1).tolist() == [False, False, False, True, False]
     full = trace.lens
-    assert trace._lens_done.all()
+    assert trace.lens_done.all()
     np.testing.assert_array_equal(one.token_id.values, full[full.step == 3].token_id.values)
     np.testing.assert_allclose(one.prob.values, full[full.step == 3].prob.values)

@@ -15,6 +15,7 @@ from decoderlab.views import panels
 from decoderlab.views import trace_view as widgets
 from decoderlab.trace.builder import from_tokens
 from decoderlab.views.display import escape, prob_colour, strategy_summary, token_label
+from decoderlab.views import kit, session_explorer
 from decoderlab.views.session_explorer import SessionExplorer
 from decoderlab.views.trace_view import TraceView
 from test_plots import hand_trace, row_length, row_token
@@ -133,7 +134,7 @@ def test_token_buttons_are_coloured_by_probability(trace):
     for b, p in zip(tokens, trace.steps.prob):
         assert b.style.button_color == prob_colour(round(p, 2))  # to 1%: few distinct styles
         assert b.style.font_weight == "normal" and b.style.text_decoration == "none"
-        assert b.layout is widgets._TOKEN_LAYOUT and not b.layout.border  # selection is a class, not a border
+        assert b.layout is kit.TOKEN_LAYOUT and not b.layout.border  # selection is a class, not a border
     assert prob_colour(0.0) == "#ef8a62" and prob_colour(1.0) == "#67a9cf"
     assert prob_colour(0.5) == "#f7f7f7" and prob_colour(7) == "#67a9cf"
 
@@ -144,7 +145,7 @@ def test_token_buttons_share_layout_and_styles_and_forced_ones_are_bold():
     view = dl.show(tr)
     buttons = [b for b in view.text.children if "dl-token" in classes(b)]
     assert [b.description for b in buttons] == [token_label(t, 24) for t in tokens]
-    assert all(b.layout is widgets._TOKEN_LAYOUT for b in buttons)  # one layout for every token
+    assert all(b.layout is kit.TOKEN_LAYOUT for b in buttons)  # one layout for every token
     for b, p, forced in zip(buttons, tr.steps.prob, tr.steps.forced):
         assert b.style.button_color == prob_colour(round(p, 2))
         look = ("bold", "underline") if forced else ("normal", "none")
@@ -353,7 +354,8 @@ def test_explore_end_of_sequence_and_errors(lm):
 def test_explore_forwarded_from_the_package(lm):
     ex = dl.explore(make_session(lm), k=3)
     assert len(ex.candidates.children) == 3
-    assert set(widgets.__all__) >= {"show", "explore", "TraceView", "SessionExplorer"}
+    assert set(widgets.__all__) >= {"show", "TraceView"}
+    assert set(session_explorer.__all__) >= {"explore", "SessionExplorer"} and isinstance(ex, SessionExplorer)
     cands = ex.session.candidates(k=3)
     for b, (_, c) in zip(ex.candidates.children, cands.iterrows()):
         assert b.description.startswith(token_label(c.token, 16))
