@@ -15,7 +15,7 @@ MOVED = {
     "loop": "engine.loop", "strategy": "engine.strategy", "fast": "engine.fast", "attention": "engine.attention",
     "lens": "engine.lens", "models": "engine.models", "tokens": "engine.tokens", "beams": "engine.rules.beams",
     "group_beams": "engine.rules.group_beams", "contrastive": "engine.rules.contrastive", "dola": "engine.rules.dola",
-    "record": "record", "schema": "record.schema", "trace": "trace", "builder": "trace.builder",
+    "schema": "record.schema", "builder": "trace.builder",
     "lm": "backends.local", "session": "backends.session", "api": "backends.api",
     "api_client": "backends.api_client", "api_replies": "backends.api_replies", "api_session": "backends.api_session",
     "custom_decoder": "backends.custom_decoder", "compare": "analysis.compare", "whatif": "analysis.whatif",
@@ -41,7 +41,7 @@ class MovedFinder(importlib.abc.MetaPathFinder):
 
     def find_spec(self, fullname: str, path=None, target=None):
         prefix, _, old = fullname.partition(".")
-        if prefix != "decoderlab" or old not in MOVED or MOVED[old] == old:
+        if prefix != "decoderlab" or old not in MOVED:
             return None
         new = f"decoderlab.{MOVED[old]}"
         warnings.warn(f"{fullname} moved to {new}; import it from there (or from decoderlab)", DeprecationWarning,

@@ -321,3 +321,13 @@ def test_one_seed_one_trace_across_generate_session_and_compare(tiny_lms):
     for other in (again, session.trace, cmp.trace("s", seed=11)):
         pd.testing.assert_frame_equal(other.steps[cols].reset_index(drop=True),
                                       first.steps[cols].reset_index(drop=True), atol=1e-5, rtol=0)
+
+
+def test_a_rewind_that_changes_nothing_keeps_the_trace(lm):
+    """rewind(to=steps) is a no-op: the branch's trace is not rebuilt (a widget calls it freely)."""
+    s = lm.session("Once upon a time", max_new_tokens=6)
+    s.step(3)
+    before = s.trace
+    assert s.rewind(3) is s and s.trace is before
+    s.rewind(1)
+    assert s.trace is not before and s.steps == 1

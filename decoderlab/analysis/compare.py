@@ -23,15 +23,13 @@ import torch
 
 from ..backends.local import LM
 from ..backends.progress import progress_bar
-from ..engine import loop
-from . import metrics
-from ..engine.rules.beams import BeamSearch  # noqa: F401 (a Group's search)
-from ..trace.builder import from_beam_run, from_recording
-from ..errors import NumericError
+from ..engine import Strategy, loop
+from ..engine.rules.beams import BeamSearch
+from ..errors import NumericError, StrategyError
 from ..record import Record, Recording
-from ..engine.strategy import Strategy
-from ..errors import StrategyError
-from ..trace.trace import Trace
+from ..trace import Trace, from_beam_run, from_recording
+from . import metrics
+
 
 @dataclass
 class Group:

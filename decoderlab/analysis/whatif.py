@@ -38,13 +38,11 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList, PretrainedConfig
 from transformers.generation.utils import GenerationMixin
 
-from ..engine import loop
-from ..trace import Trace
-from ..record import record_processors
-from ..engine.strategy import Strategy
 from ..backends.local import LM
-from ..engine.words import resolve
+from ..engine import Strategy, loop, resolve
 from ..errors import StrategyError
+from ..record import record_processors
+from ..trace import Trace
 
 
 __all__ = ["what_if", "what_if_at", "row_logits", "WhatIf", "WhatIfError", "run_words", "step_logits", "step_prefix", "strategy_for",

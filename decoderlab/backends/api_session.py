@@ -243,7 +243,7 @@ class APISession(BranchingSession):
             return
         del self.tokens[to:]
         self.forced = [s for s in self.forced if s < to]
-        self.ended, self._next = False, None
+        self.ended, self._next, self._trace = False, None, None
 
     def _child(self) -> "APISession":
         return APISession(self.backend, None, _parent=self)

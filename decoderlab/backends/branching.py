@@ -69,7 +69,7 @@ class BranchingSession:
         raise NotImplementedError
 
     def _rewind(self, to: int) -> None:
-        """Back to just before step `to` (a valid step, checked)."""
+        """Back to just before step `to` (a valid step, checked); drops the cached trace if anything changed."""
         raise NotImplementedError
 
     def _child(self) -> "BranchingSession":
@@ -115,7 +115,7 @@ class BranchingSession:
     # ---- moving -----------------------------------------------------------------------------------------------
     def step(self, n: int = 1) -> pd.DataFrame:
         """Decode `n` tokens with the session's strategy; return their rows of `trace.steps`. Stops early where
-        the branch ends. An explicit step is not limited by the strategy's `max_new_tokens` (that is `run()`'s)."""
+        the branch ends (EOS; a local model's full context window). An explicit step is not limited by the strategy's `max_new_tokens` (that is `run()`'s)."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise SessionError(f"step(n={n!r}): n must be a whole number >= 1")
         since = self.steps
@@ -144,7 +144,6 @@ class BranchingSession:
         if not _is_step(to, self.steps):
             raise SessionError(f"rewind(to={to!r}): must be a step in [0, {self.steps}]")
         self._rewind(to)
-        self._trace = None
         return self
 
     def fork(self, at: int | None = None) -> "BranchingSession":

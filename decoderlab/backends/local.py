@@ -10,18 +10,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..errors import PromptError  # noqa: F401 (re-exported)
-from ..engine import loop
-from ..trace.builder import ModelInfo, from_beam_run, from_recording
-from .progress import progress_bar
-from ..engine.models import load_pretrained
-from ..record import Record, Recording
-from .session import Session, SessionError
-from ..errors import StrategyError
-from ..engine.strategy import Strategy
-from ..engine.words import resolve
+from ..engine import Strategy, load_pretrained, loop, resolve
 from ..engine.tokens import TokenText
-from ..trace.trace import Trace
+from ..errors import PromptError, SessionError, StrategyError
+from ..record import Record, Recording
+from ..trace import ModelInfo, Trace, from_beam_run, from_recording
+from .progress import progress_bar
+from .session import Session
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 

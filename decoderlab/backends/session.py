@@ -181,6 +181,7 @@ class Session(BranchingSession):
         self.recording.truncate(to)
         loop.restore_generators(self.state, self._rng_states[to])
         del self._rng_states[to:]
+        self._trace = None
 
     def _child(self) -> "Session":
         return Session(self.model, self.state.ids[:, : self.state.prompt_length], self.prompt_text, self.record,

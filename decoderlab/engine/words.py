@@ -54,7 +54,7 @@ def check_words(cfg: GenerationConfig, user: dict[str, Any], only_given: bool = 
     p = num("top_p")
     if p is not None and not 0 < p <= 1:
         raise bad("top_p", "must be in (0, 1]")
-    k = whole("top_k", 0, "must be a whole number >= 0 (0 turns it off)")
+    whole("top_k", 0, "must be a whole number >= 0 (0 turns it off)")
     m = num("min_p")
     if m is not None and not 0 <= m <= 1:
         raise bad("min_p", "must be in [0, 1]")
@@ -64,8 +64,8 @@ def check_words(cfg: GenerationConfig, user: dict[str, Any], only_given: bool = 
     rp = num("repetition_penalty")
     if rp is not None and rp <= 0:
         raise bad("repetition_penalty", "must be > 0 (1.0 turns it off)")
-    n = whole("no_repeat_ngram_size", 0, "must be a whole number >= 0")
-    mnt = whole("max_new_tokens", 1, "must be a whole number >= 1")
+    whole("no_repeat_ngram_size", 0, "must be a whole number >= 0")
+    whole("max_new_tokens", 1, "must be a whole number >= 1")
     for word in ("epsilon_cutoff", "eta_cutoff"):
         v = num(word)
         if v is not None and not 0 <= v < 1:
