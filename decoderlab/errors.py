@@ -51,6 +51,10 @@ class ModelNotFoundError(DecoderlabError, ValueError):
     """The model a user named cannot be found or loaded here."""
 
 
+class MissingExtraError(DecoderlabError, ImportError):
+    """A feature whose library is an optional extra that is not installed (the message names the pip command)."""
+
+
 class SchemaError(DecoderlabError, ValueError):
     """Arrays that contradict the trace schema (a wrong dtype, dimension count or length)."""
 

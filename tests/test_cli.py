@@ -9,6 +9,7 @@ import pytest
 
 import decoderlab as dl
 from decoderlab import cli
+from decoderlab.formats import format_prob
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -20,8 +21,56 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_help_explains_every_flag():
     out = run("--help")
     assert out.returncode == 0
-    for flag in ("--chat", "--max-new-tokens", "--top-k", "--top-p", "--temperature", "--seed", "--model", "--save"):
+    for command in cli.COMMANDS:
+        assert command in out.stdout
+    out = run("generate", "--help")
+    for flag in ("--chat", "--max-new-tokens", "--top-k", "--top-p", "--temperature", "--seed", "--model", "--save",
+                 "--min-p", "--repetition-penalty"):
         assert flag in out.stdout
+
+
+def test_every_command_and_flag_has_help():
+    import argparse
+
+    p = cli.parser()
+    commands = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands.choices) == set(cli.COMMANDS)
+    listed = {c.dest for c in commands._choices_actions}
+    assert listed == set(cli.COMMANDS), "every command shows in --help with a line of its own"
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            assert action.help and action.help != argparse.SUPPRESS, f"{name} {action.option_strings or action.dest}"
+
+
+def test_version():
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"decoderlab {dl.__version__}"
+
+
+def test_defaults_are_the_python_apis():
+    import inspect
+
+    args = cli.parser().parse_args(["generate", "hello"])
+    assert cli.generate_words(args) == {}  # nothing passed: lm.generate's own defaults hold
+    args = cli.parser().parse_args(["compare", "hello", "--strategy", "greedy"])
+    defaults = inspect.signature(dl.compare).parameters
+    assert args.max_new_tokens == defaults["max_new_tokens"].default
+    assert list(range(args.seeds)) == list(defaults["seeds"].default)
+
+
+def test_flags_become_generates_words():
+    args = cli.parser().parse_args(["generate", "hi", "--min-p", "0.1", "--repetition-penalty", "1.3", "--seed", "4",
+                                    "--max-new-tokens", "5", "--no-repeat-ngram-size", "2"])
+    assert cli.generate_words(args) == {"min_p": 0.1, "repetition_penalty": 1.3, "seed": 4, "max_new_tokens": 5,
+                                        "no_repeat_ngram_size": 2, "do_sample": True}
+    args = cli.parser().parse_args(["generate", "hi", "--penalty-alpha", "0.6", "--top-k", "4", "--dola-layers", "2,4"])
+    assert cli.generate_words(args) == {"penalty_alpha": 0.6, "top_k": 4, "dola_layers": [2, 4]}
+    args = cli.parser().parse_args(["generate", "hi", "--num-beams", "3"])
+    assert cli.generate_words(args) == {"num_beams": 3, "num_return_sequences": 3}
+
+
+def test_a_prompt_without_a_command_is_generate():
+    assert cli.main(["--model", "/no/such/model", "hello"]) == 2  # parsed as generate; the bad path is named
 
 
 def test_table_lists_every_step(tiny_lms):
@@ -92,3 +141,61 @@ def test_compare_prints_one_line_per_strategy():
     lines = out.stdout.strip().splitlines()
     assert lines[0].split()[:3] == ["strategy", "runs", "length"]
     assert lines[1].split()[:2] == ["greedy", "1"] and lines[2].split()[:2] == ["top_p=0.9", "2"]
+
+
+@pytest.mark.integration
+def test_sampling_flags_make_generates_tokens():
+    out = run("generate", "Name a colour.", "--chat", "--min-p", "0.05", "--repetition-penalty", "1.3", "--seed", "3",
+              "--max-new-tokens", "8")
+    assert out.returncode == 0, out.stderr
+    lm = dl.load()
+    trace = lm.generate("Name a colour.", chat=True, min_p=0.05, repetition_penalty=1.3, seed=3, do_sample=True,
+                        max_new_tokens=8, progress=False)
+    assert out.stdout.startswith(trace.text)
+    assert "MinPLogitsWarper" in trace.processors.processor.unique()
+
+
+@pytest.mark.integration
+def test_score_prints_each_token_and_the_total():
+    out = run("score", "The capital of France is", " Paris, a city.")
+    assert out.returncode == 0, out.stderr
+    trace = dl.load().score("The capital of France is", " Paris, a city.")
+    total = trace.steps.logprob.sum()
+    assert f"model log-probability {total:.4f}" in out.stdout
+    rows = out.stdout.splitlines()[2:2 + trace.num_steps]
+    assert [r.split()[0] for r in rows] == [str(i) for i in range(trace.num_steps)]
+    for row, token, prob in zip(rows, trace.tokens, trace.steps.prob):
+        assert repr(token) in row and format_prob(prob) in row
+
+
+@pytest.mark.integration
+def test_lab_starts_jupyterlab_on_the_notebooks(tmp_path):
+    """`make lab` is `decoderlab lab notebooks`: JupyterLab answers, serving the notebooks folder."""
+    import json
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", JUPYTER_CONFIG_DIR=str(tmp_path / "cfg"),
+               JUPYTER_RUNTIME_DIR=str(tmp_path / "run"))
+    proc = subprocess.Popen([sys.executable, "-m", "decoderlab", "lab", "notebooks", "--no-browser", f"--port={port}",
+                             "--ServerApp.token=t", "--ServerApp.ip=127.0.0.1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, listing = time.time() + 180, None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/contents?token=t", timeout=2) as r:
+                    listing = json.load(r)
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert listing is not None, proc.stdout.read() if proc.poll() is not None else "no answer in 180 s"
+        names = {item["name"] for item in listing["content"]}
+        assert "01_step_through.ipynb" in names
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

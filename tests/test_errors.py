@@ -110,3 +110,24 @@ def test_compare_finishes_the_other_runs(tiny_lms):
     for seed in (1, 2):
         alone = lm.generate(PROMPT, seed=seed, max_new_tokens=6, progress=False, **strategies["top-k"])
         assert cmp.trace("top-k", seed=seed).token_ids == alone.token_ids
+
+
+def test_connect_without_the_openai_client_names_the_extra(monkeypatch):
+    """openai is an optional extra ([api]): without it, dl.connect says what to install instead of a bare ImportError."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openai", None)  # makes `import openai` raise ImportError
+    with pytest.raises(dl.MissingExtraError, match=r"decoderlab\[api\]"):
+        dl.connect(base_url="http://127.0.0.1:9/v1", model="m")
+
+
+def test_import_needs_no_optional_extra():
+    """`import decoderlab` works with only the core dependencies: the extras' libraries are never imported by it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules.update(openai=None, jupyterlab=None, llama_cpp=None, mkdocs=None, pytest=None); "
+            "import decoderlab as dl; dl.Record(); print(dl.__version__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == dl.__version__

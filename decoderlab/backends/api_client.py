@@ -17,8 +17,8 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from ..errors import (APIError, AuthenticationFailed, RateLimited, RequestRefused, ServerFailed, ServerTimeout,
-                     ServerUnreachable, UnknownModel)
+from ..errors import (APIError, AuthenticationFailed, MissingExtraError, RateLimited, RequestRefused, ServerFailed,
+                     ServerTimeout, ServerUnreachable, UnknownModel)
 
 __all__ = ["Server", "SERVERS", "server_for", "Connection"]
 
@@ -77,7 +77,11 @@ class Connection:
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, *, timeout: float = 60.0,
                  max_retries: int = 2, **client_kwargs: Any):
-        from openai import OpenAI
+        try:
+            from openai import OpenAI
+        except ImportError:
+            raise MissingExtraError("dl.connect talks to servers through the official `openai` client, which is not "
+                                    "installed: pip install 'decoderlab[api]' (or pip install openai)") from None
 
         self.base_url = str(base_url).rstrip("/")
         self.model = model

