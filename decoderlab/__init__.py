@@ -7,7 +7,7 @@
 
 The house, one room per concern (each room's `__init__` says what it is for and what it exports):
 engine/ (the step loop, strategy words and rules, models), record/ (what a run records), trace/ (the Trace,
-its builder and files), backends/ (a local model, a server, the seed's decoder, sessions), analysis/ (compare,
+its builder and files), backends/ (a local model, a server, the blog post's decoder, sessions), analysis/ (compare,
 what-if, metrics), views/ (plots, HTML, widgets). This module is the front door: it wires the rooms together
 and is the only place above all of them.
 """

@@ -289,7 +289,9 @@ def lab_main(args: argparse.Namespace) -> int:
     folder = Path(args.folder) if args.folder else notebooks_folder()
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder")
-    dl.load()  # the first run converts the bundled model here, with a progress bar, not in a notebook cell
+    from .engine.models import default_model_dir
+
+    default_model_dir()  # the first run converts the bundled model here, with a progress bar, not in a notebook
     argv = [sys.executable, "-m", "jupyterlab", str(folder)]
     if args.port is not None:
         argv.append(f"--port={args.port}")

@@ -1,5 +1,5 @@
 """Where tokens come from: a local model (`LM`, `load`), a model behind an OpenAI-compatible server
-(`APIBackend`, `connect`), the seed's `CustomDecoder`, and the sessions that step, force, rewind and branch.
+(`APIBackend`, `connect`), the blog post's `CustomDecoder`, and the sessions that step, force, rewind and branch.
 """
 from .api import APIBackend, connect
 from .custom_decoder import CustomDecoder

@@ -1,4 +1,4 @@
-"""The seed's `CustomDecoder`, with the same call, backed by the cached, recorded loop.
+"""The blog post's `CustomDecoder`, with the same call, backed by the cached, recorded loop.
 
 The blog post decoderlab grew from subclasses `GenerationMixin` and re-runs the whole sequence
 at every step. This class takes the same constructor and `generate(...)` call and returns the
