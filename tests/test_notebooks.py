@@ -20,11 +20,30 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 CELL_TIMEOUT_S = 300
 
 
+# Lines a notebook prints that check what it shows (a round trip, a cross-check): running without errors is not
+# enough, the check must come out True.
+CHECKS = {
+    "03_attention_and_lens": ["row length = prompt length + step: True"],
+    "07_sampler_playground": ["what-if from a forward agrees with the recorded logits: True",
+                              "generate with the playground's words:"],
+    "08_beam_tree": ["returned rows' scores = their finished candidates' normalised scores: True"],
+    "09_save_and_share": ["every frame round-trips: True", "TraceFileError:"],
+    "10_score_and_recorders": ["scored again, same probabilities: True", "margin saved and loaded: True"],
+    "11_dola_and_contrastive": ["DoLa's layer is the candidate with the largest divergence at every step: True",
+                                "contrastive chose the highest score at every step: True"],
+    "12_sessions_rewind_fork": ["forced token's probability matches lm.score: True",
+                                "rewound and stepped again, same tokens: True", "SessionError:"],
+}
+
+
 def test_there_are_notebooks():
     names = [p.name for p in NOTEBOOKS]
     assert names == ["01_step_through.ipynb", "02_distributions.ipynb", "03_attention_and_lens.ipynb",
                      "04_custom_decoder.ipynb", "05_compare_strategies.ipynb",
-                     "06_api_models.ipynb"]
+                     "06_api_models.ipynb", "07_sampler_playground.ipynb", "08_beam_tree.ipynb",
+                     "09_save_and_share.ipynb", "10_score_and_recorders.ipynb",
+                     "11_dola_and_contrastive.ipynb", "12_sessions_rewind_fork.ipynb"]
+    assert set(CHECKS) <= {p.stem for p in NOTEBOOKS}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -77,3 +96,6 @@ def test_notebook_runs(path, kernel_env, tmp_path):
     assert Path(probe.split("KERNEL", 1)[1].strip()) == Path(sys.prefix), f"not this venv's kernel: {probe}"
     widgets = [o for _, o in streams if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     assert widgets, "the notebook should display a widget (dl.show or dl.explore)"
+    printed = "".join(o.text for _, o in streams if o.output_type == "stream" and o.name == "stdout")
+    missing = [line for line in CHECKS.get(path.stem, []) if line not in printed]
+    assert not missing, f"{path.name} did not print {missing}"

@@ -149,6 +149,12 @@ def test_smollm2_session_and_score(smol):
     assert row.token[0] == " Lyon" and bool(row.forced[0])
     s.run()
     assert "Lyon" in s.text
+    # A bare word that is not among the likely candidates and is two tokens without its space ('ban', 'ana'):
+    # chosen as it would continue the text, ' banana', one token (it used to be refused).
+    s.rewind(to=5)
+    assert " banana" not in s.candidates(k=50).token.tolist() and len(smol.tokenizer("banana").input_ids) > 1
+    row = s.choose(token="banana")
+    assert row.token[0] == " banana"
 
 
 def test_tree_columns_are_integers(lm):

@@ -169,6 +169,10 @@ class Session(BranchingSession):
             raise SessionError(f"{token!r} is not among the likely candidates, and this session has no tokenizer "
                                "to encode it: pass a token id")
         ids = self.encode_token(token)
+        if len(ids) != 1 and not token[0].isspace():  # a bare word, as it would continue the text (as above)
+            spaced = self.encode_token(" " + token)
+            if len(spaced) == 1:
+                return int(spaced[0])
         if len(ids) != 1:
             pieces = [self.info.token_text(i) for i in ids]
             raise SessionError(f"{token!r} is {len(ids)} tokens {pieces}, not one: choose one of them, or pass an id")
