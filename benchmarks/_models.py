@@ -1,6 +1,6 @@
 """The model a benchmark times: the default model (or `--model PATH`), or a model of a named shape with random weights.
 
-Why random weights: a lent GPU machine has no copy of any weights and cannot download them, and a decode step's
+Why random weights: a GPU machine has no copy of any weights and cannot download them, and a decode step's
 cost depends on the shapes, not on the values. A shape folder holds a `config.json` and the default model's
 tokenizer; write them here, where the default model is at hand, and carry them to the GPU:
 

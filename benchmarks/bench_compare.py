@@ -6,8 +6,9 @@
 Eight strategies (greedy, beam 4, top-k 50, nucleus 0.9, min-p 0.1, typical 0.9, temperature 0.7,
 contrastive search) × `--seeds` seeds on one chat prompt, EOS off so every run is the same length.
 Strategies that do not sample run once. Both sides make exactly the same runs, in one process; the
-table gives each side's time and the speed-up. Bars (issue 17): >= 5x on the default model on 2 CPU cores,
->= 15x on an H100 with the Llama-1B shape in bfloat16 (random weights: see benchmarks/_models.py).
+table gives each side's time and the speed-up, also written to benchmarks/results/bench_compare-<device>[-<shape>].json
+(`--out`). Goals: >= 5x on the default model on 2 CPU cores, >= 15x on one GPU (H100 or H200) with the Llama-1B shape in
+bfloat16 (random weights: see benchmarks/_models.py).
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ import torch
 
 import decoderlab as dl
 from _models import add_arguments, load
+from _results import add_out_argument, label_for, write
+
+BAR_CPU, BAR_GPU = 5.0, 15.0
 
 STRATEGIES = {
     "greedy": {},
@@ -42,6 +46,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=1, help="measure both sides this many times; medians")
     add_arguments(ap)
+    add_out_argument(ap)
     args = ap.parse_args()
     lm = load(args)
     prompt = "Write a short story about a lighthouse keeper."
@@ -93,6 +98,23 @@ def main() -> None:
     print(f"  the batch's rows alone ({', '.join(n for n in strategies if n not in own_rule)}): {shared:.2f} s in "
           f"dl.compare, {one - sum(per_strategy[n] for n in own_rule):.2f} s one by one")
     print("  one by one, per strategy: " + ", ".join(f"{n} {t:.2f} s" for n, t in per_strategy.items()))
+    alone_own = sum(per_strategy[n] for n in own_rule)
+    rows = [{"runs": f"every run ({n_runs} distinct)", "one by one s": one, "dl.compare s": both,
+             "speed-up": one / both},
+            {"runs": "the batch's rows (" + ", ".join(n for n in strategies if n not in own_rule) + ")",
+             "one by one s": one - alone_own, "dl.compare s": shared, "speed-up": (one - alone_own) / shared}]
+    rows += [{"runs": f"{name}, one by one", "one by one s": t, "dl.compare s": None, "speed-up": None}
+             for name, t in per_strategy.items()]
+    bar = BAR_GPU if lm.device.type == "cuda" else BAR_CPU
+    write(__file__, title=f"What batching buys: dl.compare against one run at a time ({lm.name}, {lm.device}, "
+          f"{len(strategies)} strategies x {args.seeds} seeds x {args.tokens} tokens)", settings=args,
+          columns=["runs", "one by one s", "dl.compare s", "speed-up"], results=rows,
+          summary={"speedup": one / both, "bar": bar, "met": one / both >= bar, "distinct_runs": n_runs,
+                   "speedup_batch_rows": (one - alone_own) / shared},
+          label=label_for(args, lm.device),
+          notes=f"model={lm.name} device={lm.device} dtype={lm.model.dtype} threads={torch.get_num_threads()}; "
+                f"both sides make the same runs in one process, median of {args.repeats}; strategies with a rule "
+                f"of their own ({', '.join(own_rule)}) run alone inside dl.compare too.")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ The first call of each variant (compile or capture, cuDNN plans) is timed apart:
 the tokens of the fast path are compared with the eager path's (greedy and seeded sampling) and with transformers'
 static generate, and the attention rows and logits with the eager path's.
 
-The bar (issue 19, H100, Llama-1B shape, bf16, 256 new tokens after a 512-token prompt): `compile=True, Record()`
-at least the tok/s of `generate static`; everything on at least 0.9x of it.
+The goal (one GPU, Llama-1B shape, bf16, 256 new tokens after a 512-token prompt): `compile=True, Record()`
+at least the tok/s of `generate static`; everything on at least 0.9x of it. The table, the replay times and the
+parity checks are also written to benchmarks/results/bench_fast-<device>[-<shape>].json (`--out`).
 """
 from __future__ import annotations
 
@@ -35,8 +36,10 @@ import torch
 
 import decoderlab as dl
 from _models import add_arguments, load
+from _results import add_out_argument, label_for, write
 
 EVERYTHING = dict(attention=True, lens=True, logits=True)
+BAR_RECORD, BAR_EVERYTHING = 1.0, 0.9  # x transformers' static generate's tok/s
 
 
 def main() -> None:
@@ -46,6 +49,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip", nargs="*", default=[], help="variants to leave out (by name)")
     add_arguments(ap)
+    add_out_argument(ap)
     args = ap.parse_args()
     lm = load(args)
     n = args.tokens
@@ -107,11 +111,26 @@ def main() -> None:
         print(f"| {name} | {first[name]:.2f} | {med:.3f} | {n / med:.1f} | "
               f"{'' if bar is None else f'{bar / med:.3f}×'} |")
     print(json.dumps({"bench_fast": rows}))
+    summary: dict[str, object] = {}
     if cuda:
         for record in (dl.Record(), dl.Record(**EVERYTHING)):
-            print(f"the captured step alone ({record.attention and 'everything on' or 'Record()'}): "
-                  f"{1000 * replay_time(lm, ids, record):.3f} ms a step on the GPU")
-    parity(lm, ids, n, outputs)
+            name = record.attention and "everything on" or "Record()"
+            ms = 1000 * replay_time(lm, ids, record)
+            summary[f"replay ms, {name}"] = ms
+            print(f"the captured step alone ({name}): {ms:.3f} ms a step on the GPU")
+    checks = parity(lm, ids, n, outputs)
+    for key, bar in (("compile=True, Record()", BAR_RECORD), ("compile=True, everything on", BAR_EVERYTHING)):
+        ratio = rows.get(key, {}).get("vs_static")
+        summary[f"{key} vs generate static"] = ratio
+        summary[f"{key} bar"] = bar
+        summary[f"{key} met"] = None if ratio is None else ratio >= bar
+    columns = ["variant", "first call s", "median s", "tok/s", "vs generate static"]
+    table = [dict(zip(columns, [name, r["first_s"], r["s"], r["tok_s"], r["vs_static"]])) for name, r in rows.items()]
+    write(__file__, title=f"The fast path: lm.generate(compile=True) against transformers' static generate "
+          f"({lm.name}, {lm.device}, {ids.shape[1]}-token prompt, {n} new tokens)", settings=args, columns=columns,
+          results=table, summary=summary, label=label_for(args, lm.device),
+          notes=f"dtype={lm.model.dtype}, greedy, EOS off, runs interleaved, median of {args.repeats}; the first call "
+                "(compile, capture, plans) timed apart. Parity: " + "; ".join(checks))
 
 
 def replay_time(lm: dl.LM, ids: torch.Tensor, record: dl.Record, steps: int = 200) -> float:
@@ -139,8 +158,15 @@ def replay_time(lm: dl.LM, ids: torch.Tensor, record: dl.Record, steps: int = 20
     return (time.perf_counter() - t0) / steps
 
 
-def parity(lm: dl.LM, ids: torch.Tensor, n: int, outputs: dict) -> None:
-    """Tokens, logits and attention rows of the fast path against the eager path (and transformers' static)."""
+def parity(lm: dl.LM, ids: torch.Tensor, n: int, outputs: dict) -> list[str]:
+    """Tokens, logits and attention rows of the fast path against the eager path (and transformers' static), each
+    printed; returns the lines printed (for the result file's notes)."""
+    lines: list[str] = []
+
+    def say(*words: object) -> None:
+        lines.append(" ".join(str(w) for w in words).strip())
+        print(*words)
+
     def first_difference(a, b) -> str:
         a, b = list(a), list(b)
         same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
@@ -150,24 +176,25 @@ def parity(lm: dl.LM, ids: torch.Tensor, n: int, outputs: dict) -> None:
     fast = outputs.get("compile=True, everything on") or lm.generate_ids(
         ids, record=dl.Record(**EVERYTHING), max_new_tokens=n, eos_token_id=[], progress=False, compile=True)
     tokens = eager.arrays["token_id"][:, 0]
-    print("greedy tokens, compile=True vs eager lm.generate:", first_difference(fast.arrays["token_id"][:, 0], tokens))
+    say("greedy tokens, compile=True vs eager lm.generate:", first_difference(fast.arrays["token_id"][:, 0], tokens))
     if "generate static" in outputs:
-        print("greedy tokens, compile=True vs transformers' static generate:",
-              first_difference(fast.arrays["token_id"][:, 0], outputs["generate static"]))
+        say("greedy tokens, compile=True vs transformers' static generate:",
+            first_difference(fast.arrays["token_id"][:, 0], outputs["generate static"]))
         if "generate" in outputs:
-            print("greedy tokens, eager lm.generate vs plain generate:", first_difference(tokens, outputs["generate"]))
+            say("greedy tokens, eager lm.generate vs plain generate:", first_difference(tokens, outputs["generate"]))
     agree = next((i for i, (x, y) in enumerate(zip(fast.arrays["token_id"][:, 0], tokens)) if x != y), n)
     if agree:
         for key in ("logits", "attention", "residual"):
             a = eager.arrays[key][:agree].astype(np.float32)
             b = fast.arrays[key][:agree].astype(np.float32)
-            print(f"  {key}: max |compile - eager| over the {agree} equal steps = {np.abs(a - b).max():.3g} "
-                  f"(values up to {np.abs(a).max():.3g})")
+            say(f"  {key}: max |compile - eager| over the {agree} equal steps = {np.abs(a - b).max():.3g} "
+                f"(values up to {np.abs(a).max():.3g})")
     words = dict(do_sample=True, top_k=50, temperature=0.9, seed=7)
     a = lm.generate_ids(ids, max_new_tokens=n, eos_token_id=[], progress=False, **words)
     b = lm.generate_ids(ids, max_new_tokens=n, eos_token_id=[], progress=False, compile=True, **words)
-    print("seeded sampling tokens, compile=True vs eager:", first_difference(b.arrays["token_id"][:, 0],
-                                                                            a.arrays["token_id"][:, 0]))
+    say("seeded sampling tokens, compile=True vs eager:", first_difference(b.arrays["token_id"][:, 0],
+                                                                          a.arrays["token_id"][:, 0]))
+    return lines
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ Default model (`dl.load()`, SmolLM2-135M) on the CPU, EOS off so every run is N 
 runs in its own subprocess: load the model, warm up (a short plain `model.generate`, or for the
 "after lm.generate" variants a single short `lm.generate`, the warm-up that fragmented the heap before
 records lived in chunked buffers), reset the peak (`/proc/self/clear_refs`), run, and report
-VmHWM - VmRSS-before. The trace's own bytes are the sum of its arrays' nbytes.
+VmHWM - VmRSS-before. The trace's own bytes are the sum of its arrays' nbytes. The table is also written to
+benchmarks/results/bench_memory-cpu.json (`--out`).
 
-The bar (issue 19): growth <= 1.25 x (plain generate's growth + the trace's bytes) for `Record()` and
+The goal: growth <= 1.25 x (plain generate's growth + the trace's bytes) for `Record()` and
 for attention on a few layers, whatever ran before; `Record()` holds <= 2 KiB per step.
 """
 from __future__ import annotations
@@ -20,6 +21,8 @@ import subprocess
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from _results import add_out_argument, write
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 BAR_RATIO, BAR_STEP = 1.25, 2048
@@ -99,6 +102,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, choices=list(VARIANTS), help="variants to run (default all)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    add_out_argument(ap)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args.tokens, args.threads)))
@@ -120,17 +124,32 @@ def main() -> None:
     base = results["generate"]["growth"]
     print(f"peak RSS growth over {args.tokens} greedy tokens, default model, CPU, each in a fresh process")
     print(f"{'variant':42s} {'growth MiB':>10s} {'trace MiB':>10s} {'ratio':>7s} {'bar':>5s} {'B/step':>8s}")
+    rows = []
     for name in names:
         r = results[name]
         line = f"{name:42s} {r['growth'] / mib:10.1f} {r['trace_bytes'] / mib:10.2f}"
+        row = {"variant": name, "growth MiB": r["growth"] / mib, "trace MiB": r["trace_bytes"] / mib,
+               "ratio": None, "met": None, "bytes/step": None}
         if name != "generate":
             ratio = r["growth"] / (base + r["trace_bytes"])
             per_step = r["trace_bytes"] / args.tokens
             ok = ratio <= BAR_RATIO and (VARIANTS[name][0] or per_step <= BAR_STEP)
             line += f" {ratio:7.2f} {'ok' if ok else 'MISS':>5s} {per_step:8.0f}"
+            row.update({"ratio": ratio, "met": bool(ok), "bytes/step": per_step})
         print(line)
+        rows.append(row)
+    notes = (f"Peak RSS growth over {args.tokens} greedy tokens (EOS off), default model, CPU, each variant in a "
+             "fresh process; ratio = growth / (plain generate's growth + the trace's bytes).")
     if not all(r["peak_reset"] for r in results.values()):
         print("note: /proc/self/clear_refs refused: peaks include loading the model")
+        notes += " /proc/self/clear_refs was refused: the peaks include loading the model."
+    measured = [r for r in rows if r["ratio"] is not None]
+    summary = {"generate_growth_mib": base / mib, "bar_ratio": BAR_RATIO, "bar_record_bytes_per_step": BAR_STEP,
+               **{f"ratio {r['variant']}": r["ratio"] for r in measured},
+               "all_met": all(r["met"] for r in measured)}
+    write(__file__, title=f"What recording costs in memory: peak RSS growth of a {args.tokens}-token greedy run",
+          settings=args, columns=["variant", "growth MiB", "trace MiB", "ratio", "met", "bytes/step"], results=rows,
+          summary=summary, label="cpu", notes=notes)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ The prompt is repeated text cut to exactly `--prompt-tokens` tokens. Greedy, EOS
 (`Record(attention=True, lens=True, logits=True)`) and reads `trace.lens` once, which is when the lens is computed.
 Runs are interleaved after one warm-up of each at full length; medians of `--repeats`. Also timed, for
 reference: plain `model.generate` returning nothing (the model's own attention) and `lm.generate` with `Record()`.
-Bar (issue 19): decoderlab everything on >= 2x faster than transformers with its outputs.
+Goal: decoderlab everything on >= 2x faster than transformers with its outputs. The table is also written
+to benchmarks/results/bench_outputs-<device>[-<shape>].json (`--out`).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 
 import decoderlab as dl
 from _models import add_arguments, load
+from _results import add_out_argument, label_for, write
 from _timing import EVERYTHING, json_line, load_average, markdown, run_recorded, same_tokens, setting, timed
 
 BAR = 2.0
@@ -91,6 +93,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     add_arguments(ap)
     ap.add_argument("--threads", type=int, default=None)
+    add_out_argument(ap)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -122,6 +125,18 @@ def main() -> None:
     print(f"decoderlab everything on is {speedup:.2f}x faster than transformers with its outputs "
           f"(bar >= {BAR}x: {'met' if speedup >= BAR else 'MISSED'}); same tokens: "
           f"{same_tokens(tokens[OURS], tokens[BASELINE])}")
+    columns = ["variant", "median s", "tok/s", "time / transformers with outputs", "returned MiB",
+               "same tokens as the baseline"]
+    rows = [dict(zip(columns, [name, med[name], n / med[name], med[name] / base, returned[name] / 2**20,
+                               tokens[name] == tokens[BASELINE]])) for name in VARIANTS]
+    write(__file__, title=f"What showing the same things costs in plain transformers ({lm.name}, {lm.device}, "
+          f"{ids.shape[1]}-token prompt, {n} new tokens)", settings=args, columns=columns, results=rows,
+          summary={"speedup": speedup, "bar": BAR, "met": speedup >= BAR,
+                   "same_tokens": tokens[OURS] == tokens[BASELINE]},
+          label=label_for(args, lm.device),
+          notes=f"model={lm.name} device={lm.device} dtype={lm.model.dtype} threads={torch.get_num_threads()}; "
+                f"greedy, EOS off, runs interleaved after a full-length warm-up, median of {args.repeats}. "
+                f"Baseline: {BASELINE}; ours: {OURS}.")
     print(json_line(bench="outputs", **setting(lm), prompt_tokens=ids.shape[1], new_tokens=n, repeats=args.repeats,
                     load_average=os.getloadavg(), seconds=med, returned_bytes=returned, speedup=speedup, bar=BAR,
                     met=speedup >= BAR, same_tokens=tokens[OURS] == tokens[BASELINE]))

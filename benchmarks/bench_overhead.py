@@ -6,8 +6,9 @@
 
 Greedy decoding of a fixed number of tokens (EOS off, so every run is the same length), runs
 interleaved so drift hits all variants alike; prints the median time of each and its ratio to
-plain `generate`. The bar: Record() defaults <= 1.05x, everything on (attention, lens, fp16
-logits) <= 1.25x.
+plain `generate`, and writes them to benchmarks/results/bench_overhead-<device>[-<shape>].json (`--out`).
+The bar: Record() defaults <= 1.05x, everything on (attention, lens, fp16 logits) <= 1.25x on a CPU,
+<= 1.10x on a GPU.
 
 `--device-map auto` shards the model over every visible GPU as `from_pretrained(device_map="auto")` does
 (accelerate's balanced memory, no layer split), and both sides run on that placement.
@@ -25,6 +26,9 @@ import torch
 
 import decoderlab as dl
 from _models import add_arguments, load
+from _results import add_out_argument, label_for, write
+
+BAR_RECORD, BAR_EVERYTHING_CPU, BAR_EVERYTHING_GPU = 1.05, 1.25, 1.10
 
 
 def main() -> None:
@@ -36,6 +40,7 @@ def main() -> None:
     ap.add_argument("--device-map", default=None, choices=["auto"],
                     help="shard the model over all visible GPUs with accelerate (balanced, as device_map='auto')")
     ap.add_argument("--lens-read", action="store_true", help="also time reading trace.lens (the lazy lens pass)")
+    add_out_argument(ap)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,9 +88,24 @@ def main() -> None:
     base = statistics.median(times["generate"])
     print(f"model={lm.name} device={lm.device} dtype={lm.model.dtype} threads={torch.get_num_threads()} "
           f"prompt={ids.shape[1]} tokens, {n} new tokens, {args.repeats} repeats (median)")
+    rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"{name:<34} {med:8.3f} s  {n / med:7.1f} tok/s  ratio {med / base:5.3f}")
+        rows.append({"variant": name, "median s": med, "tok/s": n / med, "ratio to generate": med / base})
+    ratio = {name: statistics.median(ts) / base for name, ts in times.items()}
+    bar = BAR_EVERYTHING_GPU if lm.device.type == "cuda" else BAR_EVERYTHING_CPU
+    everything = ratio["Record(attention, lens, logits)"]
+    summary = {"generate_s": base, "ratio_record": ratio["Record()"], "bar_record": BAR_RECORD,
+               "record_met": ratio["Record()"] <= BAR_RECORD, "ratio_everything_on": everything,
+               "bar_everything_on": bar, "everything_on_met": everything <= bar}
+    if args.lens_read:
+        summary["ratio_lens_read"] = ratio["... and reading trace.lens"]
+    write(__file__, title=f"What recording costs: lm.generate against model.generate ({lm.name}, {lm.device}, "
+          f"{n} new tokens)", settings=args, columns=["variant", "median s", "tok/s", "ratio to generate"],
+          results=rows, summary=summary, label=label_for(args, lm.device, args.device_map),
+          notes=f"model={lm.name} device={lm.device} dtype={lm.model.dtype} threads={torch.get_num_threads()}, "
+                f"prompt {ids.shape[1]} tokens, greedy, EOS off, runs interleaved, median of {args.repeats}.")
 
 
 def shard(lm: dl.LM) -> dl.LM:

@@ -4,7 +4,7 @@ every step, against `lm.generate` (a KV cache, every step recorded), greedy, at 
     .venv/bin/python benchmarks/bench_seed_loop.py [--tokens 64 256 1024] [--repeats 1] [--model PATH]
     python benchmarks/bench_seed_loop.py --random-weights .bench/llama-1b --device cuda --dtype bfloat16
 
-The baseline is the seed's class copied verbatim (/work/shared/seed/, "重写解码过程"), called as the post calls it
+The baseline is the seed's class copied verbatim ("重写解码过程" in the blog post "llm decoder的研究"), called as the post calls it
 but greedy: `CustomDecoder(model, tokenizer).generate(input_ids, max_length=P + N, do_sample=False)` (its top-k
 filter of 50 still runs; it does not change the argmax). EOS off on every side, so every run makes exactly N
 tokens: the seed's loop stops when a token equals `tokenizer.eos_token_id`, so it is handed the tokenizer behind
@@ -12,8 +12,9 @@ tokens: the seed's loop stops when a token equals `tokenizer.eos_token_id`, so i
 decoderlab runs with the default `Record()` and with everything on (bench_overhead's: attention, lens, fp16
 logits; `trace.lens` read once). The three runs of a length are interleaved after a short warm-up of each;
 medians of `--repeats` (default 1: the seed's loop is O(N²) in the tokens, about an hour at 1,024 on 2 CPU
-cores). Each length's row is printed as soon as it is measured.
-Bar (issue 19): `lm.generate` >= 10x faster than the seed's loop at 1,024 new tokens.
+cores). Each length's row is printed as soon as it is measured, and the result file
+(benchmarks/results/bench_seed_loop-<device>[-<shape>].json, `--out`) is rewritten with the rows so far.
+Goal: `lm.generate` >= 10x faster than the blog post's loop at 1,024 new tokens.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from transformers import GenerationMixin
 
 import decoderlab as dl
 from _models import add_arguments, load
+from _results import add_out_argument, label_for, write
 from _timing import (EVERYTHING, json_line, load_average, markdown_header, markdown_row, run_recorded, same_tokens,
                      setting, timed)
 
@@ -123,6 +125,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     add_arguments(ap)
     ap.add_argument("--threads", type=int, default=None)
+    add_out_argument(ap)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,6 +156,7 @@ def main() -> None:
                             "; ".join(f"{k.removeprefix('lm.generate, ')}: {same_tokens(tokens[k], tokens[SEED])}"
                                       for k in ours),
                             ", ".join(f"{x:.2f}" for x in r["load_average"])]), flush=True)
+        save(args, lm, ids, results, ours)
     at_bar = [r for r in results if r["new_tokens"] == BAR_AT]
     met = None
     if at_bar:
@@ -162,6 +166,33 @@ def main() -> None:
               f"(bar >= {BAR:.0f}x: {'met' if met else 'MISSED'})")
     print(json_line(bench="seed_loop", **setting(lm), prompt_tokens=ids.shape[1], repeats=args.repeats,
                     results=results, bar=BAR, bar_at=BAR_AT, met=met))
+
+
+def save(args: argparse.Namespace, lm: dl.LM, ids: torch.Tensor, results: list[dict], ours: list[str]) -> None:
+    """The result file with the lengths measured so far (the longest takes an hour on a CPU: a run cut short keeps
+    what it measured)."""
+    columns = ["new tokens", f"{SEED} s"]
+    for k in ours:
+        columns += [f"{k} s", f"{k} speed-up", f"{k} same tokens"]
+    columns.append("load average after")
+    rows = []
+    for r in results:
+        row = {"new tokens": r["new_tokens"], f"{SEED} s": r["seconds"][SEED],
+               "load average after": ", ".join(f"{x:.2f}" for x in r["load_average"])}
+        for k in ours:
+            row.update({f"{k} s": r["seconds"][k], f"{k} speed-up": r["speedup"][k],
+                        f"{k} same tokens": r["same_tokens"][k]})
+        rows.append(row)
+    at_bar = [r for r in results if r["new_tokens"] == BAR_AT]
+    worst = min(at_bar[0]["speedup"].values()) if at_bar else None
+    write(__file__, title=f"Against the blog post's loop: CustomDecoder against lm.generate ({lm.name}, {lm.device})",
+          settings=args, columns=columns, results=rows,
+          summary={f"speedup_at_{BAR_AT}": worst, "bar": BAR, "met": None if worst is None else worst >= BAR,
+                   "lengths_measured": [r["new_tokens"] for r in results]},
+          label=label_for(args, lm.device),
+          notes=f"model={lm.name} device={lm.device} dtype={lm.model.dtype} threads={torch.get_num_threads()}, "
+                f"prompt {ids.shape[1]} tokens, greedy, EOS off, median of {args.repeats}; the speed-up is the "
+                "seed's loop's time over lm.generate's.")
 
 
 if __name__ == "__main__":

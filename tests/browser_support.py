@@ -1,8 +1,8 @@
 """Helpers for the end-to-end tests: a throw-away JupyterLab server and a Playwright page in Debian's Chromium.
 
 Why a module: the server recipe (temporary notebook copy, settings, workspace and runtime dirs, a
-random token, `?reset`) is easy to get subtly wrong, and every pitfall it works around was met once
-(see /work/shared/recipes/README.md). Never a Playwright browser download: Chromium comes from apt.
+random token, `?reset`) is easy to get subtly wrong, and every pitfall it works around was met once.
+Never a Playwright browser download: Chromium comes from apt.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 ARTIFACTS = Path(os.environ.get("E2E_ARTIFACTS", ROOT / "tests" / "artifacts"))
 DOCS_IMG = ROOT / "docs" / "img"
-# The README's screenshots are written when missing, or refreshed with DECODERLAB_UPDATE_DOCS_IMG=1, so
+# The docs' screenshots are written when missing, or refreshed with DECODERLAB_UPDATE_DOCS_IMG=1, so
 # that an ordinary test run leaves the tracked images (and git status) alone.
 UPDATE_DOCS = os.environ.get("DECODERLAB_UPDATE_DOCS_IMG") == "1"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")

@@ -4,7 +4,7 @@ on the bundled SmolLM2 GGUF) and against transformers on the same file.
 What is checked against what: the server's own answers (a one-shot generation against the same tokens stepped
 one request at a time, streamed against not streamed, sampling with top_k=1 against greedy, the server's
 tokenizer against the session's ids), and transformers on the de-quantised weights (the cross-engine
-comparison, with the tolerance measured here and explained in the README). Protocol failures a llama.cpp
+comparison, with the tolerance measured here and explained in docs/api.md). Protocol failures a llama.cpp
 server never produces (429, 5xx, a timeout, a reply without logprobs) are served by a small real HTTP server
 in this file, through the real `openai` client. A server that cannot be built or started fails these tests.
 """
@@ -114,7 +114,7 @@ def test_stream_gives_the_same_trace(api, chat):
 
 def test_the_servers_numbers_depend_on_its_cache(api, chat_prompt):
     """llama-cpp-python reuses the KV cache of the previous request's common prefix: a prompt evaluated in one
-    batch and one whose last token is evaluated alone after a cached prefix give different logits (the README
+    batch and one whose last token is evaluated alone after a cached prefix give different logits (docs/api.md
     states this, and the cross-engine tolerance allows for it)."""
     api.generate("Unrelated text to clear the cache", max_new_tokens=1)
     batch = api.generate(chat_prompt, max_new_tokens=12)  # the prompt evaluated as one batch
@@ -462,7 +462,7 @@ def cross_engine_report(cmp, first_steps: int = 8) -> tuple[list[dict], dict]:
 
 def test_two_engines_on_one_file(api, smol):
     """`dl.compare` across engines: transformers (de-quantised float32 weights) against llama.cpp (Q4_1 weights)
-    on the same GGUF, greedy. Tolerances measured here (README, "Two engines, one file"): the engines' raw
+    on the same GGUF, greedy. Tolerances measured here (docs/api.md, "Two engines, one file"): the engines' raw
     probabilities of the tokens both list in their top 5 differ by at most 0.1, their logprobs by 0.09 nats on
     average; the sets agree in most steps; and where greedy answers part, it is at a near-tie in both engines
     (each engine's own gap between the two tokens is under 0.25 nats), the only place a difference that small

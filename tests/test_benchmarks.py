@@ -1,10 +1,13 @@
 """The comparison benchmarks' own logic, on a tiny model: the seed's loop as copied (and its EOS switch), the long
-prompt, the eager baseline that switches the model back. Their timings are measured in benchmarks/, never here."""
+prompt, the eager baseline that switches the model back; and the result file every benchmark writes (the docs render
+it, so its keys must not drift). Their timings are measured in benchmarks/, never here."""
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -63,3 +66,57 @@ def test_first_difference():
     assert first_difference([1, 2, 3], [1, 2, 3]) is None
     assert first_difference([1, 2, 3], [1, 5, 3]) == 1
     assert first_difference([1, 2], [1, 2, 3]) == 2
+
+
+# ---- the result file every benchmark writes -------------------------------------------------------------------------
+def test_result_file_has_every_key_and_round_trips_through_json(tmp_path, monkeypatch, capsys):
+    import argparse
+    import json
+
+    import numpy as np
+
+    import _results
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--steps", type=int, nargs="+", default=[40, 400])
+    _results.add_out_argument(ap)
+    args = ap.parse_args(["--tokens", "8", "--out", str(tmp_path / "x" / "bench_x-cpu.json")])
+    monkeypatch.setattr(sys, "argv", ["benchmarks/bench_x.py", "--tokens", "8", "--out", args.out])
+    rows = [{"variant": "generate", "median s": np.float64(1.5), "tok/s": np.int64(5), "ratio": 1.0},
+            {"variant": "Record() | all", "median s": 1.2, "tok/s": 6.7, "ratio": float("nan")}]
+    path = _results.write(_results.ROOT / "benchmarks" / "bench_x.py", title="a title", settings=args,
+                          columns=["variant", "median s", "tok/s", "ratio"], results=rows,
+                          summary={"ratio_everything_on": np.float32(0.83), "met": np.bool_(True)}, notes="n")
+    assert path == tmp_path / "x" / "bench_x-cpu.json" and "result file:" in capsys.readouterr().out
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert list(data) == list(_results.KEYS)  # every key, in the documented order
+    assert json.loads(json.dumps(data)) == data
+    assert data["benchmark"] == "bench_x" and data["title"] == "a title" and data["notes"] == "n"
+    assert data["command"].endswith(f"benchmarks/bench_x.py --tokens 8 --out {args.out}")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", data["date"])
+    assert set(data["machine"]) >= {"platform", "processor", "cpu_count", "gpu", "memory_gb"}
+    assert set(data["versions"]) >= {"python", "torch", "transformers", "decoderlab"}
+    assert data["settings"] == {"tokens": 8, "steps": [40, 400]}  # flat; where the file goes is no setting
+    assert data["columns"] == ["variant", "median s", "tok/s", "ratio"]
+    assert [list(r) for r in data["results"]] == [data["columns"]] * 2
+    assert data["results"][0] == {"variant": "generate", "median s": 1.5, "tok/s": 5, "ratio": 1.0}
+    assert data["results"][1]["ratio"] is None  # NaN is not JSON
+    assert isinstance(data["results"][0]["tok/s"], int) and data["summary"]["met"] is True
+    assert data["summary"]["ratio_everything_on"] == pytest.approx(0.83)
+
+
+def test_result_file_names_and_rows_that_miss_a_column():
+    import argparse
+
+    import _results
+
+    assert _results.result_path("benchmarks/bench_overhead.py") == _results.RESULTS / "bench_overhead.json"
+    assert _results.result_path("bench_overhead.py", "cuda-llama-1b").name == "bench_overhead-cuda-llama-1b.json"
+    assert _results.result_path("bench_overhead.py", "cpu", out="/tmp/o.json") == Path("/tmp/o.json")
+    shape = argparse.Namespace(random_weights=".bench/llama-1b/", model=None)
+    assert _results.label_for(shape, torch.device("cuda", 0), "auto") == "cuda-llama-1b-auto"
+    assert _results.label_for(argparse.Namespace(random_weights=None, model=None), torch.device("cpu")) == "cpu"
+    with pytest.raises(ValueError, match="columns"):
+        _results.build("bench_x.py", title="t", settings={}, columns=["a", "b"], results=[{"a": 1}], summary={})
+    assert _results.p90([0.1]) == 0.1 and _results.p90([float(i) for i in range(11)]) == pytest.approx(9.0)

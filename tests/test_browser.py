@@ -2,7 +2,7 @@
 
 Why: executing notebooks headless (test_notebooks.py) proves the Python side; only a browser shows
 that the widgets actually display ("Error displaying widget" is a front-end failure), that the slider
-and buttons reach the kernel, and what a reader sees (the screenshots double as the README's images).
+and buttons reach the kernel, and what a reader sees (the explorer's screenshot doubles as the docs' image).
 Debian's Chromium, driven by Playwright; skipped with the reason when either is missing.
 """
 from __future__ import annotations
@@ -161,7 +161,7 @@ def test_attention_and_lens_notebook(page, lab):
     view.locator(".dl-head select").select_option(label="every head")
     expect(att).to_contain_text("head 8")  # one line per head
     expect(view.locator(".dl-lens")).to_contain_text("what each layer would say")
-    save_screenshot(view, "attention_lens.png", docs_name="attention_lens.png")
+    save_screenshot(view, "attention_lens.png")  # the docs draw this figure with tools/doc_images.py
     assert not page.errors, page.errors
 
 

@@ -159,6 +159,85 @@ def test_without_recorded_logits_one_forward_of_the_row_gives_them(tiny_lms, sam
     assert forward.what_if.summary.iloc[0]["top_id"] == recorded.what_if.summary.iloc[0]["top_id"]
 
 
+def test_without_logits_it_opens_at_once_and_fills_in_with_the_recorded_numbers(tiny_lms, sampled, monkeypatch):
+    """The row's forward is not run by the constructor: the playground shows "computing logits…" with its controls
+    greyed, and the forward runs after (on the kernel's event loop; here, with none running, when asked). Then it
+    gives the numbers of the trace recorded with logits=True."""
+    lm = tiny_lms["llama"]
+    forwards = []
+    real = whatif.row_logits
+    monkeypatch.setattr(whatif, "row_logits", lambda *a, **k: forwards.append(1) or real(*a, **k))
+    view = dl.playground(without_logits(sampled), step=2, lm=lm)
+    assert forwards == [] and view.pending  # constructed without waiting for the forward
+    assert "computing logits" in view.progress.value and "dlp-spinner" in view.progress.value
+    assert "<b>step 2</b>" in view.header.value and "computing" in view.header.value
+    assert all(w.disabled for w in [view.step_slider, view.reset_button, *view.sliders.values()])
+    assert view.summary.value == view.bars.value == view.processors.value == ""
+    view.set(top_k=0, top_p=0.8)  # a move made meanwhile is kept, and answered when the logits are in
+    assert forwards == [] and view.pending
+    assert view.wait() is view and forwards == [1] and not view.pending
+    assert view.progress.value == "" and view.problems.value == ""
+    assert not any(w.disabled for w in [view.step_slider, view.reset_button, *view.sliders.values()])
+    assert "model forward" in view.header.value and "computing" not in view.header.value
+    recorded = dl.playground(sampled, step=2)
+    recorded.set(top_k=0, top_p=0.8)
+    # the same probabilities as the trace recorded with logits=True (float16 there), token for token
+    np.testing.assert_allclose(view.what_if.raw_probs, recorded.what_if.raw_probs, atol=2e-3)
+    np.testing.assert_allclose(final(view), final(recorded), atol=5e-3)
+    mine, theirs = view.what_if.summary.iloc[0], recorded.what_if.summary.iloc[0]
+    assert mine["kept"] == theirs["kept"] and mine["top_id"] == theirs["top_id"]
+    assert mine["run_token_prob"] == pytest.approx(theirs["run_token_prob"], abs=5e-3)
+    view.wait()
+    assert forwards == [1]  # once
+
+
+def test_without_logits_what_if_waits_for_the_forward(tiny_lms, sampled):
+    view = dl.playground(without_logits(sampled), step=1, lm=tiny_lms["llama"])
+    assert view.pending
+    assert view.what_if.step == 1 and not view.pending  # code reading the numbers gets them
+    assert view.summary.value != ""
+
+
+def test_without_logits_the_forward_runs_on_the_event_loop_after_the_cell(tiny_lms, sampled, monkeypatch):
+    """In a kernel the forward is scheduled on the running event loop: the cell returns first, the panels fill in
+    when the loop gets to it (not in another thread: the model is shared with the next cell)."""
+    import asyncio
+    import threading
+
+    lm = tiny_lms["llama"]
+    where = []
+    real = whatif.row_logits
+
+    async def cell():
+        view = dl.playground(without_logits(sampled), step=3, lm=lm)
+        assert view.pending and view.summary.value == ""  # the cell is over before any forward
+        for _ in range(200):
+            if not view.pending:
+                break
+            await asyncio.sleep(0.01)
+        return view
+
+    monkeypatch.setattr(whatif, "row_logits", lambda *a, **k: where.append(threading.current_thread()) or real(*a, **k))
+    view = asyncio.run(cell())
+    assert where == [threading.current_thread()]
+    assert not view.pending and view.progress.value == "" and "kept" in view.summary.value
+    assert view.what_if.step == 3
+
+
+def test_without_logits_a_failed_forward_is_shown(tiny_lms, sampled, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(whatif, "row_logits", broken)
+    view = dl.playground(without_logits(sampled), step=2, lm=tiny_lms["llama"])
+    with pytest.raises(RuntimeError, match="out of memory"):
+        view.wait()
+    assert "out of memory" in view.problems.value and view.progress.value == ""
+    assert "forward failed" in view.header.value and "computing" not in view.header.value
+    assert not view.pending and view.what_if is None
+    assert all(w.disabled for w in [view.step_slider, *view.sliders.values()])  # nothing to answer with
+
+
 def test_every_part_carries_its_css_class(sampled):
     view = dl.playground(sampled, step=1)
     classes = {c for w in all_widgets(view) for c in w._dom_classes}

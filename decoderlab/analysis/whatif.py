@@ -217,7 +217,7 @@ def outcome(name: str, strategy: Strategy, logits: torch.Tensor, prefix: torch.T
 # ---- the answer -----------------------------------------------------------------------------------------------
 @dataclass
 class WhatIf:
-    """What each strategy would have done at one step (see the README's "What-if at one step" for the columns).
+    """What each strategy would have done at one step (the docs' compare page, "What-if at one step", lists the columns).
 
     `tokens`: one row per (strategy, token) over the tokens worth showing: the model's top `top` by raw
     probability, each strategy's top `top` by final probability, and the token the run chose.

@@ -121,7 +121,7 @@ ATTENTION_COLUMNS = ["step", "branch", "row", "layer", "head", "position", "sour
 
 
 def schema_frame():
-    """The schema as a pandas frame (name, dims, dtype, required, recorded_by, meaning): the README's table."""
+    """The schema as a pandas frame (name, dims, dtype, required, recorded_by, meaning): the docs' schema table."""
     import pandas as pd
 
     return pd.DataFrame([{"name": f.name, "dims": ", ".join(f.dims), "dtype": f.dtype, "required": f.required,

@@ -1,7 +1,7 @@
 """`Trace`: the arrays a run recorded, and the tidy pandas frames built from them on demand.
 
 Arrays are numpy, step-major: `arrays[name][step, row, ...]`. Frames are long format, one
-observation a row, with stable column names (documented in the README). Token text is kept
+observation a row, with stable column names (documented in the docs' record page). Token text is kept
 exactly as decoded, so a saved trace needs no tokenizer to be read again.
 """
 from __future__ import annotations

@@ -12,9 +12,18 @@ must answer within 200 ms; a panel is a string built from the numbers in millise
 `ipywidgets.HTML` in place. The slider values are the words `generate` takes (`sliders.words()`), so what you
 settle on pastes into `lm.generate(...)` as it is. The run's other processor words (repetition_penalty,
 no_repeat_ngram_size, epsilon_cutoff, ...) stay as the run had them and are listed in the summary.
+
+Why the forward waits until the widget is up: a trace recorded without logits needs one forward of the model over
+the prompt and the row (seconds on a CPU). Done in the constructor, the cell showed nothing until it was over; so
+the playground opens at once, greyed, saying "computing logits…" (with a moving mark drawn by the browser), and the
+forward runs on the kernel's own event loop just after the cell that made it has finished, then fills the panels
+in. Not a thread: the model is shared with whatever the next cell runs, and a recording attaches its capture to the
+model, so a forward running beside it would be recorded into that run. Where no event loop runs (a script, a test),
+the forward runs when it is first needed: `view.wait()`, `view.what_if`.
 """
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 import ipywidgets as W
@@ -46,6 +55,8 @@ CSS_CLASSES = {
     "dl-playground-bars": "the top candidates: raw and final probability bars, kept or removed (HTML)",
     "dl-playground-processors": "each processor in order: mass removed, tokens left (HTML)",
     "dl-playground-problems": "why the last move could not be answered (empty when all is well)",
+    "dl-playground-progress": "while the step's logits are computed (a trace without recorded logits): what is being "
+                              "done, with a moving mark (empty when they are in)",
 }
 
 # slider word -> (label, minimum, maximum, step, the value at which it does nothing)
@@ -66,7 +77,11 @@ PLAYGROUND_CSS = """
 .dlp tr.dlp-removed td{color:#999}
 .dlp tr.dlp-removed code{text-decoration:line-through}
 .dlp-massbar{display:flex;width:240px;height:10px;border-radius:2px;overflow:hidden;background:#d9d9d9}
+@keyframes dlp-spin{to{transform:rotate(360deg)}}
+.dlp-spinner{display:inline-block;width:11px;height:11px;margin:0 6px -1px 0;border:2px solid #c8c8c8;
+ border-top-color:#2b6cb0;border-radius:50%;animation:dlp-spin .8s linear infinite}
 """
+FORWARD_DELAY_S = 0.05  # after the cell's reply: the cell shows as done while the forward runs
 
 
 def slider_values(trace: TraceLike) -> dict[str, float]:
@@ -177,10 +192,14 @@ class Playground(W.VBox):
             raise whatif.WhatIfError(f"k={k!r}: must be a whole number >= 1 (candidates shown)")
         self.trace, self.row, self.lm, self.k = trace, int(row), lm, k
         self._steps = len(trace.alive_steps(row))
-        self._logits = None if whatif.has_logits(trace) else self._forward_row(trace, row, lm)
+        self._pending = not whatif.has_logits(trace)  # the row's forward is still to run (see the module docstring)
+        if self._pending and lm is None:
+            self._forward_row(trace, row, lm)  # raises the error that says what to pass
+        self._logits = None
+        self._scheduled = False
         self._base = base_words(trace)
         self._busy = False
-        self.what_if: whatif.WhatIf | None = None
+        self._what_if: whatif.WhatIf | None = None
 
         self.style = W.HTML(f"<style>{panels.PANEL_CSS}{PLAYGROUND_CSS}</style>", layout=W.Layout(display="none"))
         self.header = classed(W.HTML(), "dl-playground-header")
@@ -203,6 +222,7 @@ class Playground(W.VBox):
         self.bars = classed(W.HTML(), "dl-playground-bars")
         self.processors = classed(W.HTML(), "dl-playground-processors")
         self.problems = classed(W.HTML(), "dl-playground-problems")
+        self.progress = classed(W.HTML(), "dl-playground-progress")
         knobs = W.Box(list(self.sliders.values()) + [self.reset_button],
                       layout=W.Layout(display="flex", flex_flow="row wrap", align_items="center"))
         title = lambda text: W.HTML(f"<b>{escape(text)}</b>")  # noqa: E731
@@ -211,7 +231,7 @@ class Playground(W.VBox):
                       W.VBox([title("what the knobs do"), self.summary, title("each processor"), self.processors],
                              layout=W.Layout(flex="1 1 360px"))],
                      layout=W.Layout(display="flex", flex_flow="row wrap", align_items="flex-start", width="100%"))
-        super().__init__([self.style, self.header, self.step_slider, knobs, self.problems, body],
+        super().__init__([self.style, self.header, self.step_slider, knobs, self.progress, self.problems, body],
                          layout=W.Layout(width="100%"))
         self.add_class("dl-playground")
         self.step_slider.observe(self._on_step, names="value")
@@ -221,7 +241,11 @@ class Playground(W.VBox):
         self._busy = True
         self.step_slider.value = whatif.check_step(trace, step, row)
         self._busy = False
-        self._redraw()
+        if self._pending:
+            self._show_pending()
+            self._schedule()
+        else:
+            self._redraw()
 
     # ---- public -----------------------------------------------------------------------------------------------
     @property
@@ -249,6 +273,31 @@ class Playground(W.VBox):
         """The sliders back to the run's own strategy."""
         self.set(**slider_values(self.trace))
 
+    @property
+    def what_if(self) -> whatif.WhatIf | None:
+        """The latest answer (None if the last move could not be answered). Waits for the row's forward where it is
+        still to run, so that code reads the numbers a displayed playground shows."""
+        self.wait()
+        return self._what_if
+
+    @property
+    def pending(self) -> bool:
+        """Whether the row's forward (a trace without recorded logits) is still to run."""
+        return self._pending
+
+    def wait(self) -> "Playground":
+        """Run the row's forward now if it is still pending, and draw; returns the view. A displayed playground runs
+        it by itself once the cell is done; code (and a script, with no event loop) calls this, or reads `what_if`.
+        Raises what the forward raised (the widget shows it too)."""
+        if self._pending:
+            self._fill(raise_errors=True)
+        return self
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        """Shown: make sure the forward is scheduled (a playground made where no loop ran, shown in a kernel)."""
+        self._schedule()
+        return super()._repr_mimebundle_(**kwargs)
+
     # ---- drawing ------------------------------------------------------------------------------------------------
     @staticmethod
     def _forward_row(trace: TraceLike, row: int, lm: "LM | None"):
@@ -256,6 +305,52 @@ class Playground(W.VBox):
             raise whatif.WhatIfError("this trace did not record its logits: pass lm= (the model that made it) for one "
                                      "forward of the row, or record with dl.Record(logits=True)")
         return whatif.row_logits(lm, trace, row)
+
+    def _schedule(self) -> None:
+        """Run the forward on the running event loop (the kernel's) just after the current cell; none runs in a
+        script or a test, where `wait()` runs it."""
+        if not self._pending or self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._scheduled = True
+        loop.call_later(FORWARD_DELAY_S, self._fill)
+
+    def _controls(self) -> list[W.Widget]:
+        return [self.step_slider, *self.sliders.values(), self.reset_button]
+
+    def _show_pending(self) -> None:
+        """The first frame of a playground without logits: the controls greyed, what is being computed, why."""
+        for w in self._controls():
+            w.disabled = True
+        tokens = len(self.trace.prompt_ids) + self._steps
+        self.header.value = self._header(None)
+        self.progress.value = (
+            f"<div class='dlp'><span class='dlp-spinner'></span><b>computing logits…</b> one forward of the model over "
+            f"the prompt and the row ({tokens} tokens): this trace did not record them "
+            "(<code>Record(logits=True)</code> would). The panels fill in when it is done.</div>")
+
+    def _fill(self, raise_errors: bool = False) -> None:
+        """The row's forward, then the panels; an error is shown in the widget (and raised for `wait()`)."""
+        if not self._pending:
+            return
+        self._pending = False  # once, whatever happens
+        try:
+            self._logits = self._forward_row(self.trace, self.row, self.lm)
+        except Exception as err:  # shown, not lost in the kernel log; the controls stay greyed: nothing to answer with
+            self.progress.value = ""
+            self.header.value = self._header(None)
+            self.problems.value = panels.message(f"the logits could not be computed: {type(err).__name__}: {err}",
+                                                 "error")
+            if raise_errors:
+                raise
+            return
+        self.progress.value = ""
+        for w in self._controls():
+            w.disabled = False
+        self._redraw()
 
     def _step_logits(self, step: int):
         if self._logits is not None:
@@ -271,8 +366,12 @@ class Playground(W.VBox):
             self._redraw()
 
     def _redraw(self) -> None:
-        """Answer the sliders at the step: one what-if, three panels."""
+        """Answer the sliders at the step: one what-if, three panels (while the logits are computed, the header
+        only: the panels are drawn when they are in)."""
         step = self.step
+        if self._pending:
+            self.header.value = self._header(None)
+            return
         try:
             logits, source = self._step_logits(step)
             w = whatif.what_if_at(self.trace, step, self.row, logits, source, {self.NAME: self.words()}, lm=self.lm,
@@ -280,20 +379,28 @@ class Playground(W.VBox):
         except (whatif.WhatIfError, ValueError) as err:
             self.problems.value = panels.message(str(err), "error")
             return
-        self.what_if = w
+        self._what_if = w
         self.problems.value = ""
         self.header.value = self._header(w)
         self.summary.value = summary_panel(w, self.NAME, self._base)
         self.bars.value = bars_panel(w, self.NAME)
         self.processors.value = processors_panel(w, self.NAME)
 
-    def _header(self, w: whatif.WhatIf) -> str:
+    def _header(self, w: whatif.WhatIf | None) -> str:
+        """The model, the step, its context's tail and the run's token (with its raw chance once the logits are in)."""
         tr = self.trace
-        tail = "".join(tr.context_tokens(w.step, self.row)[-8:])[-48:]
-        raw_p = float(w.raw_probs[w.run_token_id])
-        return (f"<div class='dlp'><b>{escape(tr.model_name)}</b> · row {self.row} · <b>step {w.step}</b> · after "
-                f"{panels._code('…' + tail, 60)} the run ({escape(tr.chooser)}) chose {panels._code(w.run_token)} "
-                f"(raw p={format_prob(raw_p)}) · logits: {escape(w.source)}</div>")
+        step = self.step if w is None else w.step
+        tail = "".join(tr.context_tokens(step, self.row)[-8:])[-48:]
+        if w is None:
+            token = whatif.token_namer(tr, self.lm)([int(tr.array("token_id")[step, self.row])])[0]
+            said = f"chose {panels._code(token)}"
+            source = "model forward (computing…)" if self._pending else "none (the forward failed)"
+        else:
+            said = f"chose {panels._code(w.run_token)} (raw p={format_prob(float(w.raw_probs[w.run_token_id]))})"
+            source = w.source
+        return (f"<div class='dlp'><b>{escape(tr.model_name)}</b> · row {self.row} · <b>step {step}</b> · after "
+                f"{panels._code('…' + tail, 60)} the run ({escape(tr.chooser)}) {said} · logits: "
+                f"{escape(source)}</div>")
 
 
 def playground(trace: TraceLike, *, step: int = 0, row: int = 0, lm: "LM | None" = None, k: int = 20) -> Playground:

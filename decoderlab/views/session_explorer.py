@@ -10,11 +10,26 @@ import ipywidgets as W
 
 from ..backends.branching import BranchingSession
 from . import panels
-from .display import format_prob, format_rank, is_missing, prob_colour, token_label
-from .kit import classed
+from .display import format_prob, format_rank, is_missing, token_label
+from .kit import classed, token_colour
 from .trace_view import TraceView
 
 __all__ = ["explore", "SessionExplorer"]
+
+# Every candidate button shares one layout and one style per colour (to 1%), and gets its CSS class in its
+# constructor: a step's eight new buttons are eight widgets for the front end to make, not eight times three
+# widgets and their updates (what made "next token" slow in a browser; see benchmarks/bench_widgets_browser.py).
+CANDIDATE_LAYOUT = W.Layout(width="auto", height="26px", margin="1px", padding="0 6px")
+_CANDIDATE_STYLES: dict[str, W.ButtonStyle] = {}
+
+
+def candidate_style(prob: float) -> W.ButtonStyle:
+    """The shared style of a candidate button: its background by probability, to 1%."""
+    colour = token_colour(prob)
+    style = _CANDIDATE_STYLES.get(colour)
+    if style is None:
+        style = _CANDIDATE_STYLES[colour] = W.ButtonStyle(button_color=colour)
+    return style
 
 
 # ----------------------------------------------------------------------------------
@@ -132,7 +147,8 @@ class SessionExplorer(W.VBox):
             for b in s.branches:
                 where = f" from {b.parent} at step {b.fork_step}" if b.parent is not None else ""
                 opts.append((f"{b.branch}{where} · {b.steps} steps", b.branch))
-            self.branches.options = opts
+            if list(self.branches.options) != opts:  # a new list rebuilds the front end's select
+                self.branches.options = opts
             self.branches.value = s.branch
         finally:
             self._busy = False
@@ -153,12 +169,10 @@ class SessionExplorer(W.VBox):
         for _, c in cands.iterrows():
             # the final probability where the source has it; an API server may give only the raw one
             p = c["prob"] if is_missing(c["final_prob"]) else c["final_prob"]
-            b = classed(W.Button(description=f"{token_label(c['token'], 16)}  {format_prob(p)}",
-                                  tooltip=(f"force {c['token']!r} (id {int(c['token_id'])}): raw p={format_prob(c['prob'])},"
-                                           f" final p={format_prob(c['final_prob'])}, rank {format_rank(c['rank'])}"),
-                                  layout=W.Layout(width="auto", height="26px", margin="1px", padding="0 6px")),
-                         "dl-candidate")
-            b.style.button_color = prob_colour(p)
+            b = W.Button(description=f"{token_label(c['token'], 16)}  {format_prob(p)}",
+                         tooltip=(f"force {c['token']!r} (id {int(c['token_id'])}): raw p={format_prob(c['prob'])},"
+                                  f" final p={format_prob(c['final_prob'])}, rank {format_rank(c['rank'])}"),
+                         layout=CANDIDATE_LAYOUT, style=candidate_style(p), _dom_classes=("dl-candidate",))
             b._dl_token_id = int(c["token_id"])
             b.on_click(lambda btn: self._act(lambda: self.force(btn._dl_token_id)))
             buttons.append(b)
