@@ -275,12 +275,15 @@ def show_actions(b: Bench, args: argparse.Namespace, rng: random.Random) -> None
              ".dl-step-label').innerText.includes('step ');"
     for label in [None, None] + ["show: open the view"] * args.open_repeats:
         b.time(label, "show_open", None, watch, opened, None)
-    step = 0  # the view opened on step 0: the slider walks to steps not shown before, the clicks past them
+    step, way = 0, 1  # the view opened on step 0: the slider walks to steps not shown before (back at the end)
     handle.focus()
     for label in [None, None] + ["show: move the step slider"] * args.repeats:
-        step = min(step + 1, args.steps - 1)
-        b.time(label, "show", root, watch, step_is, lambda: handle.press("ArrowRight"), step)
-    unseen = list(range(step + 1, args.steps)) or list(range(args.steps))
+        if not 0 <= step + way < args.steps:
+            way = -way
+        step += way
+        b.time(label, "show", root, watch, step_is,
+               lambda k="ArrowRight" if way > 0 else "ArrowLeft": handle.press(k), step)
+    unseen = list(range(max(step, args.repeats + 2) + 1, args.steps)) or list(range(args.steps))
     rng.shuffle(unseen)
     for i, label in enumerate([None, None] + ["show: click a token"] * args.repeats):
         s = unseen[i % len(unseen)]
