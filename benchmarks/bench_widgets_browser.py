@@ -14,8 +14,10 @@ For each action, a MutationObserver in the page watches the widget's content (it
 the clock starts at the input event's own timestamp (the key press, the click, the select's change) and
 stops at the last change of the watched content, once the content shows what the action must show (a check per
 action: the step label names the new step, the status says "decoded", a panel changed, ...) and nothing has
-changed for `--settle-ms`. "first change" is the first change anywhere in the widget (the slider moving, the
-explorer's "working…"): when the page shows that it is working. Opening a view is timed from running its cell.
+changed for `--settle-ms`. Each group of views (show, explore, playground, compare) is timed with only its own
+views on the page (a page's other widgets slow its drawing). "first change" is the first change anywhere in the
+widget (the slider moving, the explorer's "working…"): when the page shows that it is working. Opening a view is
+timed from running its cell.
 Each action is warmed up twice, then repeated `--repeats` times (opening: `--open-repeats`); median, p90, worst.
 The budget: median <= 200 ms, worst <= 400 ms. Needs Debian's chromium and the playwright package (never
 `playwright install`); writes benchmarks/results/bench_widgets_browser-chromium.json (`--out`). With
@@ -520,6 +522,8 @@ def main() -> None:
                     {"show": lambda: show_actions(b, args, rng), "explore": lambda: explore_actions(b, args),
                      "playground": lambda: playground_actions(b, args, rng),
                      "compare": lambda: compare_actions(b, args, rng)}[group]()
+                    for name in wanted[group]:  # a view left on the page would slow the next group's drawing
+                        page.evaluate(CLEAR_OUTPUT, b.index(name))
                     print(f"  {group}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
                 if errors:
                     raise RuntimeError(f"the page raised: {errors}")
