@@ -199,3 +199,13 @@ def test_lab_starts_jupyterlab_on_the_notebooks(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.integration
+def test_attention_lens_and_html_flags_record_and_write(tmp_path):
+    out = run("generate", "Hi", "--max-new-tokens", "3", "--attention", "--lens", "--save", str(tmp_path / "r.parquet"),
+              "--html", str(tmp_path / "r.html"))
+    assert out.returncode == 0, out.stderr
+    trace = dl.Trace.load(tmp_path / "r.parquet")
+    assert trace.num_steps == 3 and len(trace.attention_layers) > 0 and len(trace.lens) > 0
+    assert "<html" in (tmp_path / "r.html").read_text(encoding="utf-8").lower()
