@@ -11,7 +11,8 @@ is the same length), runs interleaved, median of `--repeats`. Variants:
   CUDA graphs) on a GPU: the bar;
 - `compile=True, Record()` and `compile=True, everything on` (attention rows of every layer, the lens' residuals,
   fp16 logits): decoderlab's fast path;
-- `lm.generate, Record()`: decoderlab's eager path, for reference.
+- `lm.generate, Record()`: decoderlab's eager path, for reference;
+- the same with nucleus sampling (`top_p=0.9`, seeded), against `generate static` sampling with the same words.
 
 The first call of each variant (compile or capture, cuDNN plans) is timed apart: what a user waits for once. Then
 the tokens of the fast path are compared with the eager path's (greedy and seeded sampling) and with transformers'
@@ -39,7 +40,8 @@ from _models import add_arguments, load
 from _results import add_out_argument, label_for, write
 
 EVERYTHING = dict(attention=True, lens=True, logits=True)
-BAR_RECORD, BAR_EVERYTHING = 1.0, 0.9  # x transformers' static generate's tok/s
+TOP_P = dict(do_sample=True, top_p=0.9, top_k=0, temperature=1.0)  # nucleus sampling alone
+BAR_RECORD, BAR_EVERYTHING = 1.0, 0.9  # x transformers' static generate's tok/s (greedy; top-p against top-p)
 
 
 def main() -> None:
@@ -64,8 +66,9 @@ def main() -> None:
 
     def plain(**words):
         def run():
+            words.setdefault("do_sample", False)
             return lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                     do_sample=False, eos_token_id=None, **words)[0, ids.shape[1]:].tolist()
+                                     eos_token_id=None, **words)[0, ids.shape[1]:].tolist()
         return run
 
     def recorded(record, **words):
@@ -81,6 +84,9 @@ def main() -> None:
         "compile=True, Record()": recorded(dl.Record(), compile=True),
         "compile=True, everything on": recorded(dl.Record(**EVERYTHING), compile=True),
         "lm.generate, Record()": recorded(dl.Record()),
+        "generate static, top-p": plain(cache_implementation="static", **TOP_P),
+        "compile=True, top-p, Record()": recorded(dl.Record(), compile=True, seed=0, **TOP_P),
+        "compile=True, top-p, everything on": recorded(dl.Record(**EVERYTHING), compile=True, seed=0, **TOP_P),
     }
     variants = {k: v for k, v in variants.items() if k not in args.skip}
     first: dict[str, float] = {}
@@ -101,10 +107,11 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
     print(f"model={lm.name} device={torch.cuda.get_device_name() if cuda else 'cpu'} dtype={lm.model.dtype} "
           f"prompt={ids.shape[1]} tokens, {n} new tokens, median of {args.repeats}; torch {torch.__version__}")
-    bar = statistics.median(times["generate static"]) if "generate static" in times else None
     rows = {}
     print("| variant | first call s | s | tok/s | vs generate static |\n| --- | --- | --- | --- | --- |")
     for name, ts in times.items():
+        against = "generate static, top-p" if "top-p" in name else "generate static"
+        bar = statistics.median(times[against]) if against in times else None
         med = statistics.median(ts)
         rows[name] = {"first_s": round(first[name], 2), "s": round(med, 4), "tok_s": round(n / med, 1),
                       "vs_static": round(bar / med, 3) if bar else None}
@@ -119,7 +126,9 @@ def main() -> None:
             summary[f"replay ms, {name}"] = ms
             print(f"the captured step alone ({name}): {ms:.3f} ms a step on the GPU")
     checks = parity(lm, ids, n, outputs)
-    for key, bar in (("compile=True, Record()", BAR_RECORD), ("compile=True, everything on", BAR_EVERYTHING)):
+    for key, bar in (("compile=True, Record()", BAR_RECORD), ("compile=True, everything on", BAR_EVERYTHING),
+                     ("compile=True, top-p, Record()", BAR_RECORD),
+                     ("compile=True, top-p, everything on", BAR_EVERYTHING)):
         ratio = rows.get(key, {}).get("vs_static")
         summary[f"{key} vs generate static"] = ratio
         summary[f"{key} bar"] = bar

@@ -1,7 +1,7 @@
 """Where a decode step's time goes: operators, kernel launches and host synchronisations per step, and the costliest ops.
 
     python benchmarks/profile_step.py --random-weights .bench/llama-1b --device cuda --dtype bfloat16 \
-        [--tokens 32] [--only generate record everything compare] [--out FILE]
+        [--tokens 32] [--only generate record everything compare] [--compile] [--out FILE]
 
 Why: on a GPU a small model's decode step is bound by the host (Python, dispatch, kernel launches) and by
 waits for the device, not by the device's arithmetic; counting those per step says what to cut.
@@ -42,7 +42,7 @@ class OpCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def variants(lm: dl.LM, n: int) -> dict:
+def variants(lm: dl.LM, n: int, compile: bool = False) -> dict:
     prompt = "Write a long story about a lighthouse keeper who finds a message in a bottle."
     ids, _ = lm.encode(prompt, chat=True)
     batched = {k: {**v, "eos_token_id": []} for k, v in STRATEGIES.items() if "penalty_alpha" not in v}
@@ -52,7 +52,8 @@ def variants(lm: dl.LM, n: int) -> dict:
                           do_sample=False, eos_token_id=None)
 
     def recorded(record):
-        return lambda: lm.generate(prompt, chat=True, max_new_tokens=n, eos_token_id=[], progress=False, record=record)
+        return lambda: lm.generate(prompt, chat=True, max_new_tokens=n, eos_token_id=[], progress=False, record=record,
+                                   compile=compile)
 
     def compare():
         dl.compare(lm, prompt, batched, seeds=range(5), max_new_tokens=n, chat=True, progress=False)
@@ -68,6 +69,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--out", default=None, help="a file for the profiler tables (ops by host time)")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--compile", action="store_true", help="the fast path: lm.generate(..., compile=True)")
     args = ap.parse_args()
     lm = load(args)
     cuda = lm.device.type == "cuda"
@@ -75,7 +77,7 @@ def main() -> None:
     n = args.tokens
     tables = []
     print(f"model={lm.name} device={lm.device} dtype={lm.model.dtype} {n} new tokens per run; counts are per step")
-    for name, fn in variants(lm, n).items():
+    for name, fn in variants(lm, n, args.compile).items():
         if args.only and name not in args.only:
             continue
         fn()  # warm up

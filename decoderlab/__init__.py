@@ -8,7 +8,7 @@
 The house, one room per concern (each room's `__init__` says what it is for and what it exports):
 engine/ (the step loop, strategy words and rules, models), record/ (what a run records), trace/ (the Trace,
 its builder and files), backends/ (a local model, a server, the blog post's decoder, sessions), analysis/ (compare,
-what-if, metrics), views/ (plots, HTML, widgets). This module is the front door: it wires the rooms together
+what-if, metrics), views/ (plots, HTML, widgets), study/ (many prompts on Ray, as Parquet). This module is the front door: it wires the rooms together
 and is the only place above all of them.
 """
 from .analysis.compare import Comparison, compare
@@ -19,8 +19,9 @@ from .backends.session import Session
 from .engine.rules.sampling import greedy, sample
 from .errors import (APIError, AttentionDroppedError, DecoderlabError, MissingExtraError, ModelNotFoundError,
                      NumericError, PromptError, RecordBudgetWarning, RecordError, SessionError, StrategyError,
-                     TraceFileError)
+                     StudyError, TraceFileError)
 from .record import STEP_RECORDERS, Record, recorder
+from .study import Study, open_study, study
 from .trace import Trace
 
 from .moved import install as _install_old_addresses
@@ -96,4 +97,4 @@ __all__ = ["load", "LM", "compare", "Comparison", "Record", "Trace", "Session", 
            "playground", "recorder", "STEP_RECORDERS", "greedy", "sample", "PromptError", "StrategyError",
            "SessionError", "ModelNotFoundError", "DEFAULT_SYSTEM", "DecoderlabError", "NumericError", "RecordError",
            "TraceFileError", "AttentionDroppedError", "RecordBudgetWarning", "connect", "APIBackend", "APIError",
-           "MissingExtraError", "__version__"]
+           "MissingExtraError", "study", "open_study", "Study", "StudyError", "__version__"]

@@ -55,6 +55,11 @@ class MissingExtraError(DecoderlabError, ImportError):
     """A feature whose library is an optional extra that is not installed (the message names the pip command)."""
 
 
+class StudyError(DecoderlabError, ValueError):
+    """A study that cannot run as asked: a model its workers cannot load, no prompts, or a folder that holds a
+    different study."""
+
+
 class SchemaError(DecoderlabError, ValueError):
     """Arrays that contradict the trace schema (a wrong dtype, dimension count or length)."""
 
@@ -116,6 +121,6 @@ class NotSupported(APIError, ValueError):
 
 
 __all__ = ["DecoderlabError", "PromptError", "StrategyError", "SessionError", "RecordError", "RecorderError",
-           "AttentionDroppedError", "RecordBudgetWarning", "ModelNotFoundError", "SchemaError", "TraceFileError",
+           "AttentionDroppedError", "RecordBudgetWarning", "ModelNotFoundError", "StudyError", "SchemaError", "TraceFileError",
            "NumericError", "APIError", "ServerUnreachable", "ServerTimeout", "AuthenticationFailed", "UnknownModel",
            "RateLimited", "ServerFailed", "RequestRefused", "NoLogprobs", "NotSupported"]

@@ -296,3 +296,29 @@ def test_fast_path_on_gpu_rows_ending_at_eos(fast_lm, captures):
                         **words)
     assert captures and captures[0].graph is not None
     same_trace(a, b, attention_atol=2e-3)
+
+
+def test_long_gpu_run_stages_chunks_to_pinned_memory_and_records_the_same_numbers(gpu_lm, monkeypatch):
+    """On a GPU each chunk of steps is copied to page-locked host memory without waiting, and converted a few
+    steps at a time later; the trace equals one built from per-step tensors kept on the GPU to the end."""
+    import decoderlab.record.recording as record_mod
+    from decoderlab.record import host as host_mod
+
+    staged = []
+    pinned = host_mod.to_pinned
+
+    def spy(items):
+        out = pinned(items)
+        staged.extend(x for x in out if x is not None and x.device.type == "cpu")
+        return out
+
+    monkeypatch.setattr(record_mod, "to_pinned", spy)
+    opts = dict(max_new_tokens=150, eos_token_id=[], do_sample=True, seeds=[3, 4], progress=False,
+                record=dl.Record(attention=True, lens=True, logits=True))
+    a = gpu_lm.generate("Hello there", **opts)
+    assert staged and all(x.is_pinned() for x in staged)
+    monkeypatch.setattr(record_mod, "HOST_CHUNK", 10**9)
+    b = gpu_lm.generate("Hello there", **opts)
+    assert set(a.arrays) == set(b.arrays)
+    for name in b.arrays:
+        np.testing.assert_array_equal(a.arrays[name], b.arrays[name], err_msg=name)

@@ -87,7 +87,7 @@ def test_examples_not_run_say_why_and_are_few():
     skipped = [(p.name, reason) for p in pages() for _, reason in python_blocks(p) if reason is not None]
     for page, reason in skipped:
         assert re.search(r"GPU|server", reason), f"{page}: an example is not run for {reason!r}"
-    assert {page for page, _ in skipped} <= {"api.md", "gpu.md"}, skipped
+    assert {page for page, _ in skipped} <= {"api.md", "gpu.md", "scale.md"}, skipped
 
 
 @pytest.mark.integration
@@ -294,7 +294,9 @@ def test_the_pages_markers_name_the_benchmarks():
     expected = {"bench_overhead": "bench_overhead*", "bench_compare": "bench_compare*", "bench_memory": "bench_memory*",
                 "bench_outputs": "bench_outputs*", "bench_seed_loop": "bench_seed_loop*",
                 "bench_widgets": "bench_widgets* !bench_widgets_browser*",
-                "bench_widgets_browser": "bench_widgets_browser*", "bench_fast": "bench_fast*"}
+                "bench_widgets_browser": "bench_widgets_browser*", "bench_fast": "bench_fast*",
+                "bench_study": "bench_study*"}
     for script, marker in expected.items():
         assert marker in markers or script in unmeasured, f"{script}: neither a results marker nor a note"
-    assert {"bench_overhead*", "bench_compare*", "bench_fast*"} <= markers  # the files kept in the repository
+    assert {"bench_overhead*", "bench_compare*", "bench_fast*", "bench_memory*", "bench_outputs*",
+            "bench_seed_loop*", "bench_widgets* !bench_widgets_browser*"} <= markers  # the files kept in the repository

@@ -126,8 +126,8 @@ def test_import_needs_no_optional_extra():
     import subprocess
     import sys
 
-    code = ("import sys; sys.modules.update(openai=None, jupyterlab=None, llama_cpp=None, mkdocs=None, pytest=None); "
-            "import decoderlab as dl; dl.Record(); print(dl.__version__)")
+    code = ("import sys; sys.modules.update(openai=None, jupyterlab=None, llama_cpp=None, mkdocs=None, pytest=None, "
+            "ray=None); import decoderlab as dl; dl.Record(); print(dl.__version__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == dl.__version__

@@ -351,3 +351,79 @@ def test_a_fork_keeps_its_steps_when_the_parent_rewinds_and_writes_over_them(tin
         s.choose(token=forced)
     assert s.trace.token_ids == mine[:5] + [forced] * 3
     assert child.trace.token_ids == mine
+
+
+def test_host_buffers_are_sized_once_for_a_run_of_known_length(tiny_lms, monkeypatch):
+    """A generate run knows the most steps it can take: its host buffers are allocated for all of them once a
+    quarter is done, instead of doubling (each move copies everything so far, and the attention buffer's moves
+    were most of a long GPU run's recording time), and record the same numbers as buffers that double."""
+    import numpy as np
+
+    import decoderlab.record.host as host_mod
+
+    lm = tiny_lms["llama"]
+    opts = dict(max_new_tokens=150, eos_token_id=[], progress=False, record=dl.Record(attention=True, logits=True))
+    sizes = []
+    resize = host_mod.HostArrays._resize
+
+    def spy(self, capacity):
+        sizes.append((self.expected, capacity))
+        return resize(self, capacity)
+
+    monkeypatch.setattr(host_mod.HostArrays, "_resize", spy)
+    sized = lm.generate("Hello there", **opts)
+    assert sizes == [(150, 150)]  # the first chunk (64 steps) is past a quarter of 150: room for all at once
+    monkeypatch.setattr(host_mod.HostArrays, "_capacity_for", lambda self, steps: max(2 * steps, 64))
+    sizes.clear()
+    doubled = lm.generate("Hello there", **opts)
+    assert [c for _, c in sizes] == [128, 300]  # at 64 steps, at 128, and for the last 22 at the end
+    for name in doubled.arrays:
+        np.testing.assert_array_equal(sized.arrays[name], doubled.arrays[name], err_msg=name)
+
+
+def test_capacity_never_passes_the_steps_a_run_can_take():
+    from decoderlab.record.host import HostArrays
+
+    host = HostArrays(1, 5, expected=1000)
+    assert [host._capacity_for(s) for s in (1, 64, 200, 250, 999, 1000, 1001)] == \
+        [64, 128, 400, 1000, 1000, 1000, 2002]
+    assert HostArrays(1, 5)._capacity_for(100) == 200
+
+
+def test_a_rewritten_step_keeps_no_stale_attention_beyond_its_new_row():
+    """The host buffer zeroes only what a step wrote before (not the slot's whole width, which touched every page
+    of a wide buffer): a step written again with a narrower row (a rewind) shows zeros past it."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from decoderlab.record.host import HostArrays
+
+    def rec(widths):
+        rows = [torch.full((1, 2, 3, w), float(w), dtype=torch.float16) for w in widths]
+        return SimpleNamespace(columns={"token_id": [torch.tensor([i]) for i in range(len(widths))]},
+                               row_ids=[None] * len(widths), attention=rows, residuals=[None] * len(widths),
+                               _att_first=0)
+
+    host = HostArrays(1, 4)
+    host.update(rec([4, 5, 6]), 3)
+    assert list(host.att_written[:3]) == [4, 5, 6]
+    host.forget(1)
+    host.update(rec([4, 2, 3]), 3)
+    att = host.views(3)["attention"]
+    assert att.shape == (3, 1, 2, 3, 6)
+    np.testing.assert_array_equal(att[1, 0, 0, 0], [2, 2, 0, 0, 0, 0])
+    np.testing.assert_array_equal(att[2, 0, 0, 0], [3, 3, 3, 0, 0, 0])
+    np.testing.assert_array_equal(att[0, 0, 0, 0], [4, 4, 4, 4, 0, 0])
+
+
+def test_an_lm_fixes_the_heaps_mmap_threshold_once_where_glibc_runs(tiny_lms):
+    """Large blocks come from mmap from the first LM on (a long CPU run's heap fragmented without it: record/heap.py);
+    the answer is the same on every call, and False where there is no glibc to ask."""
+    import platform
+
+    from decoderlab.record import heap
+
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert heap.keep_large_allocations_apart() is glibc
+    assert heap.keep_large_allocations_apart() is glibc and heap._done is glibc

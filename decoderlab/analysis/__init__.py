@@ -1,7 +1,8 @@
 """Questions over runs: strategies compared side by side as one batch (`compare`), what other settings would have
 done at a recorded step (`whatif`), and the metrics papers compare strategies by (`metrics`).
 """
-from .compare import Comparison, compare
+from .compare import RUN_COLUMNS, Comparison, check_settings, compare, run_metrics, summary_of
 from .whatif import WhatIfError, run_words, what_if
 
-__all__ = ["Comparison", "compare", "WhatIfError", "run_words", "what_if"]
+__all__ = ["RUN_COLUMNS", "Comparison", "check_settings", "compare", "run_metrics", "summary_of", "WhatIfError",
+           "run_words", "what_if"]

@@ -164,6 +164,10 @@ def run_batch(lm: LM, ids: torch.Tensor, groups: list[Group], max_new_tokens: in
         return state
 
 
+RUN_COLUMNS = ["model", "strategy", "seed", "prompt", "text", "length", "stop_reason", "mean_logprob", "perplexity",
+               "mean_entropy", "distinct_1", "distinct_2", "distinct_3", "repetitive", "repeated_4gram_share"]
+
+
 @dataclass(frozen=True)
 class Run:
     """One run of a comparison: which model, prompt, strategy and seed, and its one-row trace."""
@@ -205,42 +209,16 @@ class Comparison:
     def runs(self) -> pd.DataFrame:
         """One row per run: model, strategy, seed, prompt, text, length, stop reason, the output's mean logprob and
         perplexity under the model's raw distribution, mean entropy, distinct-1/2/3 and repetition."""
-        rows = []
-        for run in self.run_list:
-            st, ids = run.trace.steps, run.trace.token_ids
-            mean_lp = float(st["logprob"].mean()) if len(st) else float("nan")
-            rows.append({
-                "model": run.model, "strategy": run.strategy, "seed": run.seed, "prompt": run.prompt,
-                "text": run.trace.text, "length": len(ids), "stop_reason": run.trace.stop_reason,
-                "mean_logprob": mean_lp, "perplexity": float(np.exp(-mean_lp)),
-                "mean_entropy": float(st["entropy"].mean()) if len(st) else float("nan"),
-                "distinct_1": metrics.distinct_n(ids, 1), "distinct_2": metrics.distinct_n(ids, 2),
-                "distinct_3": metrics.distinct_n(ids, 3), "repetitive": metrics.is_repetitive(ids) if ids else False,
-                "repeated_4gram_share": metrics.repeated_ngram_share(ids),
-            })
-        columns = ["model", "strategy", "seed", "prompt", "text", "length", "stop_reason", "mean_logprob", "perplexity",
-                   "mean_entropy", "distinct_1", "distinct_2", "distinct_3", "repetitive", "repeated_4gram_share"]
-        return pd.DataFrame(rows, columns=columns).astype({"seed": "Int64"})
+        rows = [{"model": run.model, "strategy": run.strategy, "seed": run.seed, "prompt": run.prompt,
+                 **run_metrics(run.trace)} for run in self.run_list]
+        return pd.DataFrame(rows, columns=RUN_COLUMNS).astype({"seed": "Int64"})
 
     @property
     def summary(self) -> pd.DataFrame:
         """One row per (model, strategy): the runs' metrics, mean and standard deviation over seeds and prompts,
         with the share of repetitive runs and across-run diversity (distinct-n over all its runs, Self-BLEU-4)."""
-        runs = self.runs
-        out = []
-        for model in self.models:
-            for name in self.strategies:
-                mine = runs[(runs["strategy"] == name) & (runs["model"] == model)]
-                row: dict[str, Any] = {"model": model, "strategy": name, "runs": len(mine)}
-                for col in ("length", "perplexity", "mean_entropy", "distinct_2", "repeated_4gram_share"):
-                    row[col] = mine[col].mean()
-                    row[col + "_sd"] = mine[col].std(ddof=0)
-                row["repetition_pct"] = 100.0 * mine["repetitive"].mean()
-                seqs = [r.trace.token_ids for r in self.run_list if (r.model, r.strategy) == (model, name)]
-                row["distinct_2_all"] = metrics.distinct_n(seqs, 2)
-                row["self_bleu_4"] = metrics.self_bleu(seqs)
-                out.append(row)
-        return pd.DataFrame(out)
+        runs = self.runs.assign(token_ids=[r.trace.token_ids for r in self.run_list])
+        return summary_of(runs, self.models, self.strategies)
 
     @property
     def by_step(self) -> pd.DataFrame:
@@ -288,6 +266,39 @@ class Comparison:
         stopped = ", interrupted" if self.interrupted else ""
         return (f"Comparison({len(self.strategies)} strategies, {len(self.prompts)} prompts{models}, "
                 f"{len(self.run_list)} runs{stopped})")
+
+
+def run_metrics(trace: Trace) -> dict[str, Any]:
+    """The metrics of one run (`Comparison.runs`' columns after the run's names): its length, stop reason, mean
+    logprob and perplexity under the model's raw distribution, mean entropy, distinct-1/2/3 and repetition."""
+    st, ids = trace.steps, trace.token_ids
+    mean_lp = float(st["logprob"].mean()) if len(st) else float("nan")
+    return {"text": trace.text, "length": len(ids), "stop_reason": trace.stop_reason, "mean_logprob": mean_lp,
+            "perplexity": float(np.exp(-mean_lp)),
+            "mean_entropy": float(st["entropy"].mean()) if len(st) else float("nan"),
+            "distinct_1": metrics.distinct_n(ids, 1), "distinct_2": metrics.distinct_n(ids, 2),
+            "distinct_3": metrics.distinct_n(ids, 3), "repetitive": metrics.is_repetitive(ids) if ids else False,
+            "repeated_4gram_share": metrics.repeated_ngram_share(ids)}
+
+
+def summary_of(runs: pd.DataFrame, models: Sequence[str], strategies: Sequence[str]) -> pd.DataFrame:
+    """One row per (model, strategy) of a runs frame (`Comparison.runs` with a `token_ids` column): the runs'
+    metrics, mean and standard deviation over seeds and prompts, the share of repetitive runs and across-run
+    diversity (distinct-2 over all its runs, Self-BLEU-4). A study's summary is the same (`dl.open_study`)."""
+    out = []
+    for model in models:
+        for name in strategies:
+            mine = runs[(runs["strategy"] == name) & (runs["model"] == model)]
+            row: dict[str, Any] = {"model": model, "strategy": name, "runs": len(mine)}
+            for col in ("length", "perplexity", "mean_entropy", "distinct_2", "repeated_4gram_share"):
+                row[col] = mine[col].mean()
+                row[col + "_sd"] = mine[col].std(ddof=0)
+            row["repetition_pct"] = 100.0 * mine["repetitive"].astype(float).mean()
+            seqs = [list(ids) for ids in mine["token_ids"]]
+            row["distinct_2_all"] = metrics.distinct_n(seqs, 2)
+            row["self_bleu_4"] = metrics.self_bleu(seqs)
+            out.append(row)
+    return pd.DataFrame(out)
 
 
 def _batched_runs(lm: LM, model: str, prompt: str, strategies: Mapping[str, Mapping[str, Any]], seeds: list[int],
@@ -380,6 +391,26 @@ def _models(models: Any) -> dict[str, Any]:
     return out
 
 
+def check_settings(strategies: Mapping[str, Mapping[str, Any]], seeds: Sequence[int], record: Record | None,
+                   who: str = "compare()") -> tuple[dict[str, dict[str, Any]], list[int], Record]:
+    """The strategies, seeds and record of a comparison (or a study), checked: (strategies, seeds, record)."""
+    if not isinstance(strategies, Mapping) or not strategies:
+        raise StrategyError(f"{who} needs strategies as a mapping name -> generate's words, with at least one")
+    seeds = list(seeds)
+    if not seeds:
+        raise StrategyError("seeds must name at least one seed")
+    record = record or Record()
+    if record.attention or record.lens or record.prefill_attention:
+        raise StrategyError(f"{who} records choices, candidates and processors; attention and lens are recorded "
+                            "per run: use lm.generate for the runs you want to look inside")
+    strategies = {name: dict(words) for name, words in strategies.items()}
+    for name, words in strategies.items():
+        for word in ("seed", "seeds", "max_new_tokens"):
+            if word in words:
+                raise StrategyError(f"strategy {name!r}: {word}= is set by {who} for every run")
+    return strategies, seeds, record
+
+
 def compare(models: LM | Any | Mapping[str, Any], prompts: str | Sequence[str],
             strategies: Mapping[str, Mapping[str, Any]], *, seeds: Sequence[int] = range(1), max_new_tokens: int = 64,
             chat: bool = False, record: Record | None = None, progress: bool | None = None) -> Comparison:
@@ -394,18 +425,7 @@ def compare(models: LM | Any | Mapping[str, Any], prompts: str | Sequence[str],
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or not strategies:
         raise StrategyError("compare() needs at least one prompt and one strategy")
-    seeds = list(seeds)
-    if not seeds:
-        raise StrategyError("seeds must name at least one seed")
-    record = record or Record()
-    if record.attention or record.lens or record.prefill_attention:
-        raise StrategyError("compare() records choices, candidates and processors; attention and lens are recorded "
-                            "per run: use lm.generate for the runs you want to look inside")
-    strategies = {name: dict(words) for name, words in strategies.items()}
-    for name, words in strategies.items():
-        for word in ("seed", "seeds", "max_new_tokens"):
-            if word in words:
-                raise StrategyError(f"strategy {name!r}: {word}= is set by compare() for every run")
+    strategies, seeds, record = check_settings(strategies, seeds, record)
     runs: list[Run] = []
     for model, backend in backends.items():
         for prompt in prompts:

@@ -58,7 +58,10 @@ def connect(base_url: str, model: str, api_key: str | None = None, *, logprobs: 
         if server not in known:
             raise ValueError(f"server={server!r}: must be one of {sorted(known)} (or None: found from /v1/models)")
         owner = known[server]
-    return APIBackend(conn, server_for(owner, logprobs, conn.base_url))
+    backend = APIBackend(conn, server_for(owner, logprobs, conn.base_url))
+    backend.source = dict(base_url=base_url, model=model, api_key=api_key, logprobs=logprobs, server=server,
+                          timeout=timeout, max_retries=max_retries, **client_kwargs)  # what connects again (a study)
+    return backend
 
 
 class APIBackend:
@@ -69,6 +72,7 @@ class APIBackend:
         self.server = server
         self.vocab: dict[str, int] = {}  # token text -> id, shared by this backend's traces
         self._special_prefix: list[int] | None = None
+        self.source: dict | None = None  # `connect`'s arguments, where `connect` made it
 
     @property
     def model(self) -> str:

@@ -13,7 +13,7 @@ import torch
 from ..engine import Strategy, load_pretrained, loop, resolve
 from ..engine.tokens import TokenText
 from ..errors import PromptError, SessionError, StrategyError
-from ..record import Record, Recording
+from ..record import Record, Recording, keep_large_allocations_apart
 from ..trace import ModelInfo, Trace, from_beam_run, from_recording
 from .progress import progress_bar
 from .session import Session
@@ -26,11 +26,13 @@ class LM:
     """A causal LM and its tokenizer, ready to decode step by step with everything recorded."""
 
     def __init__(self, model, tokenizer, name: str = ""):
+        keep_large_allocations_apart()  # a long run's heap stays flat (record/heap.py says why)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name or _model_name(model)
         self.token_text = TokenText(tokenizer)
         self._lens = None
+        self.source: dict | None = None  # `load`'s arguments, where `load` made it (a study's workers load it so)
 
     def __repr__(self) -> str:
         placed = _placement(self.model)
@@ -183,7 +185,9 @@ class LM:
         if not strat.rule.by_processors and seeds is not None:
             raise StrategyError(f"seeds= with {strat.rule.name} decoding: one run at a time (give seed=)")
         row_seeds = list(seeds) if seeds is not None else [strat.seed]
-        recording = Recording(record, host=(rows, ids.shape[1]))
+        room = strat.max_new_tokens if self.context_window is None else \
+            max(0, min(strat.max_new_tokens, self.context_window - ids.shape[1]))
+        recording = Recording(record, host=(rows, ids.shape[1]), expected_steps=room)
         observers: list = [recording]
         bar = progress_bar(strat.max_new_tokens, progress, rows)
         stream = None
@@ -348,4 +352,7 @@ def load(
     """Load a causal LM. No argument: the bundled SmolLM2-135M-Instruct (converted once, then cached)."""
     model, tokenizer, name = load_pretrained(path_or_id, dtype=dtype, device=device, device_map=device_map,
                                              trust_remote_code=trust_remote_code, **kwargs)
-    return LM(model, tokenizer, name)
+    lm = LM(model, tokenizer, name)
+    lm.source = dict(path_or_id=path_or_id, dtype=dtype, device=device, device_map=device_map,  # what loads it again
+                     trust_remote_code=trust_remote_code, **kwargs)
+    return lm

@@ -20,6 +20,8 @@ def stack_rows(items: list, row_ids: list, rows: int, full: bool, name: str, zer
 
     Missing entries (a retired row; a step that recorded nothing) get the schema's fill value, or 0.
     """
+    if len({x.device for x in items if x is not None}) > 1:  # staged steps on the host, the newest on the device
+        items = [None if x is None else x.cpu() for x in items]
     like = next(x for x in items if x is not None)
     if full and all(x is not None for x in items):
         return torch.stack(items)
@@ -32,16 +34,53 @@ def stack_rows(items: list, row_ids: list, rows: int, full: bool, name: str, zer
     return out
 
 
+def _one_block(present: list) -> bool:
+    """Whether per-step tensors can travel as one block: several, on an accelerator, of one leading shape."""
+    return len(present) > 1 and present[0].device.type != "cpu" and \
+        len({(x.shape[:-1], x.dtype, x.device) for x in present}) == 1
+
+
+def _stacked(present: list) -> torch.Tensor:
+    """Per-step tensors as one [S, ...] block, rows that grow by a key each step right-padded to the widest
+    (one copy a step, into a block of zeros: no padded intermediates)."""
+    width = max(x.shape[-1] for x in present)
+    if all(x.shape[-1] == width for x in present):
+        return torch.stack(present)
+    block = present[0].new_zeros((len(present), *present[0].shape[:-1], width))
+    for i, x in enumerate(present):
+        block[i, ..., : x.shape[-1]] = x
+    return block
+
+
 def on_host(items: list) -> list:
     """Per-step tensors (or None) as numpy arrays, in one copy where they share their leading shape (rows that
     grow by a key each step are right-padded, then cut back): a chunk of steps reaches the host with one
-    synchronisation, not one per step, so a GPU's forward made ahead keeps running meanwhile."""
+    synchronisation, not one per step, so a GPU's forward made ahead keeps running meanwhile. Tensors on the
+    host already (staged, `to_pinned`) become arrays without a copy."""
     present = [x for x in items if x is not None]
-    if len(present) < 2 or len({(x.shape[:-1], x.dtype, x.device) for x in present}) > 1:
+    if not _one_block(present):
         return [None if x is None else to_host(x) for x in items]
-    width = max(x.shape[-1] for x in present)
-    block = iter(to_host(torch.stack([torch.nn.functional.pad(x, (0, width - x.shape[-1])) for x in present])))
+    block = iter(to_host(_stacked(present)))
     return [None if x is None else next(block)[..., : x.shape[-1]] for x in items]
+
+
+def to_pinned(items: list) -> list:
+    """Per-step tensors (or None) on an accelerator -> the same in page-locked host memory, copied as one block
+    without waiting (`non_blocking`): the copy runs on the device's copy engine while the next steps compute.
+    Nothing may read the results before the device has done the copy (an event recorded after it, in
+    `Recording._stage`). Tensors on the host already are kept as they are."""
+    present = [x for x in items if x is not None and x.device.type != "cpu"]
+    if not present:
+        return list(items)
+    if not _one_block(present):
+        return [x if x is None or x.device.type == "cpu" else _pinned_copy(x) for x in items]
+    block = iter(_pinned_copy(_stacked(present)))
+    return [x if x is None or x.device.type == "cpu" else next(block)[..., : x.shape[-1]] for x in items]
+
+
+def _pinned_copy(x: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    return out.copy_(x, non_blocking=True)
 
 
 def to_host(x: torch.Tensor) -> "np.ndarray":
@@ -65,16 +104,18 @@ class HostArrays:
     the newest steps' rows (`_attention_plan`); the other buffers grow with the run.
     """
 
-    def __init__(self, rows: int, prompt_length: int, budget: int | None = None):
+    def __init__(self, rows: int, prompt_length: int, budget: int | None = None, expected: int | None = None):
         import weakref
 
         self.rows, self.prompt_length = rows, prompt_length
+        self.expected = expected  # steps the run will take at most (None: not known), see `_capacity_for`
         self.bufs: dict[str, "np.ndarray"] = {}
         self.done = 0  # steps converted
         self.capacity = 0
         self.budget = budget  # bytes the attention buffer may take (None: no limit)
         self.att_first = 0  # steps before it have no attention rows (dropped to stay within the budget)
         self.att_base = 0  # the step of the attention buffer's slot 0
+        self.att_written = None  # per slot of the attention buffer: the width written there (beyond it: zeros)
         self._views: list[tuple] = []  # (weak reference to a view handed out, its steps)
         self._family = weakref.WeakSet([self])  # owners sharing these buffers (forks)
 
@@ -86,9 +127,9 @@ class HostArrays:
     def fork(self) -> "HostArrays":
         """A second owner of the same buffers (a forked session); either copies them before writing rows
         that a view of the other still shows."""
-        other = HostArrays(self.rows, self.prompt_length, self.budget)
+        other = HostArrays(self.rows, self.prompt_length, self.budget, self.expected)
         other.bufs, other.done, other.capacity = dict(self.bufs), self.done, self.capacity
-        other.att_first, other.att_base = self.att_first, self.att_base
+        other.att_first, other.att_base, other.att_written = self.att_first, self.att_base, self.att_written
         other._family = self._family
         self._family.add(other)
         return other
@@ -108,6 +149,16 @@ class HostArrays:
                     any(o.done > step for o in sharing if o is not self):
                 return False
         return True
+
+    def _capacity_for(self, steps: int) -> int:
+        """Room, in steps, for a buffer that must hold `steps`: twice that (so a run moves its buffers a handful of
+        times), but never past the steps the run can take, and all of those at once when the run has taken a
+        quarter of them. Why: each move copies everything converted so far (and, for the attention rows, writes
+        a new buffer as wide as the context), which at the end of a long run costs more than the steps between."""
+        grown = max(2 * steps, 64)
+        if self.expected is None or steps > self.expected:
+            return grown
+        return self.expected if 4 * steps >= self.expected else min(grown, self.expected)
 
     def _resize(self, capacity: int) -> None:
         """New buffers of `capacity` steps holding the converted prefix (the old ones stay with their views);
@@ -145,10 +196,10 @@ class HostArrays:
         rows are dropped in batches, a few rows' copying a step.
         """
         first = min(self.att_first, steps)
-        capacity = max(2 * steps, 64)
-        slots, width = capacity - first, self.prompt_length + capacity - 1
-        if self.budget is None or slots * width * row_bytes <= self.budget:
-            return first, slots, width
+        for capacity in dict.fromkeys((self._capacity_for(steps), max(2 * steps, 64))):
+            slots, width = capacity - first, self.prompt_length + capacity - 1
+            if self.budget is None or slots * width * row_bytes <= self.budget:
+                return first, slots, width
         cells = self.budget // row_bytes
         fit = cells // (self.prompt_length + steps - 1)  # steps of the current width that fit
         spare = fit // 4
@@ -170,12 +221,14 @@ class HostArrays:
         row_bytes = self.rows * int(np.prod(inner)) * np.dtype(dtype).itemsize
         first, slots, width = self._attention_plan(row_bytes, steps)
         new = np.zeros((slots, self.rows, *inner, width), dtype=dtype)
-        if buf is not None:  # the rows kept that were converted before
+        written = np.zeros(slots, dtype=np.int64)
+        if buf is not None:  # the rows kept that were converted before, each as wide as it was written
             lo, hi = max(first, self.att_first, self.att_base), min(self.done, steps, self.att_base + buf.shape[0])
-            if lo < hi:
-                k = min(buf.shape[-1], width)
-                new[lo - first : hi - first, ..., :k] = buf[lo - self.att_base : hi - self.att_base, ..., :k]
-        self.bufs["attention"] = new
+            for s in range(lo, hi):
+                k = min(int(self.att_written[s - self.att_base]), width)
+                new[s - first, ..., :k] = buf[s - self.att_base, ..., :k]
+                written[s - first] = k
+        self.bufs["attention"], self.att_written = new, written
         self.att_base, self.att_first = first, max(self.att_first, first)
         return new
 
@@ -190,18 +243,28 @@ class HostArrays:
         inner, dtype = (like.shape[1:-1], to_host(like[:0]).dtype) if like is not None else (buf.shape[2:-1], buf.dtype)
         buf = self._attention_buffer(tuple(inner), dtype, steps, copy)
         lo = max(a, self.att_first)
+        written = self.att_written
         for s, x in zip(range(lo, steps), on_host([items[s] if s < len(items) else None for s in range(lo, steps)])):
             slot = s - self.att_base
-            buf[slot] = 0
-            if x is not None:
-                where = slice(None) if ids[s - a] is None or full else ids[s - a].cpu().numpy()
-                buf[slot, where, ..., : x.shape[-1]] = x
+            stale = int(written[slot])  # the width written there before (a rewound step): zeroed where not rewritten
+            if x is None:
+                buf[slot, ..., :stale] = 0
+                written[slot] = 0
+                continue
+            where = slice(None) if ids[s - a] is None or full else ids[s - a].cpu().numpy()
+            width = x.shape[-1]
+            if isinstance(where, slice):
+                buf[slot, ..., width:stale] = 0
+            else:
+                buf[slot, ..., :stale] = 0
+            buf[slot, where, ..., :width] = x
+            written[slot] = width
 
     def update(self, rec: Any, steps: int) -> None:
         """Convert the steps not yet on the host."""
         copy = self.done < steps and not self._free_from(self.done)  # a view still shows rows about to be written
         if steps > self.capacity:
-            self._resize(max(2 * steps, 64))
+            self._resize(self._capacity_for(steps))
         elif copy:
             self._resize(self.capacity)
         a = self.done

@@ -18,11 +18,13 @@ from ..engine.loop import State, StepContext
 from ..errors import RecordBudgetWarning
 from ..formats import format_bytes
 from . import recorders  # noqa: F401 (registers the built-in recorders)
-from .host import DEVICE_SHARE, HostArrays
+from .host import DEVICE_SHARE, HostArrays, to_pinned
 from .options import Record
 from .registry import STEP_RECORDERS
 
 HOST_CHUNK = 64  # steps a `Recording(host=...)` keeps as tensors before moving them to its host buffers
+HOST_SLICE = 2  # staged steps (a GPU's run) converted into the host buffers at each step: a chunk over HOST_CHUNK / 2
+# steps, each step's share small enough to run while the GPU computes the next forward (`_convert_staged`)
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # decoderlab/, for _caller_level
 
 
@@ -44,9 +46,11 @@ class Recording:
     t's distribution writes step t's attention row and residuals.
     """
 
-    def __init__(self, opts: Record, num_layers: int | None = None, host: tuple[int, int] | None = None):
+    def __init__(self, opts: Record, num_layers: int | None = None, host: tuple[int, int] | None = None,
+                 expected_steps: int | None = None):
         self.opts = opts
         self.spill = host  # (rows, prompt length): move steps to `HostArrays` every HOST_CHUNK steps (`_spill`)
+        self.expected_steps = expected_steps  # the most steps the run can take (sizes the host buffers), if known
         self.names = opts.names()
         self.keep_stages = opts.processors
         self.columns: dict[str, list[torch.Tensor]] = {}
@@ -64,6 +68,8 @@ class Recording:
         self.attention_mode: str | None = None
         self._device: torch.device | None = None  # where a step's layers are gathered: the ids' device
         self._spilled = 0  # steps whose per-step tensors were let go (moved to the host: `_spill`)
+        self._staged = 0  # steps whose per-step tensors are copied (or being copied) to host memory: `_stage`
+        self._staged_event = None  # recorded on the device after the last staging copy
         self._att_lo = 0  # attention entries before it are None (spilled or dropped): `_device_attention_bytes`
         self._att_first = 0  # steps before it lost their rows here (the host buffers drop too: `attention_first`)
         self._warned = False  # RecordBudgetWarning given (once a run)
@@ -86,24 +92,68 @@ class Recording:
             self.columns.setdefault(key, []).append(value)
         del self.row_ids[ctx.step:]
         self.row_ids.append(ctx.rows)
-        if self.spill is not None and self.steps - self._spilled >= HOST_CHUNK:
-            self._spill()
+        if self.spill is not None:
+            if self.steps - self._staged >= HOST_CHUNK:
+                self._spill()
+            elif self._spilled < self._staged:
+                self._convert_staged()
         self._keep_within_budget()
 
     def _spill(self) -> None:
-        """Move the steps so far into the host buffers and let go of their per-step tensors.
+        """Move the steps so far towards the host buffers and let go of their per-step tensors.
 
         Why: thousands of small per-step tensors kept alive between the large transient allocations of
         each forward fragment the heap (a 1,500-token run grew RSS by 0.9 GiB for 1 MB of records). In
-        buffers that grow in chunks, a run holds a handful of allocations whatever its length; on a GPU the
-        steps reach the host in batches of HOST_CHUNK (one synchronisation per batch).
+        buffers that grow in chunks, a run holds a handful of allocations whatever its length.
+
+        On a GPU the steps are staged: copied to page-locked host memory as one block per record, without
+        waiting (`_stage`), and converted into the host buffers a few steps at a time once the copy is done
+        (`_convert_staged`), while the GPU computes the next forwards. The host never waits for the device
+        here, and no step pays for a whole chunk's conversion. On a CPU they are converted at once.
         """
-        self.arrays(*self.spill)
-        done = self._host.done
+        if self._device is not None and self._device.type == "cuda":
+            self._stage()
+            return
+        self._convert(self.steps)
+
+    def _stage(self) -> None:
+        """Copy the per-step tensors of the steps not yet staged to page-locked host memory (`host.to_pinned`),
+        one block per record, and record an event after the copies."""
+        a, b = self._staged, self.steps
+        for buf in (*self.columns.values(), self.attention, self.residuals, self.row_ids):
+            if a < len(buf):
+                buf[a:b] = to_pinned(buf[a:b])
+        self._staged_event = torch.cuda.Event()
+        self._staged_event.record()
+        self._staged = b
+
+    def _staged_ready(self, wait: bool) -> bool:
+        """Whether the staging copies are done (`wait`: wait for them)."""
+        event = self._staged_event
+        if event is None or event.query():
+            return True
+        if wait:
+            event.synchronize()
+        return wait
+
+    def _convert_staged(self) -> None:
+        """Convert up to HOST_SLICE staged steps, if their copies are done (else: at a later step)."""
+        if self._staged_ready(wait=False):
+            self._convert(min(self._staged, self._spilled + HOST_SLICE))
+
+    def _convert(self, steps: int) -> None:
+        """Convert steps up to `steps` into the host buffers and let go of their per-step tensors."""
+        host = self._host_arrays(*self.spill)
+        self._staged_ready(wait=True)
+        host.update(self, steps)
+        self._release_dropped()
+        self._warn_if_dropped()
+        done = host.done
         for buf in (*self.columns.values(), self.attention, self.residuals, self.row_ids):
             a, b = min(self._spilled, len(buf)), min(done, len(buf))
             buf[a:b] = [None] * (b - a)
         self._spilled = done
+        self._staged = max(self._staged, done)
         self._att_lo = max(self._att_lo, done)
 
     # ---- the memory budget (Record.memory_budget) ---------------------------------------------
@@ -120,7 +170,8 @@ class Recording:
         return self._device_attention_bytes() + (0 if host is None else host.nbytes)
 
     def _device_attention_bytes(self) -> int:
-        return sum(x.nbytes for x in self.attention[self._att_lo:] if x is not None)
+        """Bytes of the attention rows held as per-step tensors on the model's device (not staged)."""
+        return sum(x.nbytes for x in self.attention[max(self._att_lo, self._staged):] if x is not None)
 
     def _host_budget(self) -> int | None:
         """What the host buffer may take: all of the budget, less the share of the rows not yet moved there."""
@@ -190,6 +241,7 @@ class Recording:
             del col[steps:]
         del self.row_ids[steps:]
         self._spilled = min(self._spilled, steps)
+        self._staged = min(self._staged, steps)
         self._att_lo = min(self._att_lo, steps)
         if self._host is not None:
             self._host.forget(steps)
@@ -206,7 +258,7 @@ class Recording:
 
     def copy(self) -> "Recording":
         """An independent recording with the same steps so far (a fork): lists copied, tensors shared."""
-        other = Recording(self.opts, self.num_layers, self.spill)
+        other = Recording(self.opts, self.num_layers, self.spill, self.expected_steps)
         other.columns = {name: list(col) for name, col in self.columns.items()}
         other.attention = list(self.attention)
         other.residuals = list(self.residuals)
@@ -214,6 +266,7 @@ class Recording:
         other.prefill_attention = dict(self.prefill_attention)
         other._host = None if self._host is None else self._host.fork()
         other._spilled, other._att_lo, other._att_first = self._spilled, self._att_lo, self._att_first
+        other._staged, other._staged_event = self._staged, self._staged_event
         other._warned = self._warned
         return other
 
@@ -314,16 +367,24 @@ class Recording:
         Each step reaches the host once (`HostArrays`), so a session that rebuilds its trace after every
         step pays for the new step only.
         """
+        host = self._host_arrays(rows, prompt_length)
+        if self._staged_event is not None and self._staged < self.steps:
+            self._stage()  # the newest steps travel as the others did: one block per record
+        self._staged_ready(wait=True)
+        host.update(self, self.steps)
+        self._release_dropped()
+        self._warn_if_dropped()
+        return host.views(self.steps)
+
+    def _host_arrays(self, rows: int, prompt_length: int) -> HostArrays:
+        """The host buffers for `rows` rows after a prompt of `prompt_length` (made the first time)."""
         host = self._host
         if host is None or host.rows != rows or host.prompt_length != prompt_length:
             if host is not None and host.done and self.spill is not None:
                 raise RuntimeError(f"recording spilled to host as {self.spill} (rows, prompt length), "
                                    f"asked for {(rows, prompt_length)}")
-            host = self._host = HostArrays(rows, prompt_length, self._host_budget())
-        host.update(self, self.steps)
-        self._release_dropped()
-        self._warn_if_dropped()
-        return host.views(self.steps)
+            host = self._host = HostArrays(rows, prompt_length, self._host_budget(), self.expected_steps)
+        return host
 
     @contextmanager
     def attached(self, model) -> Iterator["Recording"]:
