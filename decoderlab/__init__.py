@@ -49,7 +49,13 @@ def _what_if(trace, step, strategies, **kwargs):
 
 
 # The trace room's methods that show or analyse a trace are served by the rooms above it, plugged in here.
-_TRACE_PRESENTERS.update(html=_trace_html, coloured_text=_coloured_text, what_if=_what_if)
+def _knobs(trace, step, token, **kwargs):
+    from .analysis.knobs import knobs
+
+    return knobs(trace, step, token, **kwargs)
+
+
+_TRACE_PRESENTERS.update(html=_trace_html, coloured_text=_coloured_text, what_if=_what_if, knobs=_knobs)
 
 _install_old_addresses()  # `from decoderlab.whatif import ...` (the 0.1 layout) still works, with a warning
 

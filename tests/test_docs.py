@@ -299,4 +299,4 @@ def test_the_pages_markers_name_the_benchmarks():
     for script, marker in expected.items():
         assert marker in markers or script in unmeasured, f"{script}: neither a results marker nor a note"
     assert {"bench_overhead*", "bench_compare*", "bench_fast*", "bench_memory*", "bench_outputs*",
-            "bench_seed_loop*", "bench_widgets* !bench_widgets_browser*"} <= markers  # the files kept in the repository
+            "bench_seed_loop*", "bench_widgets* !bench_widgets_browser*", "bench_study*"} <= markers  # the files kept in the repository

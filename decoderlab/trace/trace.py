@@ -449,6 +449,13 @@ class Trace:
         return files.load(path, cls)
 
     # ---- what rooms above this one show of a trace ----------------------------------------------
+    def knobs(self, step: int, token: int | str, *, row: int = 0, lm: Any = None, grids: Any = None):
+        """Which sampler knob decided: the token's chance, survival and rank at step `step` over grids of sampler
+        settings (temperature × top-p, × top-k, × min-p, repetition penalty), each run by the processors a run
+        builds over the step's raw logits (recorded with `Record(logits=True)`, or one forward with `lm=`).
+        A frame, one row per grid point (`decoderlab.analysis.knobs`)."""
+        return _presenter("knobs")(self, step, token, row=row, lm=lm, grids=grids)
+
     def what_if(self, step: int, strategies: dict[str, Any], *, row: int = 0, lm: Any = None, top: int = 20):
         """What each strategy (name -> `generate`'s words, as `dl.compare` takes them) would have done at
         step `step` of `row`, with no new generation: which tokens its processors keep, its final
