@@ -89,6 +89,11 @@ def to_host(x: torch.Tensor) -> "np.ndarray":
     return (x.float() if x.dtype == torch.bfloat16 else x).cpu().numpy()
 
 
+def _doubled(steps: int) -> int:
+    """Room for twice `steps` (at least 64): how buffers grow when the run's length is not known."""
+    return max(2 * steps, 64)
+
+
 class HostArrays:
     """Step-major numpy copies of a recording, each step converted once, in buffers that grow in chunks.
 
@@ -155,7 +160,7 @@ class HostArrays:
         times), but never past the steps the run can take, and all of those at once when the run has taken a
         quarter of them. Why: each move copies everything converted so far (and, for the attention rows, writes
         a new buffer as wide as the context), which at the end of a long run costs more than the steps between."""
-        grown = max(2 * steps, 64)
+        grown = _doubled(steps)
         if self.expected is None or steps > self.expected:
             return grown
         return self.expected if 4 * steps >= self.expected else min(grown, self.expected)
@@ -196,7 +201,7 @@ class HostArrays:
         rows are dropped in batches, a few rows' copying a step.
         """
         first = min(self.att_first, steps)
-        for capacity in dict.fromkeys((self._capacity_for(steps), max(2 * steps, 64))):
+        for capacity in dict.fromkeys((self._capacity_for(steps), _doubled(steps))):
             slots, width = capacity - first, self.prompt_length + capacity - 1
             if self.budget is None or slots * width * row_bytes <= self.budget:
                 return first, slots, width
@@ -251,12 +256,10 @@ class HostArrays:
                 buf[slot, ..., :stale] = 0
                 written[slot] = 0
                 continue
-            where = slice(None) if ids[s - a] is None or full else ids[s - a].cpu().numpy()
+            every_row = ids[s - a] is None or full
+            where = slice(None) if every_row else ids[s - a].cpu().numpy()
             width = x.shape[-1]
-            if isinstance(where, slice):
-                buf[slot, ..., width:stale] = 0
-            else:
-                buf[slot, ..., :stale] = 0
+            buf[slot, ..., (width if every_row else 0):stale] = 0  # rows not written now are zeroed whole
             buf[slot, where, ..., :width] = x
             written[slot] = width
 

@@ -73,12 +73,11 @@ def _description(spec: ModelSpec, prompts: list[str], settings: dict) -> dict:
     except PackageNotFoundError:
         installed = None
     digest = hashlib.sha256("\0".join(prompts).encode()).hexdigest()
-    record = {k: (v if isinstance(v, (int, float, bool, str, type(None), list, tuple)) else repr(v))
-              for k, v in asdict(settings["record"]).items()}
     return {"model": spec.describe(), "model_name": spec.name,
             "strategies": json.loads(json.dumps(settings["strategies"], default=repr)),
             "seeds": settings["seeds"], "max_new_tokens": settings["max_new_tokens"], "chat": settings["chat"],
-            "record": json.loads(json.dumps(record, default=repr)), "prompts": len(prompts), "prompts_sha256": digest,
+            "record": json.loads(json.dumps(asdict(settings["record"]), default=repr)),
+            "prompts": len(prompts), "prompts_sha256": digest,
             "version": installed}
 
 
