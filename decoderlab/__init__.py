@@ -30,10 +30,10 @@ from .trace.trace import PRESENTERS as _TRACE_PRESENTERS
 __version__ = "0.2.0"
 
 
-def _trace_html(trace) -> str:
+def _trace_html(trace, **options) -> str:
     from .views.html import trace_html
 
-    return trace_html(trace)
+    return trace_html(trace, **options)
 
 
 def _coloured_text(trace) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import decoderlab as dl
-from decoderlab.views.display import escape, prob_colour, strategy_summary
+from decoderlab.views.display import commit_colour, escape, prob_colour, strategy_summary
 from decoderlab.trace.builder import from_tokens
 from decoderlab.views.html import coloured_text, trace_html
 from decoderlab.trace.trace import Trace
@@ -226,3 +226,26 @@ def test_page_names_the_strategy_in_the_shared_wording():
     page = trace_html(tr, figure=False)
     assert escape(strategy_summary(tr)) in page
     assert "chooser: sample · do_sample=True · temperature=0.7" in page
+
+
+def test_page_of_a_lens_trace_has_the_commit_strip(tiny_lms):
+    tr = tiny_lms["llama"].generate("A page with a lens", max_new_tokens=5, eos_token_id=[], progress=False,
+                                    record=dl.Record(lens=True))
+    page = trace_html(tr)
+    cells = re.findall(r"class='dlp-commit[^']*' data-step='(\d+)' style='background:(#[0-9a-f]{6})'", page)
+    assert [int(s) for s, _ in cells] == list(range(tr.num_steps))
+    assert [c for _, c in cells] == [commit_colour(x, tr.lens_layers) for x in tr.steps.commit_layer]
+    assert "Where the model made up its mind" in page and ".dlp-commit{" in page
+    assert "dlp-commit" not in trace_html(text_trace([" a", " b"]))  # no lens: no strip, no panel CSS
+
+
+def test_page_with_knobs_draws_the_heatmaps_of_trace_knobs(tiny_lms):
+    from decoderlab.views.panels import knobs_heatmaps
+
+    tr = tiny_lms["llama"].generate("A page with knobs", max_new_tokens=4, do_sample=True, seed=2, eos_token_id=[],
+                                    progress=False, record=dl.Record(logits=True))
+    chosen = int(tr.choices.token_id[1])
+    page = trace_html(tr, knobs=[(1, chosen)])
+    assert knobs_heatmaps(tr.knobs(1, chosen), tr.token_text[chosen]) in page
+    assert ".dlk-cell{" in page and "Which knob decided · step 1" in page
+    assert "dlk-cell" not in trace_html(tr)  # asked for, not by default

@@ -92,3 +92,93 @@ def test_lens_for_one_step_computes_only_that_step(tiny_lms):
     assert trace.lens_done.all()
     np.testing.assert_array_equal(one.token_id.values, full[full.step == 3].token_id.values)
     np.testing.assert_allclose(one.prob.values, full[full.step == 3].prob.values)
+
+
+# ---- commitment: where the model made up its mind -----------------------------------------------------------
+def _hand_commit(ranks: list[int]):
+    """The first layer from which rank is 0 at every later layer, by a plain loop; None if the last is not 0."""
+    if ranks[-1] != 0:
+        return None
+    layer = len(ranks) - 1
+    while layer > 0 and ranks[layer - 1] == 0:
+        layer -= 1
+    return layer
+
+
+@pytest.mark.parametrize("ranks", [[0, 0, 0], [3, 0, 0], [0, 2, 0], [0, 0, 1], [5, 4, 3], [0], [1], [2, 0, 1, 0]])
+def test_commit_layers_by_hand(ranks):
+    from decoderlab.trace.lens import commit_layers
+
+    got = int(commit_layers(np.array([ranks]))[0])
+    want = _hand_commit(ranks)
+    assert got == (-1 if want is None else want)
+
+
+def test_commit_layer_column_against_a_hand_lens_of_the_default_model(smol):
+    """`steps.commit_layer` of a greedy run of SmolLM2 equals the commit layer computed here from the model's own
+    hidden states (hooks on each block's output, final norm, lm_head): an independent lens and rank."""
+    trace = smol.generate("The capital of France is", max_new_tokens=8, eos_token_id=[], progress=False,
+                          record=dl.Record(lens=True))
+    assert trace.lens_computed is False  # the column is computed when read, not while decoding
+    steps = trace.steps
+    assert trace.lens_computed
+    ids = torch.tensor([list(trace.prompt_ids) + trace.token_ids])
+    outputs = {}
+    blocks = decoder_layers(smol.model)
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o[0] if isinstance(o, tuple) else o))
+             for i, b in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            smol.model(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    P = len(trace.prompt_ids)
+    norm, head = final_norm(smol.model), smol.model.get_output_embeddings()
+    seen = set()
+    for s, chosen in enumerate(trace.token_ids):
+        ranks = []
+        for layer in range(len(blocks)):
+            with torch.no_grad():
+                logits = head(norm(outputs[layer][0, P - 1 + s])).float()
+            ranks.append(int((logits > logits[chosen]).sum()))
+        want = _hand_commit(ranks)
+        got = steps.commit_layer.iloc[s]
+        assert want is not None  # greedy with no processors: the last layer's top-1 is the chosen token
+        assert got == want, (s, ranks)
+        seen.add(want)
+    assert len(seen) > 1  # the run is not one where every token settles at the same layer
+
+
+def test_commit_layer_is_missing_where_the_token_is_not_the_last_layers_top1(tiny_lms):
+    lm = tiny_lms["llama"]
+    trace = lm.generate("Sampling from a random model", max_new_tokens=12, do_sample=True, seed=3, temperature=3.0,
+                        top_k=0, eos_token_id=[], progress=False, record=dl.Record(lens=True))
+    st = trace.steps
+    stats = trace.lens_stats
+    last = stats[stats.layer == stats.layer.max()].set_index("step").chosen_rank
+    below_top = st["rank"].to_numpy() > 0
+    assert below_top.any()  # at temperature 3 some draws are not the argmax
+    assert st.commit_layer[below_top].isna().all()
+    assert (last[below_top] > 0).all()
+    for s in np.flatnonzero(~below_top):
+        ranks = stats[stats.step == s].sort_values("layer").chosen_rank.tolist()
+        assert st.commit_layer.iloc[s] == _hand_commit(ranks)
+    assert "commit_layer" not in trace.choices.columns  # the frame views read never computes the lens
+
+
+def test_commit_layer_survives_save_and_load_and_rows(tiny_lms, tmp_path):
+    lm = tiny_lms["llama"]
+    trace = lm.generate("Saved commitment", max_new_tokens=5, do_sample=True, seeds=[0, 1], eos_token_id=[],
+                        progress=False, record=dl.Record(lens=True))
+    want = trace.steps[["step", "row", "commit_layer"]]
+    loaded = dl.Trace.load(trace.save(tmp_path / "t.parquet"))
+    assert loaded.lens_computed
+    assert loaded.steps[["step", "row", "commit_layer"]].equals(want)
+    one = trace.row(1).steps
+    assert one.commit_layer.tolist() == want[want.row == 1].commit_layer.tolist()
+
+
+def test_no_lens_no_commit_column(tiny_lms):
+    trace = tiny_lms["llama"].generate("No lens", max_new_tokens=3, progress=False)
+    assert "commit_layer" not in trace.steps.columns

@@ -331,6 +331,26 @@ def test_lens_table_highlights_chosen(small):
     assert tick_texts(fig.axes[1].yaxis)[0].startswith("#2")  # the chosen token's rank at layer 0
 
 
+def test_commitment_plot_ranks_and_commit_layers_from_a_hand_made_lens():
+    tr = hand_trace([" a", " b", " c", " d"], layers=4)
+    # the chosen token's lens rank per (step, layer): committed at 0, at 2, at 3, and never (not top-1 at the last)
+    ranks = np.array([[0, 0, 0, 0], [5, 1, 0, 0], [0, 0, 3, 0], [0, 0, 0, 2]])
+    tr.arrays["lens_chosen_rank"] = ranks[:, None, :]
+    assert tr.steps.commit_layer.tolist()[:3] == [0, 2, 3] and tr.steps.commit_layer.isna().tolist() == [False] * 3 + [True]
+    fig = plots.commitment(tr)
+    ax = fig.axes[0]
+    np.testing.assert_array_equal(ax.images[0].get_array(), ranks.T + 1)  # layers x steps, rank + 1
+    dots, cross = ax.lines
+    assert dots.get_xdata().tolist() == [0, 1, 2] and dots.get_ydata().tolist() == [0, 2, 3]
+    assert cross.get_xdata().tolist() == [3]
+    assert tick_texts(ax.xaxis)[1].endswith("␣b")
+    no_lens = hand_trace([" a"])
+    for name in [n for n in no_lens.arrays if n.startswith("lens_")]:
+        del no_lens.arrays[name]
+    with pytest.raises(ValueError, match="no logit lens"):
+        plots.commitment(no_lens)
+
+
 # ---- fonts, glyphs and odd text ---------------------------------------------------------------------------
 def _has_font(*names):
     return any(n in plots.font_families() for n in names)

@@ -18,7 +18,9 @@ def sampled(tiny_lms):
 
 def test_frame_columns_and_shapes(sampled):
     n = sampled.num_steps
-    assert list(sampled.steps.columns) == STEP_COLUMNS and len(sampled.steps) == n
+    assert list(sampled.choices.columns) == STEP_COLUMNS and len(sampled.choices) == n
+    lens = ["commit_layer"] if sampled.has_lens else []
+    assert list(sampled.steps.columns) == STEP_COLUMNS + lens and len(sampled.steps) == n
     assert list(sampled.candidates.columns) == CANDIDATE_COLUMNS and len(sampled.candidates) == n * 7
     assert list(sampled.processors.columns) == PROCESSOR_COLUMNS
     assert sampled.processors.processor.unique().tolist() == ["TemperatureLogitsWarper", "TopKLogitsWarper",

@@ -14,7 +14,10 @@ import decoderlab as dl
 from decoderlab.views import panels
 from decoderlab.views import trace_view as widgets
 from decoderlab.trace.builder import from_tokens
-from decoderlab.views.display import escape, prob_colour, strategy_summary, token_label
+import re
+
+from decoderlab.views.display import (NEVER_COMMITTED, commit_colour, escape, prob_colour, strategy_summary,
+                                     token_label)
 from decoderlab.views import kit, session_explorer
 from decoderlab.views.session_explorer import SessionExplorer
 from decoderlab.views.trace_view import TraceView
@@ -444,3 +447,103 @@ def test_show_draws_the_beam_tree_for_beam_traces_only(tiny_lms):
     assert [v for _, v in view.row_picker.options] == [0, 1]
     plain = dl.show(lm.generate("Once upon a time", max_new_tokens=4, progress=False))
     assert plain.beam_panel.layout.display == "none"
+
+
+# ---- the commit strip ----------------------------------------------------------------------------------------
+def test_commit_strip_computes_after_the_view_is_up_and_follows_the_selection(lm):
+    tr = lm.generate("Where it settled", max_new_tokens=6, eos_token_id=[], record=dl.Record(lens=True),
+                     progress=False)
+    view = dl.show(tr)
+    assert view.pending and "computing commit layers" in view.commit_panel.progress.value  # no event loop: not yet
+    assert view.commit_panel.strip.value == "" and not tr.lens_computed
+    assert view.wait() is view and not view.pending and view.commit_panel.progress.value == ""
+    want = tr.steps.commit_layer
+    cells = re.findall(r"class='dlp-commit( dlp-at)?' data-step='(\d+)' style='background:(#[0-9a-f]{6})'",
+                       view.commit_panel.strip.value)
+    assert [int(s) for _, s, _ in cells] == list(range(tr.num_steps))
+    assert [c for _, _, c in cells] == [commit_colour(x, tr.lens_layers) for x in want]
+    assert [s for at, s, _ in cells if at] == [str(tr.num_steps - 1)]  # the selected step outlined
+    view.select(2)
+    assert re.findall(r"dlp-commit dlp-at' data-step='(\d+)'", view.commit_panel.strip.value) == ["2"]
+    for css, widget in [("dl-commit", view.commit_panel.strip), ("dl-commit-progress", view.commit_panel.progress)]:
+        assert css in classes(widget) and css in widgets.CSS_CLASSES
+
+
+def test_commit_strip_at_once_for_a_computed_lens_and_absent_without_one(lm, trace, tmp_path):
+    loaded = dl.Trace.load(trace.save(tmp_path / "t.parquet"))
+    view = dl.show(loaded)
+    assert not view.pending and view.commit_panel.strip.value.count("data-step=") == loaded.num_steps
+    plain = dl.show(lm.generate("No lens here", max_new_tokens=3, progress=False))
+    assert not plain.pending and plain.commit_panel.layout.display == "none"
+    off = dl.show(loaded, commitment=False)
+    assert off.commit_panel.layout.display == "none" and off.commit_panel.strip.value == ""
+
+
+def test_commit_colour_scale():
+    assert commit_colour(0, 30) == prob_colour(1.0) and commit_colour(29, 30) == prob_colour(0.0)
+    assert commit_colour(None, 30) == commit_colour(float("nan"), 30) == NEVER_COMMITTED
+
+
+# ---- which knob decided ---------------------------------------------------------------------------------------
+def _hand_knobs_frame():
+    """A knobs frame made by hand: a 2 x 3 grid and a one-knob grid, with a cut point and greedy points."""
+    rows = []
+    for t in (0.5, 1.0):
+        for k in (1, 5, 0):
+            kept = not (k == 1 and t == 1.0)
+            rows.append({"grid": "temperature × top_k", "knob_1": "temperature", "value_1": t, "knob_2": "top_k",
+                         "value_2": k, "prob": (0.9 if t == 0.5 else 0.4) if kept else 0.0, "kept": kept,
+                         "rank": 0 if t == 0.5 else (1 if kept else -1), "greedy": t == 0.5, "top_token": " x"})
+    for r in (1.0, 1.5):
+        rows.append({"grid": "repetition_penalty", "knob_1": "repetition_penalty", "value_1": r, "knob_2": None,
+                     "value_2": None, "prob": 0.3, "kept": True, "rank": 2, "greedy": False, "top_token": "<b>"})
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    for col in ("value_1", "value_2"):
+        frame[col] = pd.Series([r[col] for r in rows], dtype=object)
+    return frame
+
+
+def test_knobs_heatmaps_cells_from_a_hand_made_frame():
+    frame = _hand_knobs_frame()
+    page = panels.knobs_heatmaps(frame, "<tok>")
+    cells = re.findall(r"<td class='dlk-cell([^']*)' style='background:(#[0-9a-f]{6})[^']*' title='([^']*)'>([^<]*)</td>",
+                       page)
+    assert len(cells) == 8  # 2 x 3 + 2, in the frame's order (rows of the first knob, columns of the second)
+    for (cls, colour, title, text), point in zip(cells, frame.itertuples()):
+        if not point.kept:
+            assert "dlk-cut" in cls and text == "cut" and colour == NEVER_COMMITTED
+        else:
+            assert colour == prob_colour(point.prob) and ("dlk-greedy" in cls) == point.greedy
+            assert text == ("★ " if point.greedy else "") + f"{point.prob:.3f}"
+    assert "<th>off</th>" in page and "<th>5</th>" in page and "<th>1.5</th>" in page  # top_k 0 is off
+    assert "&lt;tok&gt;" in page and "<tok>" not in page and "&lt;b&gt;" in page  # every string escaped
+    assert "greedy at 3 of 6" in page and "greedy at 0 of 2" in page
+
+
+def test_knobs_panel_in_the_trace_view(lm):
+    tr = lm.generate("Knobs in the view", max_new_tokens=5, do_sample=True, top_k=20, seed=1, eos_token_id=[],
+                     record=dl.Record(logits=True), progress=False)
+    view = dl.show(tr, step=2)
+    kp = view.knobs_panel
+    assert kp.body.value == "" and not kp.pending  # off until asked: clicks pay nothing
+    kp.toggle.value = True
+    assert kp.pending and "computing" in kp.body.value
+    kp.wait()
+    chosen = int(tr.choices.token_id[2])
+    assert kp.token.value == chosen
+    assert kp.body.value == panels.knobs_heatmaps(tr.knobs(2, chosen), tr.token_text[chosen])
+    other = kp.token.options[1][1]
+    kp.token.value = other
+    kp.wait()
+    assert kp.body.value == panels.knobs_heatmaps(tr.knobs(2, other), tr.token_text[other])
+    view.select(4)
+    kp.wait()
+    assert kp.token.value == int(tr.choices.token_id[4])
+    for css in ("dl-knobs-toggle", "dl-knobs-token", "dl-knobs"):
+        assert css in widgets.CSS_CLASSES
+    no_logits = dl.show(lm.generate("No logits", max_new_tokens=3, progress=False))
+    no_logits.knobs_panel.toggle.value = True
+    no_logits.knobs_panel.wait()  # shown in the panel, not raised
+    assert "dl-problems" not in no_logits.knobs_panel.body.value and "Record(logits=True)" in no_logits.knobs_panel.body.value

@@ -226,7 +226,7 @@ class Comparison:
         probability and the entropy; see `divergence` for where each pair of runs parts ways."""
         frames = []
         for run in self.run_list:
-            st = run.trace.steps
+            st = run.trace.choices
             frames.append(pd.DataFrame({"model": run.model, "prompt": run.prompt, "strategy": run.strategy,
                                         "seed": run.seed, "step": st["step"], "token_id": st["token_id"],
                                         "token": st["token"], "prob": st["prob"], "logprob": st["logprob"],
@@ -241,7 +241,7 @@ class Comparison:
         """For each pair of runs of one prompt: the first step where their tokens differ (NA if one is a prefix
         of the other), the two tokens there and each run's logprob of its own token. Runs of one model compare
         token ids; runs of different models or backends compare token texts (their ids need not agree)."""
-        each = [(r, r.trace.token_ids, r.trace.tokens, r.trace.steps["logprob"].to_numpy()) for r in self.run_list]
+        each = [(r, r.trace.token_ids, r.trace.tokens, r.trace.choices["logprob"].to_numpy()) for r in self.run_list]
         rows = []
         for i, (a, ids_a, toks_a, lp_a) in enumerate(each):
             for b, ids_b, toks_b, lp_b in each[i + 1 :]:
@@ -271,7 +271,7 @@ class Comparison:
 def run_metrics(trace: Trace) -> dict[str, Any]:
     """The metrics of one run (`Comparison.runs`' columns after the run's names): its length, stop reason, mean
     logprob and perplexity under the model's raw distribution, mean entropy, distinct-1/2/3 and repetition."""
-    st, ids = trace.steps, trace.token_ids
+    st, ids = trace.choices, trace.token_ids
     mean_lp = float(st["logprob"].mean()) if len(st) else float("nan")
     return {"text": trace.text, "length": len(ids), "stop_reason": trace.stop_reason, "mean_logprob": mean_lp,
             "perplexity": float(np.exp(-mean_lp)),

@@ -8,6 +8,11 @@ logits are the recorded ones (`Record(logits=True)`), or one forward of the step
 
 Each grid fixes the other knobs at "off" (`top_k=0`, `top_p=1.0`, no `min_p`, temperature 1, no penalty), so a
 row says what its knobs alone do.
+
+Why the strategies are kept (`_resolved`): resolving a point's words through transformers' generation config costs
+about 2 ms, and the same 132 points are asked again at every step a view shows; over recorded logits (no `lm=`) a
+point's strategy depends only on the run's strategy, the prompt length and the point's words, so it is resolved
+once. Only the final scores are needed, so each point runs `loop.process` without keeping each processor's stage.
 """
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ import torch
 
 from ..backends.local import LM
 from ..trace import Trace
-from .whatif import WhatIfError, check_step, outcome, step_logits, step_prefix, strategy_for, token_namer
+from ..engine import Strategy, loop
+from .whatif import WhatIfError, check_step, step_logits, step_prefix, strategy_for, token_namer
 
 TEMPERATURES = (0.3, 0.5, 0.7, 0.9, 1.0, 1.2, 1.5)
 GRIDS: dict[str, tuple[str, Sequence[Any], str | None, Sequence[Any]]] = {
@@ -67,13 +73,32 @@ def knobs(trace: Trace, step: int, token: int | str, *, row: int = 0, lm: LM | N
         for a in values_1:
             for b in (values_2 if knob_2 else [None]):
                 words = {**OFF, knob_1: a, **({knob_2: b} if knob_2 else {})}
-                out = outcome(grid, strategy_for(trace, words, grid, lm), logits, prefix, tid)
-                top = int(torch.argmax(out.scores))
-                rank = int((out.scores > out.scores[tid]).sum()) if out.kept[tid] else -1
+                strategy = strategy_for(trace, words, grid, lm) if lm is not None else _resolved(trace, words, grid)
+                with torch.inference_mode():
+                    scores = loop.process(strategy, prefix[None], logits[None], False, step)[0][0]
+                    probs = torch.softmax(scores, dim=-1)
+                kept = not bool(torch.isneginf(scores[tid]))
+                top = int(torch.argmax(scores))
+                rank = int((scores > scores[tid]).sum()) if kept else -1
                 rows.append({"grid": grid, "knob_1": knob_1, "value_1": a, "knob_2": knob_2, "value_2": b,
-                             "prob": float(out.probs[tid]), "kept": bool(out.kept[tid]), "rank": rank,
-                             "greedy": top == tid, "top_token": namer([top])[0]})
+                             "prob": float(probs[tid]), "kept": kept, "rank": rank, "greedy": top == tid,
+                             "top_token": namer([top])[0]})
     frame = pd.DataFrame(rows, columns=COLUMNS)
     for col in ("value_1", "value_2"):  # each knob's own values (top_k's whole numbers stay whole)
         frame[col] = pd.Series([r[col] for r in rows], dtype=object)
     return frame
+
+
+_RESOLVED: dict[tuple, Strategy] = {}  # (run strategy, prompt length, words) -> the strategy it resolves to
+
+
+def _resolved(trace: Trace, words: dict[str, Any], grid: str) -> Strategy:
+    """`strategy_for(trace, words)` over recorded logits, resolved once per (run strategy, prompt length, words):
+    nothing else of the trace goes into it (the stand-in model reads only the run's EOS and padding ids)."""
+    key = (repr(sorted(trace.strategy.items())), len(trace.prompt_ids), tuple(sorted(words.items())))
+    strategy = _RESOLVED.get(key)
+    if strategy is None:
+        if len(_RESOLVED) >= 4096:  # a long session of many traces: start over rather than grow
+            _RESOLVED.clear()
+        strategy = _RESOLVED[key] = strategy_for(trace, words, grid)
+    return strategy

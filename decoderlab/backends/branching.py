@@ -109,13 +109,15 @@ class BranchingSession:
         return self.branches[index]
 
     def _new_rows(self, since: int) -> pd.DataFrame:
-        steps = self.trace.steps
+        steps = self.trace.choices
         return steps[steps.step >= since].reset_index(drop=True)
 
     # ---- moving -----------------------------------------------------------------------------------------------
     def step(self, n: int = 1) -> pd.DataFrame:
-        """Decode `n` tokens with the session's strategy; return their rows of `trace.steps`. Stops early where
-        the branch ends (EOS; a local model's full context window). An explicit step is not limited by the strategy's `max_new_tokens` (that is `run()`'s)."""
+        """Decode `n` tokens with the session's strategy; return their rows of `trace.choices` (`trace.steps`
+        less the lens's commit layer, which would unembed every step again). Stops early where the branch ends
+        (EOS; a local model's full context window). An explicit step is not limited by the strategy's
+        `max_new_tokens` (that is `run()`'s)."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise SessionError(f"step(n={n!r}): n must be a whole number >= 1")
         since = self.steps

@@ -26,6 +26,12 @@ def ints(values: np.ndarray | None, n: int):
     return values
 
 
+def texts(lookup: dict[int, str], ids: np.ndarray) -> np.ndarray:
+    """Token ids as their text (object array of the same shape); an id the trace has no text for as '<id>'."""
+    flat = [lookup.get(int(i), f"<{int(i)}>") for i in np.asarray(ids).ravel()]
+    return np.array(flat, dtype=object).reshape(np.shape(ids))
+
+
 def pad(values: Sequence, n: int, fill: Any) -> list:
     return list(values)[:n] + [fill] * (n - len(values))
 

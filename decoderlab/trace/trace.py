@@ -19,7 +19,7 @@ from ..formats import escape, format_bytes
 from ..record.schema import ATTENTION_COLUMNS, CANDIDATE_COLUMNS, PROCESSOR_COLUMNS, SCHEMA, STEP_COLUMNS
 from . import cells
 from . import files
-from .lens import compute_lens
+from .lens import commit_layers, compute_lens, lens_frame, lens_stats_frame
 
 @dataclass
 class Trace:
@@ -93,9 +93,7 @@ class Trace:
                 f"text={self.text[:60]!r}{'...' if len(self.text) > 60 else ''})")
 
     def _tok(self, ids: np.ndarray) -> np.ndarray:
-        lookup = self.token_text
-        flat = [lookup.get(int(i), f"<{int(i)}>") for i in np.asarray(ids).ravel()]
-        return np.array(flat, dtype=object).reshape(np.shape(ids))
+        return cells.texts(self.token_text, ids)
 
     def array(self, name: str) -> np.ndarray:
         """A recorded array by its schema name (step-major: [step, row, ...]); a clear error when this
@@ -205,7 +203,32 @@ class Trace:
     # ---- frames ----------------------------------------------------------------------------
     @cached_property
     def steps(self) -> pd.DataFrame:
+        """One row per (step, row) of a running row: the chosen token, how likely it was, and how it was chosen
+        (the columns of `choices`), plus `commit_layer` where the logit lens was recorded.
+
+        `commit_layer` is where the model made up its mind: the first layer from which the chosen token is the
+        lens's top-1 and stays top-1 to the last layer (NA where it is not the last layer's top-1: a token drawn
+        below the top, forced, or moved by a processor). Like the lens it is computed when first read, which
+        unembeds every layer of every step once (a second or two for 64 steps of the default model on 2 cores);
+        `choices` is this frame without it, at no lens cost. The chosen token's rank at every layer is in
+        `lens_stats` (`chosen_rank`).
+        """
+        frame = self.choices
+        if not self.has_lens:
+            return frame
+        return frame.assign(commit_layer=self._commit_layer_column())
+
+    def _commit_layer_column(self) -> pd.array:
+        """`commit_layer` for each row of `choices` (nullable ints: NA where the token never settled)."""
+        if not self.num_steps:
+            return pd.array([], dtype="Int64")
+        compute_lens(self)
+        return cells.ints(commit_layers(self.arrays["lens_chosen_rank"])[self._alive()], 0)
+
+    @cached_property
+    def choices(self) -> pd.DataFrame:
         """One row per (step, row) of a running row: the chosen token, how likely it was, and how it was chosen.
+        What views and comparisons read (it never computes the lens); `steps` adds the lens's `commit_layer`.
 
         Values a source did not record (an API gives no final distribution, say) are NA.
         """
@@ -378,6 +401,14 @@ class Trace:
         return "lens_id" in self.arrays or ("residual" in self.arrays and self.lens_object is not None)
 
     @property
+    def lens_computed(self) -> bool:
+        """Whether the lens of every step and layer is at hand: reading `lens`, `lens_stats` or `steps.commit_layer`
+        then unembeds nothing (a loaded trace, or a live one whose lens was read)."""
+        if "lens_id" in self.arrays and ("residual" not in self.arrays or self.lens_object is None):
+            return True
+        return self.lens_done is not None and bool(self.lens_done.all())
+
+    @property
     def lens_layers(self) -> int:
         """How many layers the logit lens has (0 without a lens)."""
         for name in ("lens_id", "residual"):
@@ -388,40 +419,11 @@ class Trace:
     def lens_for(self, steps: Sequence[int] | None = None, layers: Sequence[int] | None = None) -> pd.DataFrame:
         """The logit lens frame for some steps (and layers) only, computing just those: what `trace.lens`
         holds for them."""
-        compute_lens(self, steps, layers)
-        sel = np.arange(self.num_steps) if steps is None else np.asarray(list(steps), dtype=np.int64)
-        lay = np.arange(self.arrays["lens_id"].shape[2]) if layers is None else np.asarray(list(layers), dtype=np.int64)
-        ids = self.arrays["lens_id"][np.ix_(sel, np.arange(self.rows), lay)]
-        s, b, l, k = ids.shape
-        return self._alive_only(sel, l * k, pd.DataFrame({
-            "step": np.repeat(sel, b * l * k), "row": np.tile(np.repeat(np.arange(b), l * k), s),
-            "branch": self.branch, "layer": np.tile(np.repeat(lay, k), s * b),
-            "rank": np.tile(np.arange(k), s * b * l),
-            "token_id": ids.reshape(-1).astype(np.int64), "token": self._tok(ids.reshape(-1)),
-            "prob": self.arrays["lens_prob"][np.ix_(sel, np.arange(b), lay)].reshape(-1).astype(np.float64),
-            "chosen": (ids == self.arrays["token_id"][sel][:, :, None, None]).reshape(-1),
-        }))
-
-    def _alive_only(self, sel: np.ndarray, per: int, frame: pd.DataFrame) -> pd.DataFrame:
-        """Drop the rows of `frame` ([steps sel] x rows x `per`) that belong to finished rows."""
-        keep = np.repeat(self._alive()[sel].reshape(-1), per)
-        return frame if keep.all() else frame[keep].reset_index(drop=True)
+        return lens_frame(self, self._alive(), steps, layers)
 
     def lens_stats_for(self, steps: Sequence[int] | None = None, layers: Sequence[int] | None = None) -> pd.DataFrame:
         """Per (step, row, layer): the lens entropy and the chosen token's rank and prob, for some steps (and layers)."""
-        compute_lens(self, steps, layers)
-        sel = np.arange(self.num_steps) if steps is None else np.asarray(list(steps), dtype=np.int64)
-        lay = np.arange(self.arrays["lens_id"].shape[2]) if layers is None else np.asarray(list(layers), dtype=np.int64)
-        where = np.ix_(sel, np.arange(self.rows), lay)
-        e = self.arrays["lens_entropy"][where]
-        s, b, l = e.shape
-        return self._alive_only(sel, l, pd.DataFrame({
-            "step": np.repeat(sel, b * l), "row": np.tile(np.repeat(np.arange(b), l), s),
-            "branch": self.branch, "layer": np.tile(lay, s * b),
-            "entropy": e.reshape(-1).astype(np.float64),
-            "chosen_rank": self.arrays["lens_chosen_rank"][where].reshape(-1).astype(np.int64),
-            "chosen_prob": self.arrays["lens_chosen_prob"][where].reshape(-1).astype(np.float64),
-        }))
+        return lens_stats_frame(self, self._alive(), steps, layers)
 
     @cached_property
     def lens_frame(self) -> pd.DataFrame:
@@ -465,9 +467,10 @@ class Trace:
         "What-if at one step" lists the columns. `dl.playground(trace, step=...)` is the same with sliders."""
         return _presenter("what_if")(self, step, strategies, row=row, lm=lm, top=top)
 
-    def to_html(self, path: str | Path | None = None) -> str:
-        """One self-contained HTML page: the text coloured by probability, hover details per token."""
-        page = _presenter("html")(self)
+    def to_html(self, path: str | Path | None = None, **options: Any) -> str:
+        """One self-contained HTML page: the text coloured by probability, hover details per token; `options` as
+        `decoderlab.views.html.trace_html` takes them (`knobs=[(step, token)]`, `figure=False`, ...)."""
+        page = _presenter("html")(self, **options)
         if path is not None:
             Path(path).write_text(page, encoding="utf-8")
         return page

@@ -63,7 +63,7 @@ def divergence_pairs(div: "pd.DataFrame") -> dict[tuple[RunKey, RunKey], int | N
 
 def run_line(trace: "Trace", facts: str) -> RunLine:
     """A run's line from its trace's steps: token labels, the trace view's hover texts and colours."""
-    st = trace.steps
+    st = trace.choices
     options, tooltips, by_colour = [], [], {}
     cols = zip(st["step"], st["token"], st["prob"], st["rank"], st["final_prob"], st["forced"], st["choice"])
     for step, token, prob, rank, final_prob, forced, choice in cols:

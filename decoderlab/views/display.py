@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
-__all__ = ["TraceLike", "PROB_SCALE", "prob_colour", "token_label", "is_invisible", "char_escape", "visible_text",
-           "format_prob", "format_rank", "format_number", "format_bytes", "is_missing", "escape", "short_processor",
+__all__ = ["TraceLike", "PROB_SCALE", "prob_colour", "commit_colour", "NEVER_COMMITTED", "token_label", "is_invisible",
+           "char_escape", "visible_text", "format_prob", "format_rank", "format_number", "format_bytes", "is_missing", "escape", "short_processor",
            "strategy_summary", "STRATEGY_WORDS"]
 
 
@@ -53,6 +53,8 @@ class TraceLike(Protocol):
     @property
     def steps(self) -> "pd.DataFrame": ...
     @property
+    def choices(self) -> "pd.DataFrame": ...
+    @property
     def candidates(self) -> "pd.DataFrame": ...
     @property
     def processors(self) -> "pd.DataFrame": ...
@@ -62,6 +64,8 @@ class TraceLike(Protocol):
     def has_lens(self) -> bool: ...
     @property
     def lens_layers(self) -> int: ...
+    @property
+    def lens_computed(self) -> bool: ...
     @property
     def has_beams(self) -> bool: ...
     @property
@@ -107,6 +111,17 @@ def scale_colours(xs: "np.ndarray", scale: Sequence[str] = PROB_SCALE) -> list[s
     t = np.where(x < 0.5, x * 2, x * 2 - 1)[:, None]  # [N, 1]: one t per value
     rgb = np.rint(np.where(low, lo + (mid - lo) * t, mid + (hi - mid) * t)).astype(int)
     return [f"#{r:02x}{g:02x}{b:02x}" for r, g, b in rgb.tolist()]
+
+
+NEVER_COMMITTED = "#bdbdbd"  # a step whose token is not the last layer's top-1: no commit layer
+
+
+def commit_colour(layer: float | None, layers: int) -> str:
+    """The colour of a step's commit layer (`trace.steps.commit_layer`) on the probability scale: blue for a token
+    settled in the first layers, white halfway, red for one settled only at the last; grey where it never is."""
+    if is_missing(layer) or layer < 0:
+        return NEVER_COMMITTED
+    return scale_colour(1.0 - float(layer) / max(layers - 1, 1), PROB_SCALE)
 
 
 def prob_colour(p: float | None) -> str:

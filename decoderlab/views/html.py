@@ -4,7 +4,8 @@ Static on purpose: no JavaScript and nothing fetched from the network, so a save
 same anywhere, offline, and a model's output can never run as code in it. Every string that came
 from the model, the tokenizer or the user is escaped (`display.escape`: html.escape, quotes too), and the
 page carries a Content-Security-Policy that forbids scripts and remote loads as a second line of defence.
-Hover details are CSS-only: each token's box is hidden by an inline style and shown on :hover,
+A trace with a logit lens gets its commit strip (`panels.commit_strip`, the trace view's), which computes the lens of
+every step once. Hover details are CSS-only: each token's box is hidden by an inline style and shown on :hover,
 so a viewer that strips <style> shows plain coloured text, never stray boxes. Class names start
 with `dlh-`: a <style> in a notebook output applies to the whole page, and must not restyle the
 widgets' `dl-` classes.
@@ -13,10 +14,11 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any
+from typing import Any, Sequence
 
 from .display import (TraceLike, char_escape, escape, format_number, format_prob, format_rank, is_invisible, prob_colour,
                       strategy_summary, token_label)
+from .panels import KNOBS_CSS, PANEL_CSS, commit_strip, knobs_heatmaps
 
 __all__ = ["trace_html", "coloured_text", "CSS"]
 
@@ -128,7 +130,7 @@ def coloured_text(trace: TraceLike, row: int = 0, *, alternatives: int = 5, valu
         return "".join(parts) + '<div class="dlh-text"><span class="dlh-mark">(no tokens generated)</span></div>'
     if not 0 <= row < trace.rows:
         raise IndexError(f"row {row} is outside this trace's {trace.rows} rows")
-    frame = trace.steps
+    frame = trace.choices
     steps = list(frame[frame["row"] == row].itertuples(index=False))  # in step order
     try:
         cand_id, cand_prob, cand_final = (trace.array(n) for n in ("cand_id", "cand_prob", "cand_final_prob"))
@@ -170,9 +172,18 @@ def _figure_png(trace: TraceLike, row: int = 0) -> str | None:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def trace_html(trace: TraceLike, *, figure: bool = True, alternatives: int = 5, value: str = "prob") -> str:
+def trace_html(trace: TraceLike, *, figure: bool = True, alternatives: int = 5, value: str = "prob",
+               knobs: Sequence[tuple[int, int | str]] = ()) -> str:
     """One self-contained HTML page: header (model, strategy, stop reason), the prompt, each row's
-    text coloured by probability with per-token hover details, and optionally the probability timeline."""
+    text coloured by probability with per-token hover details (and the commit strip of a trace with a lens), and
+    optionally the probability timeline. `knobs=[(step, token), ...]` adds which knob decided for each: the
+    token's chance over grids of sampler settings (`trace.knobs`, which needs recorded logits; row 0)."""
+    knob_sections = []
+    for step, token in knobs:
+        frame = trace.knobs(step, token)
+        text = token if isinstance(token, str) else trace.token_text.get(int(token), f"<{int(token)}>")
+        knob_sections.append(f"<h2>Which knob decided · step {int(step)} · <code>{escape(token_label(text, 32))}</code>"
+                             f"</h2>{knobs_heatmaps(frame, text)}")
     meta = [
         ("model", trace.model_name or "(unnamed)"),
         ("strategy", strategy_summary(trace)),
@@ -187,9 +198,15 @@ def trace_html(trace: TraceLike, *, figure: bool = True, alternatives: int = 5, 
     body.append("</dl>")
     body.append(f"<details open><summary>Prompt ({len(trace.prompt_ids)} tokens)</summary>"
                 f'<div class="dlh-prompt" dir="auto">{escape(trace.prompt)}</div></details>')
+    commit = trace.steps if trace.has_lens and trace.num_steps else None  # computes the lens of every step
     for row in range(trace.rows if trace.num_steps else 1):
         body.append(f"<h2>Generated text{f' · row {row}' if trace.rows > 1 else ''}</h2>")
         body.append(coloured_text(trace, row, alternatives=alternatives, value=value, style=False, legend=row == 0))
+        if commit is not None:
+            body.append("<h3>Where the model made up its mind</h3><p class='dlh-legend'>One cell per step: the first "
+                        "layer from which the chosen token stays the logit lens's top-1 (hover a cell).</p>")
+            body.append(commit_strip(commit[commit["row"] == row], trace.lens_layers))
+    body += knob_sections
     for row in range(trace.rows) if figure and trace.num_steps else ():
         png = _figure_png(trace, row)
         whose = f"Row {row}. " if trace.rows > 1 else ""
@@ -201,4 +218,5 @@ def trace_html(trace: TraceLike, *, figure: bool = True, alternatives: int = 5, 
             f'<meta http-equiv="Content-Security-Policy" content="{escape(CSP)}">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>decoderlab · {escape(trace.model_name or 'trace')}</title>"
-            f"<style>{PAGE_CSS}{CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+            f"<style>{PAGE_CSS}{CSS}{PANEL_CSS if commit is not None or knobs else ''}{KNOBS_CSS if knobs else ''}"
+            "</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -1,10 +1,11 @@
 """Figures over a model's layers and heads: where the new token looked (`attention`, `attention_map`) and what
-each layer was about to say (`lens`). Reached as `decoderlab.plots.attention`, `.attention_map` and `.lens`.
+each layer was about to say (`lens`), and where each token was settled (`commitment`). Reached as
+`decoderlab.plots.attention`, `.attention_map`, `.lens` and `.commitment`.
 """
 from __future__ import annotations
 
 import numpy as np
-from matplotlib.colors import Normalize, PowerNorm, to_hex
+from matplotlib.colors import LogNorm, Normalize, PowerNorm, to_hex
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
@@ -183,4 +184,49 @@ def lens(trace: TraceLike, step: int, row: int = 0, max_layers: int = 48) -> Fig
     fig.colorbar(im, ax=right, shrink=0.8, pad=0.02, label="lens probability")
     target = _label(trace.token_text.get(int(trace.array("token_id")[step, row]), ""), 24)
     ax.set_title(f"step {step}: logit lens · finally chosen {target}", fontsize=10)
+    return _finish(fig)
+
+
+def commitment(trace: TraceLike, row: int = 0, start: int | None = None, window: int | None = 60) -> Figure:
+    """Where the model made up its mind, step by step: the chosen token's rank under the logit lens at every layer
+    (layers × steps, dark where it is the top-1) and each step's commit layer (`trace.steps.commit_layer`, the first
+    layer from which it stays top-1) as a dot; an × on top marks a step whose token is not the last layer's top-1.
+
+    Shows `window` steps from `start` (the most recent by default; window=None: all). Computes the lens of the
+    steps shown."""
+    row = check_row(trace, row)
+    if not trace.has_lens:
+        raise ValueError("this trace has no logit lens: record it with Record(lens=True)")
+    alive = trace.alive_steps(row)
+    if len(alive) == 0:
+        raise ValueError("this trace has no steps")
+    a, b = window_of(len(alive), start, window)
+    steps = alive[a:b]
+    stats = trace.lens_stats_for(steps)
+    stats = stats[stats["row"] == row]
+    n_layers = trace.lens_layers
+    rank = stats.pivot(index="layer", columns="step", values="chosen_rank").reindex(columns=steps).to_numpy()
+    st = trace.steps
+    st = st[(st["row"] == row) & st["step"].isin(steps)].set_index("step").reindex(steps)
+    commit = st["commit_layer"]
+
+    fig = TraceFigure(figsize=(max(7.0, 0.22 * len(steps) + 2.5), 0.16 * n_layers + 2.4), layout="constrained")
+    ax = fig.add_subplot()
+    norm = LogNorm(vmin=1, vmax=max(float(rank.max()) + 1, 10.0), clip=True)
+    im = ax.imshow(rank + 1, origin="lower", aspect="auto", cmap=heat_cmap("viridis"), norm=norm,
+                   interpolation="nearest")
+    x = np.arange(len(steps))
+    settled = commit.notna().to_numpy()
+    ax.plot(x[settled], commit[settled].to_numpy(np.float64), "o", ms=5, mfc="white", mec="black", ls="none",
+            label="commit layer")
+    if (~settled).any():
+        ax.plot(x[~settled], np.full(int((~settled).sum()), n_layers - 0.5), "x", color="#d62728", ms=6, ls="none",
+                label="not the last layer's top-1", clip_on=False)
+    token_ticks(ax.xaxis, x, [f"{int(s)}: {_label(t, 10)}" for s, t in zip(steps, st["token"])], fontsize=7)
+    ax.set_ylabel("layer")
+    ax.set_ylim(-0.5, n_layers - 0.5)
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.06), ncol=2, fontsize=8, frameon=False)
+    fig.colorbar(im, ax=ax, shrink=0.8, pad=0.01, label="chosen token's lens rank + 1 (1 = top-1)")
+    shown = f"steps {int(steps[0])}–{int(steps[-1])} of {len(alive)}" if len(steps) < len(alive) else f"{len(alive)} steps"
+    ax.set_title(f"{trace.model_name or 'trace'} · row {row} · where each token was settled · {shown}", fontsize=10)
     return _finish(fig)

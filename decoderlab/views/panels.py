@@ -12,15 +12,19 @@ and returns one HTML fragment whose every string from the model or the user is e
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .display import (CHOSEN_FINAL_COLOR, CHOSEN_RAW_COLOR, FINAL_COLOR, LENS_SCALE, RAW_COLOR,
-                      WEIGHT_SCALE, TraceLike, escape, format_number, format_prob, format_rank,
-                      scale_colours, short_processor, text_colour, token_label)
+if TYPE_CHECKING:
+    import pandas as pd
 
-__all__ = ["candidates_panel", "processors_panel", "attention_panel", "lens_panel", "message", "PANEL_CSS"]
+from .display import (CHOSEN_FINAL_COLOR, CHOSEN_RAW_COLOR, FINAL_COLOR, LENS_SCALE, NEVER_COMMITTED, RAW_COLOR,
+                      WEIGHT_SCALE, TraceLike, commit_colour, escape, format_number, format_prob, format_rank,
+                      is_missing, prob_colour, scale_colours, short_processor, text_colour, token_label)
+
+__all__ = ["candidates_panel", "processors_panel", "attention_panel", "lens_panel", "commit_strip", "knobs_heatmaps",
+           "message", "PANEL_CSS", "KNOBS_CSS"]
 
 # Class names start with `dlp-`: a <style> in a notebook applies to the whole page.
 PANEL_CSS = """
@@ -41,6 +45,9 @@ PANEL_CSS = """
 .dlp-cell{text-align:center;min-width:4.5em}
 .dlp-hit{outline:2px solid #d62728;outline-offset:-2px}
 .dlp-note{color:#666;margin-top:3px}
+.dlp-strip{display:flex;flex-wrap:wrap;gap:1px;margin:2px 0}
+.dlp-commit{width:9px;height:14px;border-radius:1px}
+.dlp-commit.dlp-at{outline:2px solid #222;outline-offset:-1px}
 """
 
 
@@ -55,7 +62,7 @@ def _code(text: str, max_len: int = 24) -> str:
 
 
 def _step_row(trace: TraceLike, step: int, row: int) -> Any:
-    st = trace.steps
+    st = trace.choices
     hit = st[(st["step"] == step) & (st["row"] == row)]
     if not len(hit):
         raise IndexError(f"row {row} has no step {step}")
@@ -228,9 +235,94 @@ def lens_panel(trace: TraceLike, step: int, row: int = 0, max_layers: int = 16) 
                     f"<td class='num'>{format_prob(s['chosen_prob'])}</td><td class='num'>{format_number(s['entropy'])}</td></tr>")
     head = (f"<tr><th>layer</th>{''.join(f'<th class=dlp-cell>#{j}</th>' for j in range(k))}"
             "<th colspan=2>chosen: rank, p</th><th>entropy</th></tr>")
-    target = trace.steps
+    target = trace.choices
     target = target[(target["step"] == step) & (target["row"] == row)]
     title = (f"<div class='dlp-title'><b>step {step}</b>: what each layer would say · finally chosen "
              f"{_code(target['token'].iloc[0]) if len(target) else '–'} (outlined where it is in a layer's top {k})</div>")
     note = f"<div class='dlp-note'>{len(keep)} of {n_layers} layers shown</div>" if len(keep) < n_layers else ""
     return f"<div class='dlp'>{title}<table>{head}{''.join(rows)}</table>{note}</div>"
+
+
+def commit_strip(steps: Any, layers: int, selected: int | None = None) -> str:
+    """Where the model made up its mind, one cell per step: the `step`, `token` and `commit_layer` columns of a
+    row's `trace.steps`, each cell coloured by its commit layer (blue: settled in the first of `layers` layers; red:
+    only at the last; grey: the token is not the last layer's top-1), the `selected` step outlined, numbers in the
+    hover title."""
+    cells = []
+    for step, token, layer in zip(steps["step"], steps["token"], steps["commit_layer"]):
+        missing = is_missing(layer) or layer < 0
+        said = ("not the last layer's top-1: no commit layer" if missing
+                else f"top-1 from layer {int(layer)} of 0–{layers - 1} on")
+        cells.append(f"<span class='dlp-commit{' dlp-at' if step == selected else ''}' data-step='{int(step)}' "
+                     f"style='background:{commit_colour(layer, layers)}' "
+                     f"title='step {int(step)} · {_title(token)} · {said}'></span>")
+    legend = (f"<span class='dlp-note'>commit layer: <span class='dlp-commit' style='display:inline-block;"
+              f"background:{commit_colour(0, layers)}'></span> 0 … <span class='dlp-commit' style='display:inline-block;"
+              f"background:{commit_colour(layers - 1, layers)}'></span> {layers - 1} · <span class='dlp-commit' "
+              f"style='display:inline-block;background:{NEVER_COMMITTED}'></span> never</span>")
+    return f"<div class='dlp'><div class='dlp-strip'>{''.join(cells)}</div>{legend}</div>"
+
+
+# ---- which knob decided ----------------------------------------------------------------------------------------
+KNOBS_CSS = """
+.dlk{display:flex;flex-wrap:wrap;gap:14px;font:12px/1.4 var(--jp-ui-font-family, system-ui, sans-serif);color:#111}
+.dlk table{border-collapse:collapse}
+.dlk td,.dlk th{padding:2px 5px;text-align:center;font-variant-numeric:tabular-nums;white-space:nowrap}
+.dlk th{color:#555;font-weight:600}
+.dlk-cell{min-width:3.4em;border:1px solid #fff}
+.dlk-greedy{font-weight:700;outline:2px solid #222;outline-offset:-2px}
+.dlk-cut{color:#666;font-style:italic}
+.dlk-caption{font-weight:600;margin-bottom:2px}
+"""
+def _knob_value(value: Any) -> str:
+    """A grid value as its heading: whole-number knobs (top_k) as integers, 0 of those as "off"; others as %g."""
+    if value is None:
+        return "–"
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return "off" if value == 0 else str(int(value))
+    return f"{float(value):g}"
+
+
+def _cell(point: Any) -> str:
+    settings = f"{point.knob_1}={_knob_value(point.value_1)}" + (
+        f", {point.knob_2}={_knob_value(point.value_2)}" if isinstance(point.knob_2, str) else "")
+    if not point.kept:
+        return (f"<td class='dlk-cell dlk-cut' style='background:{NEVER_COMMITTED}' title='{escape(settings)}: cut by "
+                f"the processors · greedy picks {escape(repr(point.top_token))}'>cut</td>")
+    colour = prob_colour(point.prob)
+    greedy = " dlk-greedy" if point.greedy else ""
+    said = "the greedy choice" if point.greedy else f"greedy picks {point.top_token!r}"
+    return (f"<td class='dlk-cell{greedy}' style='background:{colour};color:{text_colour(colour)}' "
+            f"title='{escape(settings)}: p={format_prob(point.prob)}, rank {int(point.rank)} · {escape(said)}'>"
+            f"{'★ ' if point.greedy else ''}{format_prob(point.prob)}</td>")
+
+
+def knobs_heatmaps(frame: "pd.DataFrame", token: str) -> str:
+    """Which knob decided, drawn: one table per grid of `frame` (what `trace.knobs` returns, plain data): rows the
+    first knob's values, columns the second knob's, each cell the chance of `token` under sampling there on the
+    probability scale (★: the greedy choice there; a grey "cut": its processors remove the token), every number in
+    the hover title. Tables, not a figure: a click redraws it in a millisecond, and the offline page draws the same."""
+    tables = []
+    for grid, points in frame.groupby("grid", sort=False):
+        knob_1, knob_2 = points["knob_1"].iloc[0], points["knob_2"].iloc[0]
+        firsts = list(dict.fromkeys(points["value_1"]))
+        if isinstance(knob_2, str):
+            seconds = list(dict.fromkeys(points["value_2"]))
+            head = f"<tr><th>{escape(knob_1)} ↓ {escape(knob_2)} →</th>" + "".join(
+                f"<th>{escape(_knob_value(v))}</th>" for v in seconds) + "</tr>"
+            by = {(a, b): p for a, b, p in zip(points["value_1"], points["value_2"], points.itertuples(index=False))}
+            body = "".join(f"<tr><th>{escape(_knob_value(a))}</th>" + "".join(_cell(by[(a, b)]) for b in seconds)
+                           + "</tr>" for a in firsts)
+        else:  # one knob: one row
+            head = f"<tr><th>{escape(knob_1)}</th>" + "".join(f"<th>{escape(_knob_value(v))}</th>" for v in firsts) + "</tr>"
+            body = "<tr><th>p</th>" + "".join(_cell(p) for p in points.itertuples(index=False)) + "</tr>"
+        greedy = int(points["greedy"].sum())
+        tables.append(f"<div><div class='dlk-caption'>{escape(grid)} · greedy at {greedy} of {len(points)}</div>"
+                      f"<table>{head}{body}</table></div>")
+    best = frame.loc[frame["prob"].idxmax()] if len(frame) else None
+    summary = "" if best is None else (
+        f"<div class='dlp-note'>{escape(token_label(token, 24))}: the greedy choice at {int(frame['greedy'].sum())} of "
+        f"{len(frame)} settings, cut at {int((~frame['kept']).sum())}; its highest chance is "
+        f"{format_prob(best['prob'])} ({escape(best['grid'])}: {escape(_knob_value(best['value_1']))}"
+        f"{', ' + escape(_knob_value(best['value_2'])) if isinstance(best['knob_2'], str) else ''})</div>")
+    return f"<div class='dlk'>{''.join(tables)}</div>{summary}"

@@ -30,14 +30,14 @@ from .display import (CHOSEN_EDGE, CHOSEN_FINAL_COLOR, CHOSEN_RAW_COLOR, FINAL_C
 from .figures import (CHOSEN_HATCH, DEFAULT_WINDOW, MAX_LABELS, TraceFigure, check_row, check_step, heat_cmap,
                       processor_lines, prob_cmap, token_ticks, window_of)
 from .fonts import MONO_FAMILIES, finish as _finish, font_families, label as _label
-from .layer_plots import attention, attention_map, lens
+from .layer_plots import attention, attention_map, commitment, lens
 
 if TYPE_CHECKING:
     import pandas as pd
 
 # token_label is re-exported: users call plots.token_label; it is defined once, in display.py.
 __all__ = ["TraceFigure", "token_label", "distribution", "probability_timeline", "candidates_heatmap", "attention",
-           "attention_map", "lens", "beam_tree", "compare", "divergence", "font_families", "MAX_LABELS"]
+           "attention_map", "lens", "commitment", "beam_tree", "compare", "divergence", "font_families", "MAX_LABELS"]
 
 # ---- figures ---------------------------------------------------------------------------------------
 def distribution(trace: TraceLike, step: int, k: int | None = None, row: int = 0) -> Figure:
@@ -48,7 +48,7 @@ def distribution(trace: TraceLike, step: int, k: int | None = None, row: int = 0
     c = cand[(cand["step"] == step) & (cand["row"] == row)].sort_values("rank")
     k = min(len(c), 20) if k is None else min(max(1, k), len(c))
     c = c.head(k)
-    s = trace.steps
+    s = trace.choices
     chosen = s[(s["step"] == step) & (s["row"] == row)].iloc[0]
     x = np.arange(k)
     width = 0.4
@@ -102,7 +102,7 @@ def probability_timeline(trace: TraceLike, row: int = 0, start: int | None = Non
     Shows `window` steps from `start` (the most recent by default; window=None: all, labels thinned).
     """
     row = check_row(trace, row)
-    st = trace.steps
+    st = trace.choices
     st = st[st["row"] == row].iloc[trace.alive_steps(row)] if len(st) else st
     n = len(st)
     if n == 0:

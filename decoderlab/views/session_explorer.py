@@ -63,7 +63,7 @@ class SessionExplorer(W.VBox):
         self.candidates = classed(W.Box(layout=W.Layout(display="flex", flex_flow="row wrap", align_items="center",
                                                          width="100%")), "dl-candidates")
         self.status = classed(W.HTML(), "dl-status")
-        self.view = TraceView(session.trace, k=max(k, 10), window=window, lens_layers=lens_layers)
+        self.view = TraceView(session.trace, k=max(k, 10), window=window, lens_layers=lens_layers, commitment=False)
 
         self.next_button.on_click(lambda _: self._act(self.next))
         self.next10_button.on_click(lambda _: self._act(lambda: self.next(10)))

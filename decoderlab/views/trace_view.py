@@ -15,7 +15,7 @@ Every part a user or a browser test needs to find carries a CSS class (`dl-...`,
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import ipywidgets as W
 import numpy as np
@@ -23,6 +23,8 @@ import numpy as np
 from . import panels
 from .display import (TraceLike, escape, format_number, format_prob, format_rank, short_processor, strategy_summary,
                       token_label)
+from .commit_strip import CommitStrip
+from .knobs_view import KnobsPanel
 from .kit import TOKEN_LAYOUT, classed, token_colour, token_style, token_title
 
 if TYPE_CHECKING:
@@ -38,6 +40,11 @@ CSS_CLASSES = {
     "dl-text": "the generated text: one dl-token button per token",
     "dl-token": "a token of the text; click to select its step (dl-selected marks the current one)",
     "dl-row": "the row picker, for a trace of several rows (a batch of seeds); absent for one row",
+    "dl-commit": "where the model made up its mind: one cell per step coloured by its commit layer (a trace with a lens)",
+    "dl-commit-progress": "while the commit layers are computed (the lens of every step): what is being computed",
+    "dl-knobs-toggle": "which knob decided: shows the selected step's token over grids of sampler settings",
+    "dl-knobs-token": "which knob decided: the token (the chosen one, or a candidate)",
+    "dl-knobs": "which knob decided: one heatmap per grid (the token's chance; ★ greedy; cut)",
     "dl-step-slider": "the step slider",
     "dl-step-label": "the selected step's number, token and how it was chosen, as text",
     "dl-distribution": "the selected step's top candidates, raw and final probability bars (HTML)",
@@ -74,12 +81,14 @@ class TraceView(W.VBox):
     dropdown (only there when the trace has more than one row); a row's padding steps after its EOS
     are not shown. `view.select(step)` and `view.select_row(row)` move it from code;
     `view.set_trace(trace)` swaps in a new trace in place; `on_step(step)`, if given, is called after
-    each redraw.
+    each redraw. `commitment=False` leaves out the commit strip (the session explorer does: each new token would
+    unembed every step again).
     """
 
     def __init__(self, trace: TraceLike, *, row: int = 0, k: int = 12, window: int = 40, lens_layers: int = 16,
-                 step: int | None = None, on_step: Callable[[int], None] | None = None):
+                 step: int | None = None, on_step: Callable[[int], None] | None = None, commitment: bool = True):
         self.k = k
+        self.commitment = commitment
         self.window = window
         self.lens_layers = lens_layers
         self.on_step = on_step
@@ -108,11 +117,13 @@ class TraceView(W.VBox):
         self.attention = classed(W.HTML(layout=W.Layout(width="100%")), "dl-attention")
         self.lens = classed(W.HTML(), "dl-lens")
         self.problems = classed(W.HTML(), "dl-problems")
+        self.commit_panel = CommitStrip()
+        self.knobs_panel = KnobsPanel()
         self._no_tokens = W.HTML(panels.message("no tokens yet"))
 
         title = lambda text: W.HTML(f"<b>{escape(text)}</b>")  # noqa: E731
         self.distribution_panel = W.VBox([title("candidates at this step"), self.distribution,
-                                          title("what each processor did"), self.processors],
+                                          title("what each processor did"), self.processors, self.knobs_panel],
                                          layout=W.Layout(flex="1 1 500px", min_width="360px", margin="0 12px 8px 0"))
         self.lens_panel = W.VBox([title("logit lens: what each layer would have said"), self.lens],
                                  layout=W.Layout(flex="1 1 500px", min_width="360px", margin="0 0 8px 0"))
@@ -128,7 +139,7 @@ class TraceView(W.VBox):
         self.beam_tree = classed(W.Image(format="png", layout=W.Layout(max_width="100%", height="auto")), "dl-beams")
         self.beam_panel = W.VBox([title("beam search: every candidate, the returned rows in colour"), self.beam_tree],
                                  layout=W.Layout(width="100%", display="none"))
-        super().__init__([self.style, self.header, self.text, self.controls, self.problems, self.beam_panel,
+        super().__init__([self.style, self.header, self.text, self.commit_panel, self.controls, self.problems, self.beam_panel,
                           self.panels], layout=W.Layout(width="100%"))
         self.add_class("dl-trace-view")
 
@@ -173,6 +184,23 @@ class TraceView(W.VBox):
         if row != self._row:
             self.row_picker.value = row  # -> _on_row -> _show_row
 
+    @property
+    def pending(self) -> bool:
+        """Whether the commit strip (a trace with a lens whose lens is not computed yet) is still to be computed."""
+        return self.commit_panel.pending
+
+    def wait(self) -> "TraceView":
+        """Compute the commit strip now if it is pending, and draw it; returns the view. A displayed view computes it
+        by itself once the cell is done (the lens of every step: a second or two for 64 steps of the default model
+        on 2 cores); code and scripts call this."""
+        self.commit_panel.fill(self.step)
+        return self
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        """Shown: make sure the commit strip is scheduled (a view made where no loop ran, shown in a kernel)."""
+        self.commit_panel.schedule(self.step)
+        return super()._repr_mimebundle_(**kwargs)
+
     def forget_trace(self) -> None:
         """Let go of the shown trace until `set_trace` gives a newer one: a session's next trace can then
         reuse the host buffers in place instead of copying them (nothing else holds the old views)."""
@@ -200,6 +228,7 @@ class TraceView(W.VBox):
         self._draw_header()
         self._draw_beam_tree()
         self._show_row(row, step)
+        self._start_commit()
 
     # ---- building -------------------------------------------------------------------------------------
     def _show_row(self, row: int, step: int | None) -> None:
@@ -259,7 +288,7 @@ class TraceView(W.VBox):
 
     def _row_steps(self) -> "pd.DataFrame":
         """The steps frame of the shown row, in step order."""
-        st = self.trace.steps
+        st = self.trace.choices
         return st[st["row"] == self._row]
 
     def _draw_text(self) -> None:
@@ -301,6 +330,9 @@ class TraceView(W.VBox):
         if list(self.text.children) != shown:
             self.text.children = shown
         # the dl-selected class stays on its button (classes outlive a rewrite): _redraw moves it from there
+
+    def _start_commit(self) -> None:
+        self.commit_panel.show(self.trace if self.commitment and self._steps_shown else None, self._row, self.step)
 
     def _set_pickers(self) -> None:
         tr = self.trace
@@ -372,12 +404,15 @@ class TraceView(W.VBox):
         if tr.has_lens:
             panel("lens", lambda: setattr(self.lens, "value", self._panel(
                 ("lens", row, s), lambda: panels.lens_panel(tr, s, row=row, max_layers=self.lens_layers))))
+        panel("knobs", lambda: self.knobs_panel.show(tr, row, s))
         self.problems.value = "<br>".join(panels.message(p, "error") for p in problems)
 
         r = self._row_steps().iloc[s]
         how = "forced" if bool(r["forced"]) else str(r["choice"])
         which = f"row {row} · " if tr.rows > 1 else ""
         self._mark_selected(s)
+        self.commit_panel.select(s)
+        self.step_label.value = "<br>".join(panels.message(p, "error") for p in problems)
         self.step_label.value = (
             f"<span style='font-size:14px'>{which}<b>step {s}</b> of 0–{n - 1}: "
             f"<code>{escape(token_label(r['token'], 32))}</code>"
@@ -401,6 +436,7 @@ class TraceView(W.VBox):
     def _on_row(self, change) -> None:
         if not self._busy and change["new"] is not None and change["new"] != self._row:
             self._show_row(int(change["new"]), self.step)
+            self._start_commit()
 
     def _on_slider(self, change) -> None:
         if not self._busy:
@@ -426,11 +462,12 @@ class TraceView(W.VBox):
 
 # ---- entry points ----------------------------------------------------------------------------------------
 def show(trace: TraceLike, *, row: int = 0, step: int | None = None, k: int = 12, window: int = 40,
-         lens_layers: int = 16) -> TraceView:
+         lens_layers: int = 16, commitment: bool = True) -> TraceView:
     """The trace explorer: click a token or slide through steps to see that step's candidates,
     processors, attention (layer/head pickers) and logit lens, where the trace recorded them.
 
     `row`: the row shown first, of a trace of several rows (a row picker switches); `step`: the step
     shown first (default: the row's last); `k`: candidates plotted; `window`: context positions in the
-    attention plot; `lens_layers`: at most this many layers in the lens plot."""
-    return TraceView(trace, row=row, k=k, window=window, lens_layers=lens_layers, step=step)
+    attention plot; `lens_layers`: at most this many layers in the lens plot; `commitment`: the strip of commit
+    layers under the text, for a trace with a lens (computed once the view is up; `view.wait()` in a script)."""
+    return TraceView(trace, row=row, k=k, window=window, lens_layers=lens_layers, step=step, commitment=commitment)
