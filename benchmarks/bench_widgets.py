@@ -40,7 +40,7 @@ from decoderlab.views.trace_view import TraceView
 PROMPT = "Tell me a long story about a lighthouse keeper and a storm."
 RECORD = dl.Record(attention=True, lens=True)
 BUDGET_MEDIAN_MS, BUDGET_WORST_MS = 200, 400
-GROUPS = ("compare", "show", "explore", "playground")  # the order they run in
+GROUPS = ("compare", "show", "explore", "playground", "beyond")  # the order they run in
 
 
 def timed(fn, view) -> float:
@@ -120,6 +120,40 @@ def playground_actions(lm, steps: int, repeats: int, rng: random.Random,
     return out
 
 
+def beyond_actions(lm, steps: int, repeats: int, rng: random.Random) -> dict[str, list[float]]:
+    """The views of the questions beyond the anchors in the trace view: the commit strip (its first frame, and
+    filled in: the lens of every step), a click with the strip shown, and which knob decided (the click's first
+    frame, filled in: 132 grid points, and a step seen before)."""
+    trace = lm.generate(PROMPT, chat=True, max_new_tokens=steps, eos_token_id=[], progress=False, do_sample=True,
+                        top_p=0.9, seed=0, record=dl.Record(lens=True, logits=True))
+    fresh = lambda: dataclasses.replace(trace, arrays=dict(trace.arrays), lens_done=None)  # noqa: E731 (lens not computed)
+    out: dict[str, list[float]] = {}
+    views = [TraceView(fresh()) for _ in range(repeats)]
+    out["commit strip: first frame (open the view)"] = [timed(lambda: TraceView(fresh()), views[0])
+                                                       for _ in range(repeats)]
+    out["commit strip: filled in (lens of every step)"] = [timed(lambda v=v: v.wait(), v)
+                                                          for v in views[: max(1, repeats // 3)]]
+    view = views[0]
+    unseen = list(range(steps - 1))
+    rng.shuffle(unseen)
+    out["commit strip: move the step, strip shown"] = [timed(lambda s=s: setattr(view.slider, "value", s), view)
+                                                      for s in unseen[:repeats]]
+    knobs = view.knobs_panel
+    knobs.toggle.value = True
+    knobs.wait()
+    first, filled = [], []
+    for s in unseen[repeats: 2 * repeats]:
+        first.append(timed(lambda s=s: setattr(view.slider, "value", s), view))
+        filled.append(timed(knobs.wait, view))
+        if "dl-error" in knobs.body.value or "Error" in knobs.body.value:
+            raise RuntimeError(f"the knobs panel failed, the timing is void: {knobs.body.value}")
+    out["knobs: click a step, first frame"] = first
+    out["knobs: filled in (132 settings)"] = [a + b for a, b in zip(first, filled)]
+    out["knobs: a step seen before"] = [timed(lambda s=s: setattr(view.slider, "value", s), view)
+                                       for s in unseen[repeats: 2 * repeats]]
+    return out
+
+
 COMPARE_PROMPTS = [PROMPT, "Write a short story about a lighthouse keeper."]
 COMPARE_TOKENS = 64
 
@@ -192,7 +226,7 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--only", nargs="+", choices=["all", *GROUPS], default=["all"],
-                    help="time every widget (all), or these: show, explore, playground, compare")
+                    help="time every widget (all), or these: show, explore, playground, compare, beyond")
     ap.add_argument("--open-repeats", type=int, default=1,
                     help="times to open the playground (with logits, and without until filled in: one forward each)")
     add_out_argument(ap)
@@ -215,6 +249,8 @@ def main() -> None:
             results.update(explorer_actions(lm, steps, args.repeats))
         if "playground" in groups:
             results.update(playground_actions(lm, steps, args.repeats, rng, args.open_repeats))
+        if "beyond" in groups:
+            results.update(beyond_actions(lm, steps, args.repeats, rng))
         rows += report(results, steps)
     part = "every widget" if groups == list(GROUPS) else ", ".join(groups)
     write(__file__, title=f"How fast the widgets answer a click, in the Python process ({part}, {lm.name}, CPU)",
