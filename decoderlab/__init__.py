@@ -11,15 +11,17 @@ its builder and files), backends/ (a local model, a server, the blog post's deco
 what-if, metrics), views/ (plots, HTML, widgets), study/ (many prompts on Ray, as Parquet). This module is the front door: it wires the rooms together
 and is the only place above all of them.
 """
+import os
+
 from .analysis.compare import Comparison, compare
 from .backends.api import APIBackend, connect
 from .backends.custom_decoder import CustomDecoder
 from .backends.local import DEFAULT_SYSTEM, LM, load
 from .backends.session import Session
 from .engine.rules.sampling import greedy, sample
-from .errors import (APIError, AttentionDroppedError, DecoderlabError, MissingExtraError, ModelNotFoundError,
-                     NumericError, PromptError, RecordBudgetWarning, RecordError, SessionError, StrategyError,
-                     StudyError, TraceFileError)
+from .errors import (APIError, AttentionDroppedError, DecoderlabError, LensError, MissingExtraError,
+                     ModelNotFoundError, NumericError, PromptError, RecordBudgetWarning, RecordError, SessionError,
+                     StrategyError, StudyError, TraceFileError)
 from .record import STEP_RECORDERS, Record, recorder
 from .study import Study, open_study, study
 from .trace import Trace
@@ -99,8 +101,29 @@ def playground(trace, *, step: int = 0, row: int = 0, lm=None, k: int = 20):
     return _playground(trace, step=step, row=row, lm=lm, k=k)
 
 
+def tuned_lens(lm: LM, folder: str | os.PathLike):
+    """A tuned lens for `lm`'s model, read from a folder in the format the `tuned-lens` package saves (config.json,
+    params.pt; `tools/train_tuned_lens.py` makes one): `trace.with_lens(dl.tuned_lens(lm, folder))` is the run
+    read through it. See `decoderlab.engine.lens.TunedLens`."""
+    from .engine.tuned_lens import TunedLens
+
+    lens = TunedLens(lm.model, folder)
+    lens.token_text = lm.token_text
+    return lens
+
+
+def show_lenses(*traces: Trace, step: int | None = None, row: int = 0):
+    """The same run through several lenses side by side (Jupyter): per lens its commit strip and, at the step the
+    slider picks, what each layer would say. `dl.show_lenses(trace, trace.with_lens(dl.tuned_lens(lm, folder)))`;
+    see `decoderlab.views.lens_pair`."""
+    from .views.lens_pair import LensPair
+
+    return LensPair(traces, step=step, row=row)
+
+
 __all__ = ["load", "LM", "compare", "Comparison", "Record", "Trace", "Session", "CustomDecoder", "show", "explore",
            "playground", "recorder", "STEP_RECORDERS", "greedy", "sample", "PromptError", "StrategyError",
            "SessionError", "ModelNotFoundError", "DEFAULT_SYSTEM", "DecoderlabError", "NumericError", "RecordError",
            "TraceFileError", "AttentionDroppedError", "RecordBudgetWarning", "connect", "APIBackend", "APIError",
-           "MissingExtraError", "study", "open_study", "Study", "StudyError", "__version__"]
+           "MissingExtraError", "study", "open_study", "Study", "StudyError", "LensError", "tuned_lens", "show_lenses",
+           "__version__"]

@@ -64,6 +64,10 @@ class SchemaError(DecoderlabError, ValueError):
     """Arrays that contradict the trace schema (a wrong dtype, dimension count or length)."""
 
 
+class LensError(DecoderlabError, ValueError):
+    """A tuned lens that cannot be read, or was trained for a model of another shape."""
+
+
 class TraceFileError(DecoderlabError, ValueError):
     """A file that is not a decoderlab trace, is damaged, was written by a newer decoderlab, or contradicts the
     trace schema."""

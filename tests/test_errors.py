@@ -28,6 +28,7 @@ class NaNAfter(LogitsProcessor):
     ("PromptError", ValueError), ("StrategyError", ValueError), ("SessionError", ValueError),
     ("RecordError", ValueError), ("RecorderError", ValueError), ("ModelNotFoundError", ValueError),
     ("SchemaError", ValueError), ("TraceFileError", ValueError), ("NumericError", FloatingPointError),
+    ("LensError", ValueError),
     ("APIError", OSError), ("ServerUnreachable", ConnectionError), ("ServerTimeout", TimeoutError),
     ("AuthenticationFailed", PermissionError), ("UnknownModel", LookupError), ("RateLimited", OSError),
     ("ServerFailed", OSError), ("RequestRefused", ValueError), ("NoLogprobs", OSError), ("NotSupported", ValueError),

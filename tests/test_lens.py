@@ -182,3 +182,119 @@ def test_commit_layer_survives_save_and_load_and_rows(tiny_lms, tmp_path):
 def test_no_lens_no_commit_column(tiny_lms):
     trace = tiny_lms["llama"].generate("No lens", max_new_tokens=3, progress=False)
     assert "commit_layer" not in trace.steps.columns
+
+
+# ---- a tuned lens -----------------------------------------------------------------------------------------------
+def _tuned_folder(path, model, scale=0.05, seed=0, **config):
+    """A tuned lens folder in the format the tuned-lens package saves: config.json and params.pt, the state dict of
+    its layer_translators (one Linear(d, d) per layer), written here by hand."""
+    import json
+
+    cfg = model.config
+    d, n = cfg.hidden_size, cfg.num_hidden_layers
+    g = torch.Generator().manual_seed(seed)
+    translators = torch.nn.ModuleList([torch.nn.Linear(d, d) for _ in range(n)])
+    with torch.no_grad():
+        for t in translators:
+            t.weight.copy_(torch.randn(d, d, generator=g) * scale)
+            t.bias.copy_(torch.randn(d, generator=g) * scale)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(translators.state_dict(), path / "params.pt")
+    (path / "config.json").write_text(json.dumps({"base_model_name_or_path": "tiny", "d_model": d,
+                                                  "num_hidden_layers": n, "bias": True, **config}))
+    return translators
+
+
+def test_tuned_lens_against_a_hand_computation(tiny_lms, tmp_path):
+    """Through a tuned lens, layer l's residual h becomes h + A h + b with the translator of block l + 1 (translator
+    i reads what enters block i), then the final norm and unembedding; the last layer is the model's own output."""
+    lm = tiny_lms["llama"]
+    translators = _tuned_folder(tmp_path / "lens", lm.model)
+    trace = lm.generate("Tuned lens", max_new_tokens=3, eos_token_id=[], progress=False,
+                        record=dl.Record(lens=True, lens_top_k=4))
+    tuned = trace.with_lens(dl.tuned_lens(lm, tmp_path / "lens"))
+    assert tuned.lens_object.name == "tuned lens" and trace.lens_object.name == "logit lens"
+    ids = torch.tensor([list(trace.prompt_ids) + trace.token_ids])
+    with torch.no_grad():
+        out = lm.model(input_ids=ids, output_hidden_states=True)
+    P, layers = len(trace.prompt_ids), len(decoder_layers(lm.model))
+    lens = tuned.lens
+    for s in range(trace.num_steps):
+        for layer in range(layers):
+            if layer < layers - 1:
+                h = out.hidden_states[layer + 1][0, P - 1 + s]
+                with torch.no_grad():
+                    h = h + translators[layer + 1](h)
+                    p = torch.softmax(lm.model.lm_head(lm.model.model.norm(h)), -1)
+            else:
+                p = torch.softmax(out.logits[0, P - 1 + s], -1)
+            top = torch.topk(p, 4)
+            got = lens[(lens.step == s) & (lens.layer == layer)].sort_values("rank")
+            assert got.token_id.tolist() == top.indices.tolist()
+            np.testing.assert_allclose(got.prob.values, top.values.numpy(), rtol=1e-4, atol=1e-6)
+    assert "commit_layer" in tuned.steps and not trace.lens_computed  # the original's lens untouched
+
+
+def test_tuned_lens_of_zero_translators_is_the_logit_lens(tiny_lms, tmp_path):
+    lm = tiny_lms["llama"]
+    _tuned_folder(tmp_path / "zero", lm.model, scale=0.0)
+    trace = lm.generate("Zero translators", max_new_tokens=3, eos_token_id=[], progress=False,
+                        record=dl.Record(lens=True))
+    tuned = trace.with_lens(dl.tuned_lens(lm, tmp_path / "zero"))
+    assert tuned.lens.token_id.tolist() == trace.lens.token_id.tolist()
+    np.testing.assert_allclose(tuned.lens.prob.values, trace.lens.prob.values, rtol=1e-5, atol=1e-7)
+
+
+def test_tuned_lens_errors(tiny_lms, tmp_path):
+    lm = tiny_lms["llama"]
+    with pytest.raises(dl.LensError, match="not a tuned lens folder"):
+        dl.tuned_lens(lm, tmp_path / "nowhere")
+    _tuned_folder(tmp_path / "other", lm.model)
+    import json
+
+    cfg = json.loads((tmp_path / "other" / "config.json").read_text())
+    (tmp_path / "other" / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 99}))
+    with pytest.raises(dl.LensError, match="num_hidden_layers=99"):
+        dl.tuned_lens(lm, tmp_path / "other")
+    trace = lm.generate("Saved", max_new_tokens=2, progress=False, record=dl.Record(lens=True))
+    loaded = dl.Trace.load(trace.save(tmp_path / "t.parquet"))
+    with pytest.raises(ValueError, match="keeps no residuals"):
+        loaded.with_lens(trace.lens_object)
+
+
+def test_show_lenses_side_by_side(tiny_lms, tmp_path):
+    from decoderlab.views import panels
+
+    lm = tiny_lms["llama"]
+    _tuned_folder(tmp_path / "lens", lm.model)
+    trace = lm.generate("Side by side", max_new_tokens=4, eos_token_id=[], progress=False,
+                        record=dl.Record(lens=True))
+    tuned = trace.with_lens(dl.tuned_lens(lm, tmp_path / "lens"))
+    view = dl.show_lenses(trace, tuned, step=1)
+    assert view.pending
+    view.wait()
+    assert not view.pending
+    assert [t.value for t in view.tables] == [panels.lens_panel(t, 1) for t in (trace, tuned)]
+    view.slider.value = 3
+    assert [t.value for t in view.tables] == [panels.lens_panel(t, 3) for t in (trace, tuned)]
+    assert "dlp-commit dlp-at' data-step='3'" in view.strips[1].strip.value
+    with pytest.raises(ValueError, match="with a lens"):
+        dl.show_lenses(lm.generate("no lens", max_new_tokens=2, progress=False))
+
+
+def test_train_tuned_lens_lowers_the_kl_and_writes_a_folder_it_reads(tiny_lms, tmp_path):
+    from decoderlab.engine.tuned_lens import train_tuned_lens
+
+    lm = tiny_lms["llama"]
+    texts = [torch.randint(0, lm.model.config.vocab_size, (16,), generator=torch.Generator().manual_seed(i))
+             for i in range(3)]
+    losses = []
+    before = [p.requires_grad for p in lm.model.parameters()]
+    folder = train_tuned_lens(lm.model, texts, tmp_path / "trained", steps=40, lr=1e-2,
+                              log=lambda step, loss: losses.append(loss))
+    assert len(losses) == 40 and losses[-1] < losses[0]
+    assert [p.requires_grad for p in lm.model.parameters()] == before  # the model is left as it was
+    trace = lm.generate("Trained", max_new_tokens=2, eos_token_id=[], progress=False, record=dl.Record(lens=True))
+    assert len(trace.with_lens(dl.tuned_lens(lm, folder)).lens) == len(trace.lens)
+    with pytest.raises(dl.LensError, match="steps >= 1"):
+        train_tuned_lens(lm.model, texts, tmp_path / "x", steps=0)

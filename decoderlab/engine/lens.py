@@ -59,12 +59,24 @@ class Lens:
         device_map both usually sit on the last GPU, and the residuals of every layer are brought there)."""
         return self.unembed.weight.device
 
+    name = "logit lens"
+
+    def translate(self, residual: torch.Tensor, layers: torch.Tensor | None) -> torch.Tensor:
+        """What the residual of each layer becomes before the final norm: itself (a tuned lens maps it first)."""
+        return residual
+
     @torch.inference_mode()
-    def logits(self, residual: torch.Tensor) -> torch.Tensor:
-        """[..., D] residuals -> [..., V] float32 logits, on `device`."""
+    def logits(self, residual: torch.Tensor, layers: torch.Tensor | None = None) -> torch.Tensor:
+        """[..., L, D] residuals of `layers` (the decoder blocks they came out of) -> [..., L, V] float32 logits,
+        on `device`."""
+        return self.differentiable_logits(residual, layers)
+
+    def differentiable_logits(self, residual: torch.Tensor, layers: torch.Tensor | None = None) -> torch.Tensor:
+        """`logits` outside inference mode, so that gradients flow through it (training a tuned lens's
+        translators: tools/train_tuned_lens.py)."""
         w = self.unembed.weight
         norm_device = next(self.norm.parameters(), w).device  # a norm without weights runs where the unembedding is
-        normed = self.norm(residual.to(device=norm_device, dtype=w.dtype))
+        normed = self.norm(self.translate(residual.to(device=norm_device, dtype=w.dtype), layers))
         logits = self.unembed(normed.to(w.device, non_blocking=True)).float()
         if self.scale is not None:
             logits = logits * self.scale
@@ -75,14 +87,16 @@ class Lens:
         return logits
 
     @torch.inference_mode()
-    def top(self, residual: torch.Tensor, k: int, chosen: torch.Tensor | None = None, chunk: int = 64):
+    def top(self, residual: torch.Tensor, k: int, chosen: torch.Tensor | None = None, chunk: int = 64,
+            layers: torch.Tensor | None = None):
         """Top-k ids and probabilities per residual, the entropy, and the chosen token's rank and prob.
 
-        residual: [N, L, D]; chosen: [N]. Processed `chunk` positions at a time to bound memory.
+        residual: [N, L, D] (out of the blocks `layers`, default 0..L-1); chosen: [N]. Processed `chunk` positions at
+        a time to bound memory.
         """
         ids, probs, entropy, rank, chosen_prob = [], [], [], [], []
         for start in range(0, residual.shape[0], chunk):
-            logits = self.logits(residual[start : start + chunk])  # [n, L, V]
+            logits = self.logits(residual[start : start + chunk], layers)  # [n, L, V]
             p = torch.softmax(logits, dim=-1)
             top = torch.topk(p, k, dim=-1)
             ids.append(top.indices.cpu())

@@ -50,7 +50,7 @@ def compute_lens(trace: LensHolder, steps: Sequence[int] | None = None, layers: 
     flat = torch.from_numpy(res[np.ix_(todo, np.arange(b), lay)]).reshape(len(todo) * b, len(lay), -1)
     chosen = torch.from_numpy(np.maximum(trace.arrays["token_id"][todo], 0).reshape(-1))  # -1: a finished row
     k = trace.arrays["lens_id"].shape[-1]
-    ids, probs, entropy, rank, chosen_prob = trace.lens_object.top(flat, k, chosen)
+    ids, probs, entropy, rank, chosen_prob = trace.lens_object.top(flat, k, chosen, layers=torch.from_numpy(lay))
     k, where = ids.shape[-1], np.ix_(todo, np.arange(b), lay)
     trace.arrays["lens_id"][where] = ids.numpy().reshape(len(todo), b, len(lay), k)
     trace.arrays["lens_prob"][where] = probs.numpy().reshape(len(todo), b, len(lay), k)

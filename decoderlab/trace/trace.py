@@ -206,12 +206,9 @@ class Trace:
         """One row per (step, row) of a running row: the chosen token, how likely it was, and how it was chosen
         (the columns of `choices`), plus `commit_layer` where the logit lens was recorded.
 
-        `commit_layer` is where the model made up its mind: the first layer from which the chosen token is the
-        lens's top-1 and stays top-1 to the last layer (NA where it is not the last layer's top-1: a token drawn
-        below the top, forced, or moved by a processor). Like the lens it is computed when first read, which
-        unembeds every layer of every step once (a second or two for 64 steps of the default model on 2 cores);
-        `choices` is this frame without it, at no lens cost. The chosen token's rank at every layer is in
-        `lens_stats` (`chosen_rank`).
+        `commit_layer`: the first layer from which the chosen token is the lens's top-1 and stays so to the last
+        layer (NA where it is not the last layer's top-1). Computed when first read, like the lens (every layer of
+        every step unembedded once); `choices` is this frame without it, at no lens cost.
         """
         frame = self.choices
         if not self.has_lens:
@@ -402,8 +399,7 @@ class Trace:
 
     @property
     def lens_computed(self) -> bool:
-        """Whether the lens of every step and layer is at hand: reading `lens`, `lens_stats` or `steps.commit_layer`
-        then unembeds nothing (a loaded trace, or a live one whose lens was read)."""
+        """Whether the lens of every step and layer is at hand (reading `lens` or `commit_layer` unembeds nothing)."""
         if "lens_id" in self.arrays and ("residual" not in self.arrays or self.lens_object is None):
             return True
         return self.lens_done is not None and bool(self.lens_done.all())
@@ -424,6 +420,15 @@ class Trace:
     def lens_stats_for(self, steps: Sequence[int] | None = None, layers: Sequence[int] | None = None) -> pd.DataFrame:
         """Per (step, row, layer): the lens entropy and the chosen token's rank and prob, for some steps (and layers)."""
         return lens_stats_frame(self, self._alive(), steps, layers)
+
+    def with_lens(self, lens: Any) -> "Trace":
+        """This run read through another lens (a tuned lens, `dl.tuned_lens`): the same residuals, every lens frame,
+        plot, view and `commit_layer` computed anew through `lens`. Needs the residuals (a live trace)."""
+        if "residual" not in self.arrays:
+            raise ValueError("this trace keeps no residuals (a saved trace keeps the lens it computed): record it "
+                             "with Record(lens=True) and read it through another lens before saving")
+        return replace(self, lens_object=lens, lens_done=None,
+                       arrays={k: v for k, v in self.arrays.items() if not k.startswith("lens_")})
 
     @cached_property
     def lens_frame(self) -> pd.DataFrame:
@@ -452,19 +457,14 @@ class Trace:
 
     # ---- what rooms above this one show of a trace ----------------------------------------------
     def knobs(self, step: int, token: int | str, *, row: int = 0, lm: Any = None, grids: Any = None):
-        """Which sampler knob decided: the token's chance, survival and rank at step `step` over grids of sampler
-        settings (temperature × top-p, × top-k, × min-p, repetition penalty), each run by the processors a run
-        builds over the step's raw logits (recorded with `Record(logits=True)`, or one forward with `lm=`).
-        A frame, one row per grid point (`decoderlab.analysis.knobs`)."""
+        """Which sampler knob decided: a frame of the token's chance, survival and rank at step `step` over grids of
+        sampler settings, run by a run's processors over the step's raw logits (`decoderlab.analysis.knobs`)."""
         return _presenter("knobs")(self, step, token, row=row, lm=lm, grids=grids)
 
     def what_if(self, step: int, strategies: dict[str, Any], *, row: int = 0, lm: Any = None, top: int = 20):
-        """What each strategy (name -> `generate`'s words, as `dl.compare` takes them) would have done at
-        step `step` of `row`, with no new generation: which tokens its processors keep, its final
-        distribution, greedy's pick or each token's chance of being drawn. From the recorded logits
-        (`Record(logits=True)`), else one forward of `lm` (the model that made the trace) over the step's
-        prefix. Returns a `decoderlab.analysis.whatif.WhatIf` (`.tokens`, `.summary`, `.processors`); the docs'
-        "What-if at one step" lists the columns. `dl.playground(trace, step=...)` is the same with sliders."""
+        """What each strategy (name -> `generate`'s words) would have done at step `step` of `row`, with no new
+        generation, from the recorded logits (`Record(logits=True)`) or one forward of `lm` over the step's prefix:
+        a `decoderlab.analysis.whatif.WhatIf` (`.tokens`, `.summary`, `.processors`; the docs list the columns)."""
         return _presenter("what_if")(self, step, strategies, row=row, lm=lm, top=top)
 
     def to_html(self, path: str | Path | None = None, **options: Any) -> str:
