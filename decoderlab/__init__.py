@@ -24,7 +24,7 @@ from .errors import (APIError, AttentionDroppedError, DecoderlabError, LensError
                      StrategyError, StudyError, TraceFileError)
 from .record import STEP_RECORDERS, Record, recorder
 from .study import Study, open_study, study
-from .trace import Trace
+from .trace import SampleTree, Trace
 
 from .moved import install as _install_old_addresses
 from .trace.trace import PRESENTERS as _TRACE_PRESENTERS
@@ -57,7 +57,20 @@ def _knobs(trace, step, token, **kwargs):
     return knobs(trace, step, token, **kwargs)
 
 
-_TRACE_PRESENTERS.update(html=_trace_html, coloured_text=_coloured_text, what_if=_what_if, knobs=_knobs)
+def _sample_tree_html(tree) -> str:
+    from .views.tree_view import tree_html
+
+    return tree_html(tree)
+
+
+def _show_sample_tree(tree, **kwargs):
+    from .views.tree_view import show_tree
+
+    return show_tree(tree, **kwargs)
+
+
+_TRACE_PRESENTERS.update(html=_trace_html, coloured_text=_coloured_text, what_if=_what_if, knobs=_knobs,
+                         sample_tree_html=_sample_tree_html, sample_tree_show=_show_sample_tree)
 
 _install_old_addresses()  # `from decoderlab.whatif import ...` (the 0.1 layout) still works, with a warning
 
@@ -76,7 +89,10 @@ def __getattr__(name: str):
 
 
 def show(trace, **kwargs):
-    """The trace explorer widget (Jupyter); for a `Comparison` (`dl.compare`), its runs side by side."""
+    """The trace explorer widget (Jupyter); for a `Comparison` (`dl.compare`), its runs side by side; for a
+    `SampleTree` (`lm.sample_tree`), the tree."""
+    if isinstance(trace, SampleTree):
+        return trace.show(**kwargs)
     if isinstance(trace, Comparison):
         from .views.compare_view import show_comparison
 
@@ -125,5 +141,5 @@ __all__ = ["load", "LM", "compare", "Comparison", "Record", "Trace", "Session", 
            "playground", "recorder", "STEP_RECORDERS", "greedy", "sample", "PromptError", "StrategyError",
            "SessionError", "ModelNotFoundError", "DEFAULT_SYSTEM", "DecoderlabError", "NumericError", "RecordError",
            "TraceFileError", "AttentionDroppedError", "RecordBudgetWarning", "connect", "APIBackend", "APIError",
-           "MissingExtraError", "study", "open_study", "Study", "StudyError", "LensError", "tuned_lens", "show_lenses",
+           "MissingExtraError", "study", "open_study", "Study", "StudyError", "LensError", "tuned_lens", "show_lenses", "SampleTree",
            "__version__"]

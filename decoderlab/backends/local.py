@@ -15,6 +15,7 @@ from ..engine.tokens import TokenText
 from ..errors import PromptError, SessionError, StrategyError
 from ..record import Record, Recording, keep_large_allocations_apart
 from ..trace import ModelInfo, Trace, from_beam_run, from_recording
+from ..trace.sample_tree import SampleTree, check_sampling, sample_seeds
 from .progress import progress_bar
 from .session import Session
 
@@ -201,7 +202,10 @@ class LM:
                     hit = (row_ids == stream_row).nonzero()
                     if len(hit):
                         on_token(step, self.token_text(int(token[int(hit[0])])))
-        batch = ids.expand(rows, -1) if rows > 1 else ids
+        # rows share the prompt's prefill (one forward, its cache repeated: `loop.prefill`), except where a forward's
+        # capture (attention rows, lens residuals) must hold every row, or the fast path's cache has fixed rows
+        share = rows > 1 and not compile and not (record.attention or record.prefill_attention or record.lens)
+        batch = ids.expand(rows, -1) if rows > 1 and not share else ids
         info = self.model_info(lens=record.lens)
         state = None
         try:
@@ -209,7 +213,7 @@ class LM:
             with recording.attached(self.model):
                 state = loop.prefill(self.model, batch, strat, observers, seeds=row_seeds,
                                      keep_hidden=strat.rule.needs_hidden,
-                                     cache=None if decoder is None else decoder.cache)
+                                     cache=None if decoder is None else decoder.cache, rows=rows if share else None)
                 state.forward = decoder
                 loop.run(self.model, state, strat, observers, max_length=self.context_window, on_token=stream,
                          step_fn=strat.rule.step)
@@ -227,6 +231,24 @@ class LM:
             if bar is not None:
                 bar.close()
         return from_recording(recording, state, strat, info, prompt_text, seeds=row_seeds)
+
+    def sample_tree(self, prompt: Any, n: int = 64, *, seed: int = 0, max_new_tokens: int = 32, chat: bool = False,
+                    system: str | None = DEFAULT_SYSTEM, record: Record | None = None, progress: bool | None = None,
+                    **strategy: Any) -> SampleTree:
+        """`n` sampled continuations of `prompt` merged into a prefix tree, with counts and the model's
+        probabilities at every node (`decoderlab.trace.sample_tree.SampleTree`).
+
+        The runs are the rows of one batch that prefills the prompt once (`generate(seeds=...)`): run i is seeded
+        with `seed + i` and draws the tokens `generate(prompt, seed=seed + i, ...)` draws alone with the same words.
+        `do_sample=True` unless given; any sampling words (`temperature`, `top_p`, ...) apply to every run.
+        """
+        seeds = sample_seeds(n, seed, strategy)
+        strategy.setdefault("do_sample", True)
+        ids, text = self.encode(prompt, chat=chat, system=system)
+        check_sampling(self.strategy(ids.shape[1], max_new_tokens=max_new_tokens, **strategy), len(seeds), strategy)
+        trace = self.generate_ids(ids, text, record=record, progress=progress, seeds=seeds,
+                                  max_new_tokens=max_new_tokens, **strategy)
+        return SampleTree(trace)
 
     def _captured_decoder(self, prompt_length: int, strat: Strategy, observers: list):
         """The fast path's forwards: a static cache for the prompt and every step's token (within the window)."""

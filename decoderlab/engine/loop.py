@@ -147,15 +147,24 @@ def prefill(
     seeds: Sequence[int | None] | None = None,
     cache: DynamicCache | None = None,
     keep_hidden: bool = False,
+    rows: int | None = None,
 ) -> State:
     """Forward the prompt once and return a state whose next logits are step 0's.
 
     The default cache is the one `generate` builds (sliding-window layers keep only their window).
     A plain `DynamicCache()` keeps every position in every layer, so it can be cropped anywhere.
+
+    `rows=n` with a one-row prompt [1, P] starts n rows that share it: the prompt is forwarded once and its KV
+    cache and logits are repeated n times, so n samples of one prompt pay for one prefill, and each row's step 0
+    sees the very numbers a run alone sees. What observers capture during that forward (attention rows, lens
+    residuals) holds one row, and a fixed-size cache cannot grow rows: for those, pass the prompt n times instead.
     """
-    rows = prompt_ids.shape[0]
+    shared = rows is not None and rows > 1
+    if shared and prompt_ids.shape[0] != 1:
+        raise ValueError(f"rows={rows} shares one prompt: give it as one row [1, P], not {tuple(prompt_ids.shape)}")
+    rows = rows if shared else prompt_ids.shape[0]
     state = State(
-        ids=prompt_ids,
+        ids=prompt_ids.expand(rows, -1) if shared else prompt_ids,
         cache=DynamicCache(config=model.config) if cache is None else cache,
         prompt_length=prompt_ids.shape[1],
         generators=strategy.generators(rows, prompt_ids.device, seeds),
@@ -164,6 +173,11 @@ def prefill(
     )
     notify_forward(observers, state, 0)
     state.next_logits = _forward(model, state, prompt_ids)
+    if shared:
+        state.cache.batch_repeat_interleave(rows)
+        state.next_logits = state.next_logits.repeat(rows, 1)
+        if state.hidden is not None:
+            state.hidden = tuple(h.expand(rows, *h.shape[1:]) for h in state.hidden)
     return state
 
 

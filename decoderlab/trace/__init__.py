@@ -2,6 +2,8 @@
 making arrays into a `Trace` (local runs, beams, sessions, servers), and saving and loading trace files.
 """
 from .builder import ModelInfo, RunInfo, build_trace, from_beam_run, from_recording, from_tokens
+from .sample_tree import SampleTree
 from .trace import Trace
 
-__all__ = ["Trace", "ModelInfo", "RunInfo", "build_trace", "from_beam_run", "from_recording", "from_tokens"]
+__all__ = ["Trace", "SampleTree", "ModelInfo", "RunInfo", "build_trace", "from_beam_run", "from_recording",
+           "from_tokens"]
