@@ -145,7 +145,7 @@ def run_batch(lm: LM, ids: torch.Tensor, groups: list[Group], max_new_tokens: in
     """Decode every group's runs as rows of one batch until each row ends (EOS, or its beam search's stop) or
     `max_new_tokens` (every group was resolved with this one): the loop's own `run`, with the groups' step."""
     seeds = [s for group in groups for s in group.seeds]
-    state = loop.prefill(lm.model, ids.expand(len(seeds), -1), groups[0].strategy, seeds=seeds)
+    state = loop.prefill(lm.model, ids, groups[0].strategy, seeds=seeds, rows=len(seeds))  # one prefill, shared
 
     def grouped_step(model, state, strategy, observers=()):
         return step(model, state, groups)
