@@ -46,6 +46,9 @@ def main() -> None:
         lm.model.save_pretrained(folder)
         lm.tokenizer.save_pretrained(folder)
         model = {"path_or_id": folder, "dtype": args.dtype, "device": args.device}
+        # the loop runs the very model the workers load: a model built in memory differs from it in the last bits
+        # of buffers made at load time (rotary inv_freq, 3e-8 on one H200), and bf16 greedy texts then part
+        lm = dl.load(folder, dtype=args.dtype, device=args.device)
     else:
         model = {"path_or_id": args.model, "dtype": args.dtype, "device": args.device}
     t0 = time.perf_counter()

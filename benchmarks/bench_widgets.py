@@ -151,6 +151,28 @@ def beyond_actions(lm, steps: int, repeats: int, rng: random.Random) -> dict[str
     out["knobs: filled in (132 settings)"] = [a + b for a, b in zip(first, filled)]
     out["knobs: a step seen before"] = [timed(lambda s=s: setattr(view.slider, "value", s), view)
                                        for s in unseen[repeats: 2 * repeats]]
+    out.update(tree_actions(lm, steps, repeats, rng))
+    return out
+
+
+class _NoProblems:
+    """`timed` checks a view's `problems`; the tree view has none of its own."""
+
+    class problems:  # noqa: N801
+        value = ""
+
+
+def tree_actions(lm, steps: int, repeats: int, rng: random.Random, n: int = 64) -> dict[str, list[float]]:
+    """`dl.show(lm.sample_tree(...))`: open it (n runs of `steps` tokens), and choose a node or a split."""
+    tree = lm.sample_tree(PROMPT, chat=True, n=n, max_new_tokens=steps, eos_token_id=[], progress=False)
+    out: dict[str, list[float]] = {f"tree: open ({n} runs)": [timed(lambda: dl.show(tree), _NoProblems)]}
+    view = dl.show(tree)
+    nodes = [v for _, v in view.node_picker.options if v != view.node_picker.value]
+    parts = [v for _, v in view.part_picker.options if v >= 0]
+    out["tree: choose a node"] = [timed(lambda v=v: setattr(view.node_picker, "value", v), _NoProblems)
+                                  for v in rng.sample(nodes, min(repeats, len(nodes)))]
+    out["tree: choose a split"] = [timed(lambda v=v: setattr(view.part_picker, "value", v), _NoProblems)
+                                   for v in rng.sample(parts, min(repeats, len(parts)))]
     return out
 
 
