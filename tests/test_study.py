@@ -141,3 +141,56 @@ def test_without_ray_the_error_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(dl.MissingExtraError, match=r"decoderlab\[scale\]"):
         dl.study(None, GOOD[:1], {"greedy": {}}, out=tmp_path / "s")
+
+
+def _ray_worker_pids() -> list[int]:
+    """The processes of the study's model replicas: Ray titles an actor's process `ray::Worker...`."""
+    from pathlib import Path
+
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if (proc / "cmdline").read_bytes().startswith(b"ray::Worker"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_a_killed_worker_loses_nothing_and_writes_no_duplicates(tiny_folder, tiny_lms, local_ray, tmp_path):
+    """A replica's process killed mid-study (SIGKILL, as the OOM killer or a lost node would): Ray restarts it and
+    the prompt it held runs again, so every prompt's runs are written once and equal the runs made alone."""
+    import signal
+    import threading
+    import time
+
+    prompts = [f"Story number {i} begins:" for i in range(24)]
+    out = tmp_path / "killed"
+    kw = dict(seeds=[0], max_new_tokens=24, workers=2, progress=False)
+    done: dict = {}
+    thread = threading.Thread(target=lambda: done.setdefault(
+        "study", dl.study(str(tiny_folder), prompts, {"greedy": {}}, out=out, **kw)))
+    thread.start()
+    killed, written_then = None, None
+    deadline = time.time() + 240
+    while killed is None and thread.is_alive() and time.time() < deadline:
+        written = list((out / "runs").glob("prompt-*.parquet")) if (out / "runs").exists() else []
+        pids = _ray_worker_pids()
+        if written and pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed, written_then = pids[0], len(written)
+        time.sleep(0.02)
+    thread.join(600)
+    assert killed is not None and written_then < len(prompts), "the worker was not killed while the study ran"
+    study = done["study"]
+    if len(study.failures):  # a prompt that lost its worker twice is recorded as failed: the same call runs it again
+        study = dl.study(str(tiny_folder), prompts, {"greedy": {}}, out=out, **kw)
+    runs = study.runs
+    assert len(study.failures) == 0 and sorted(runs.prompt) == sorted(prompts)  # each prompt once, none lost
+    files = sorted(p.name for p in (out / "runs").iterdir())
+    assert len(files) == len(prompts) == len(set(files))
+    lm = dl.load(str(tiny_folder))
+    for prompt in prompts[:3] + prompts[-2:]:
+        alone = lm.generate(prompt, max_new_tokens=24, progress=False)
+        assert runs[runs.prompt == prompt].text.iloc[0] == alone.text
