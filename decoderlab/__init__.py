@@ -14,6 +14,7 @@ and is the only place above all of them.
 import os
 
 from .analysis.compare import Comparison, compare
+from .analysis.forks import Engine, Forks, ForksError, forks
 from .backends.api import APIBackend, connect
 from .backends.custom_decoder import CustomDecoder
 from .backends.local import DEFAULT_SYSTEM, LM, load
@@ -69,8 +70,21 @@ def _show_sample_tree(tree, **kwargs):
     return show_tree(tree, **kwargs)
 
 
+def _forks_html(forks, **options) -> str:
+    from .views.forks_view import forks_html
+
+    return forks_html(forks, **options)
+
+
+def _show_forks(forks, **kwargs):
+    from .views.forks_view import show_forks
+
+    return show_forks(forks, **kwargs)
+
+
 _TRACE_PRESENTERS.update(html=_trace_html, coloured_text=_coloured_text, what_if=_what_if, knobs=_knobs,
-                         sample_tree_html=_sample_tree_html, sample_tree_show=_show_sample_tree)
+                         sample_tree_html=_sample_tree_html, sample_tree_show=_show_sample_tree,
+                         forks_html=_forks_html, forks_show=_show_forks)
 
 _install_old_addresses()  # `from decoderlab.whatif import ...` (the 0.1 layout) still works, with a warning
 
@@ -90,9 +104,11 @@ def __getattr__(name: str):
 
 def show(trace, **kwargs):
     """The trace explorer widget (Jupyter); for a `Comparison` (`dl.compare`), its runs side by side; for a
-    `SampleTree` (`lm.sample_tree`), the tree."""
+    `SampleTree` (`lm.sample_tree`), the tree; for `Forks` (`dl.forks`), where two engines part."""
     if isinstance(trace, SampleTree):
         return trace.show(**kwargs)
+    if isinstance(trace, Forks):
+        return _show_forks(trace, **kwargs)
     if isinstance(trace, Comparison):
         from .views.compare_view import show_comparison
 
@@ -141,5 +157,5 @@ __all__ = ["load", "LM", "compare", "Comparison", "Record", "Trace", "Session", 
            "playground", "recorder", "STEP_RECORDERS", "greedy", "sample", "PromptError", "StrategyError",
            "SessionError", "ModelNotFoundError", "DEFAULT_SYSTEM", "DecoderlabError", "NumericError", "RecordError",
            "TraceFileError", "AttentionDroppedError", "RecordBudgetWarning", "connect", "APIBackend", "APIError",
-           "MissingExtraError", "study", "open_study", "Study", "StudyError", "LensError", "tuned_lens", "show_lenses", "SampleTree",
+           "MissingExtraError", "study", "open_study", "Study", "StudyError", "LensError", "tuned_lens", "show_lenses", "SampleTree", "forks", "Forks", "Engine", "ForksError",
            "__version__"]

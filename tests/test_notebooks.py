@@ -31,6 +31,9 @@ CHECKS = {
     "10_score_and_recorders": ["scored again, same probabilities: True", "margin saved and loaded: True"],
     "11_dola_and_contrastive": ["DoLa's layer is the candidate with the largest divergence at every step: True",
                                 "contrastive chose the highest score at every step: True"],
+    "13_beyond_the_anchors": ["commit layer = where the last run of top-1 layers begins: True",
+                              "knobs agree with what_if: True", "fork step = where the two runs first differ: True",
+                              "path of seed 5 = its run alone: True"],
     "12_sessions_rewind_fork": ["forced token's probability matches lm.score: True",
                                 "rewound and stepped again, same tokens: True", "SessionError:"],
 }
@@ -42,7 +45,8 @@ def test_there_are_notebooks():
                      "04_custom_decoder.ipynb", "05_compare_strategies.ipynb",
                      "06_api_models.ipynb", "07_sampler_playground.ipynb", "08_beam_tree.ipynb",
                      "09_save_and_share.ipynb", "10_score_and_recorders.ipynb",
-                     "11_dola_and_contrastive.ipynb", "12_sessions_rewind_fork.ipynb"]
+                     "11_dola_and_contrastive.ipynb", "12_sessions_rewind_fork.ipynb",
+                     "13_beyond_the_anchors.ipynb"]
     assert set(CHECKS) <= {p.stem for p in NOTEBOOKS}
 
 
