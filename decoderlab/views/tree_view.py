@@ -26,6 +26,7 @@ import ipywidgets as W
 
 from .display import (escape, format_number, format_prob, is_missing, prob_colour, strategy_summary, text_colour,
                       token_label, visible_text)
+from .html import CSP, PAGE_CSS
 from .kit import classed
 
 if TYPE_CHECKING:
@@ -81,21 +82,12 @@ PANEL_CSS = """
 .P-swatch{display:inline-block;width:1.6em;height:.9em;vertical-align:middle;border-radius:2px;margin:0 2px}
 """
 
-PAGE_CSS = """
-body{font:14px/1.5 system-ui,-apple-system,"Segoe UI","Noto Sans",sans-serif;color:#111;background:#fff;
-  max-width:80em;margin:1.5em auto;padding:0 1em}
-h1{font-size:1.3em;margin:.2em 0}
-h2{font-size:1.05em;margin:1.2em 0 .3em}
-.dlh-meta{display:grid;grid-template-columns:max-content 1fr;gap:.15em 1em;margin:.5em 0}
-.dlh-meta dt{color:#666}
-.dlh-meta dd{margin:0}
-.dlh-prompt{white-space:pre-wrap;word-break:break-word;background:#f6f6f6;border:1px solid #ddd;border-radius:4px;
-  padding:.6em;font:13px/1.45 ui-monospace,"DejaVu Sans Mono",monospace;max-height:16em;overflow:auto}
+# The trace page's style and policy (`html`: one spelling), wider for a drawing, which scrolls in its own box.
+TREE_PAGE_CSS = PAGE_CSS + """
+body{max-width:80em}
+.dlh-prompt{max-height:16em}
 .dlh-tree-drawing{overflow:auto;max-height:80vh;border:1px solid #e0e0e0}
 """
-
-# A policy that forbids scripts, frames and every remote load (the trace page's): only inline styles.
-CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 
 
 def _css(template: str, prefix: str) -> str:
@@ -299,7 +291,7 @@ def tree_html(tree: "SampleTree", *, value: str = "prob") -> str:
             f'<meta http-equiv="Content-Security-Policy" content="{escape(CSP)}">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>decoderlab · sample tree · {escape(tree.trace.model_name or 'model')}</title>"
-            f"<style>{PAGE_CSS}{_css(SVG_CSS, p)}{_css(PANEL_CSS, p)}</style></head>\n<body>\n"
+            f"<style>{TREE_PAGE_CSS}{_css(SVG_CSS, p)}{_css(PANEL_CSS, p)}</style></head>\n<body>\n"
             + "\n".join(body) + "\n</body></html>\n")
 
 
