@@ -400,7 +400,7 @@ def check_settings(strategies: Mapping[str, Mapping[str, Any]], seeds: Sequence[
     if not seeds:
         raise StrategyError("seeds must name at least one seed")
     record = record or Record()
-    if record.attention or record.lens or record.prefill_attention:
+    if record.captures_forward:
         raise StrategyError(f"{who} records choices, candidates and processors; attention and lens are recorded "
                             "per run: use lm.generate for the runs you want to look inside")
     strategies = {name: dict(words) for name, words in strategies.items()}

@@ -31,8 +31,7 @@ import torch
 from ..backends.local import DEFAULT_SYSTEM, LM
 from ..errors import DecoderlabError
 from ..record import Record
-from ..trace import Trace
-from ..trace.trace import PRESENTERS
+from ..trace import Trace, presenter
 
 __all__ = ["forks", "Forks", "Engine", "ForksError", "COLUMNS", "SIDE_COLUMNS", "END"]
 
@@ -427,11 +426,11 @@ class Forks:
     def show(self, **kwargs: Any):
         """The forks widget (Jupyter): pick a prompt, see its fork step side by side
         (`decoderlab.views.forks_view.ForksView`)."""
-        return _presenter("forks_show")(self, **kwargs)
+        return presenter("forks_show")(self, **kwargs)
 
     def to_html(self, path: str | Path | None = None) -> str:
         """One self-contained page (no JavaScript): every prompt's fork, its kind and its step side by side."""
-        page = _presenter("forks_html")(self)
+        page = presenter("forks_html")(self)
         if path is not None:
             Path(path).write_text(page, encoding="utf-8")
         return page
@@ -440,12 +439,6 @@ class Forks:
         kinds = self.frame["kind"].value_counts().to_dict()
         return (f"Forks({self.names[0]!r} vs {self.names[1]!r}, {len(self)} prompts, {kinds}"
                 f"{', interrupted' if self.interrupted else ''})")
-
-
-def _presenter(name: str):
-    if name not in PRESENTERS:  # the front door (decoderlab/__init__) plugs the views in; this room imports none
-        raise RuntimeError(f"Forks: nothing provides {name!r}; use decoderlab.views.forks_view directly")
-    return PRESENTERS[name]
 
 
 def forks(a: Any, b: Any, prompts: str | Sequence[Any], *, chat: bool = False, system: str | None = DEFAULT_SYSTEM,

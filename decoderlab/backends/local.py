@@ -204,7 +204,7 @@ class LM:
                         on_token(step, self.token_text(int(token[int(hit[0])])))
         # rows share the prompt's prefill (one forward, its cache repeated: `loop.prefill`), except where a forward's
         # capture (attention rows, lens residuals) must hold every row, or the fast path's cache has fixed rows
-        share = rows > 1 and not compile and not (record.attention or record.prefill_attention or record.lens)
+        share = rows > 1 and not compile and not record.captures_forward
         batch = ids.expand(rows, -1) if rows > 1 and not share else ids
         info = self.model_info(lens=record.lens)
         state = None
@@ -290,7 +290,7 @@ class LM:
         set the processors whose final probabilities are recorded.
         """
         record = record or Record()
-        if record.attention or record.lens or record.prefill_attention:
+        if record.captures_forward:
             raise ValueError("score() records choices, candidates and processors; attention and lens are "
                              "recorded by generate() and sessions (use a session with choose(token=...) instead)")
         ids, text = self.encode(prompt, chat=chat, system=system)

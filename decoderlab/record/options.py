@@ -58,6 +58,13 @@ class Record:
                              f"known: {sorted(STEP_RECORDERS)}")
         object.__setattr__(self, "extra", extra)
 
+    @property
+    def captures_forward(self) -> bool:
+        """Whether this record captures inside the model's forward (attention rows, lens residuals), one row per
+        run: such a run needs its own forward per row (no shared prefill) and cannot be scored or compared as a
+        batch of other runs."""
+        return self.attention or self.prefill_attention or self.lens
+
     def names(self) -> list[str]:
         """The per-step recorders this record runs, in order."""
         names = ["choice", "candidates"]

@@ -3,7 +3,7 @@ making arrays into a `Trace` (local runs, beams, sessions, servers), and saving 
 """
 from .builder import ModelInfo, RunInfo, build_trace, from_beam_run, from_recording, from_tokens
 from .sample_tree import SampleTree
-from .trace import Trace
+from .trace import PRESENTERS, Trace, presenter
 
-__all__ = ["Trace", "SampleTree", "ModelInfo", "RunInfo", "build_trace", "from_beam_run", "from_recording",
+__all__ = ["Trace", "SampleTree", "PRESENTERS", "presenter", "ModelInfo", "RunInfo", "build_trace", "from_beam_run", "from_recording",
            "from_tokens"]

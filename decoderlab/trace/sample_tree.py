@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import StrategyError
-from .trace import Trace, _presenter
+from .trace import Trace, presenter
 
 __all__ = ["SampleTree", "NODE_COLUMNS", "sample_seeds", "check_sampling"]
 
@@ -280,11 +280,11 @@ class SampleTree:
     def show(self, **kwargs: Any):
         """The tree widget (Jupyter): branches as wide as their runs, coloured by the model's probability; pick a
         node or a split to see its runs and numbers (`decoderlab.views.tree_view.SampleTreeView`)."""
-        return _presenter("sample_tree_show")(self, **kwargs)
+        return presenter("sample_tree_show")(self, **kwargs)
 
     def to_html(self, path: str | Path | None = None) -> str:
         """One self-contained page (no JavaScript): the tree drawn, where the runs part, and every run."""
-        page = _presenter("sample_tree_html")(self)
+        page = presenter("sample_tree_html")(self)
         if path is not None:
             Path(path).write_text(page, encoding="utf-8")
         return page

@@ -459,34 +459,34 @@ class Trace:
     def knobs(self, step: int, token: int | str, *, row: int = 0, lm: Any = None, grids: Any = None):
         """Which sampler knob decided: a frame of the token's chance, survival and rank at step `step` over grids of
         sampler settings, run by a run's processors over the step's raw logits (`decoderlab.analysis.knobs`)."""
-        return _presenter("knobs")(self, step, token, row=row, lm=lm, grids=grids)
+        return presenter("knobs")(self, step, token, row=row, lm=lm, grids=grids)
 
     def what_if(self, step: int, strategies: dict[str, Any], *, row: int = 0, lm: Any = None, top: int = 20):
         """What each strategy (name -> `generate`'s words) would have done at step `step` of `row`, with no new
         generation, from the recorded logits (`Record(logits=True)`) or one forward of `lm` over the step's prefix:
         a `decoderlab.analysis.whatif.WhatIf` (`.tokens`, `.summary`, `.processors`; the docs list the columns)."""
-        return _presenter("what_if")(self, step, strategies, row=row, lm=lm, top=top)
+        return presenter("what_if")(self, step, strategies, row=row, lm=lm, top=top)
 
     def to_html(self, path: str | Path | None = None, **options: Any) -> str:
         """One self-contained HTML page: the text coloured by probability, hover details per token; `options` as
         `decoderlab.views.html.trace_html` takes them (`knobs=[(step, token)]`, `figure=False`, ...)."""
-        page = _presenter("html")(self, **options)
+        page = presenter("html")(self, **options)
         if path is not None:
             Path(path).write_text(page, encoding="utf-8")
         return page
 
     def _repr_html_(self) -> str:
         return (f"<div><b>{escape(self.model_name)}</b> · {self.num_steps} steps · stop: {escape(self.stop_reason)}"
-                f"</div>" + _presenter("coloured_text")(self))
+                f"</div>" + presenter("coloured_text")(self))
 
 
-# What the rooms above this one (views, analysis) provide for a trace's methods: the HTML page, the coloured text
-# of a notebook's repr, and what-if answers. decoderlab's front door (`decoderlab/__init__`) plugs them in, so
-# that this room never imports a view and the trace stays plain data.
+# What the rooms above this one (views, analysis) provide for the methods of a trace (and of a sample tree or forks):
+# the HTML pages, a notebook's repr, what-if answers, the widgets. decoderlab's front door (`decoderlab/__init__`)
+# plugs them in, so that this room never imports a view; `presenter(name)` looks one up.
 PRESENTERS: dict[str, Callable[..., Any]] = {}
 
 
-def _presenter(name: str) -> Callable[..., Any]:
+def presenter(name: str) -> Callable[..., Any]:
     try:
         return PRESENTERS[name]
     except KeyError:

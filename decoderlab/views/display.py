@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = ["TraceLike", "PROB_SCALE", "prob_colour", "commit_colour", "NEVER_COMMITTED", "token_label", "is_invisible",
-           "char_escape", "visible_text", "format_prob", "format_rank", "format_number", "format_bytes", "is_missing", "escape", "short_processor",
+           "char_escape", "visible_text", "TABLE_CSS", "prefixed", "format_prob", "format_rank", "format_number", "format_bytes", "is_missing", "escape", "short_processor",
            "strategy_summary", "STRATEGY_WORDS"]
 
 
@@ -111,6 +111,22 @@ def scale_colours(xs: "np.ndarray", scale: Sequence[str] = PROB_SCALE) -> list[s
     t = np.where(x < 0.5, x * 2, x * 2 - 1)[:, None]  # [N, 1]: one t per value
     rgb = np.rint(np.where(low, lo + (mid - lo) * t, mid + (hi - mid) * t)).astype(int)
     return [f"#{r:02x}{g:02x}{b:02x}" for r, g, b in rgb.tolist()]
+
+
+# The tables of a view's side panel (the sample tree's, the forks'), one style for all: `.P-` stands for the view's
+# own class prefix (`prefixed`), so that a notebook's <style> of one view never restyles another.
+TABLE_CSS = """
+.P-box{font:12px/1.45 var(--jp-ui-font-family, system-ui, sans-serif);color:#111}
+.P-box table{border-collapse:collapse;margin:4px 0 8px}
+.P-box td,.P-box th{padding:1px 6px;border-bottom:1px solid #e4e4e4;text-align:left;vertical-align:top}
+.P-box th{color:#555;font-weight:600}
+.P-num{text-align:right!important;font-variant-numeric:tabular-nums;white-space:nowrap}
+"""
+
+
+def prefixed(css: str, prefix: str) -> str:
+    """A style template's `.P-` classes as `.{prefix}-` classes."""
+    return css.replace(".P-", f".{prefix}-")
 
 
 NEVER_COMMITTED = "#bdbdbd"  # a step whose token is not the last layer's top-1: no commit layer

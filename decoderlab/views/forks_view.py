@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as W
 
-from .display import escape, format_number, format_prob, format_rank, is_missing, token_label, visible_text
+from .display import (TABLE_CSS, escape, format_number, format_prob, format_rank, is_missing, prefixed, token_label,
+                      visible_text)
 from .html import CSP, PAGE_CSS
 from .kit import classed
 
@@ -48,12 +49,7 @@ COLOURS = {"a": "#3182bd", "b": "#e6550d", "float64": "#636363"}  # engine a, en
 KIND_COLOURS = {"same": "#e5f5e0", "near-tie": "#deebf7", "real": "#fee0d2"}
 _VIEW_IDS = itertools.count()
 
-FORKS_CSS = """
-.dlf-box{font:12px/1.45 var(--jp-ui-font-family, system-ui, sans-serif);color:#111}
-.dlf-box table{border-collapse:collapse;margin:4px 0 8px}
-.dlf-box td,.dlf-box th{padding:1px 6px;border-bottom:1px solid #e4e4e4;text-align:left;vertical-align:top}
-.dlf-box th{color:#555;font-weight:600}
-.dlf-num{text-align:right!important;font-variant-numeric:tabular-nums;white-space:nowrap}
+FORKS_CSS = prefixed(TABLE_CSS, "dlf") + """
 .dlf-box code,.dlf-tok{font:12px var(--jp-code-font-family, ui-monospace, monospace);white-space:pre}
 .dlf-kind{display:inline-block;border-radius:3px;padding:0 5px;font-weight:600}
 .dlf-why{color:#333;margin:2px 0 6px;max-width:70em}

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as W
 
-from .display import (escape, format_number, format_prob, is_missing, prob_colour, strategy_summary, text_colour,
-                      token_label, visible_text)
+from .display import (TABLE_CSS, escape, format_number, format_prob, is_missing, prefixed, prob_colour,
+                      strategy_summary, text_colour, token_label, visible_text)
 from .html import CSP, PAGE_CSS
 from .kit import classed
 
@@ -68,12 +68,7 @@ SVG_CSS = """
 .P-root{fill:#333}
 """
 
-PANEL_CSS = """
-.P-box{font:12px/1.45 var(--jp-ui-font-family, system-ui, sans-serif);color:#111}
-.P-box table{border-collapse:collapse;margin:4px 0 8px}
-.P-box td,.P-box th{padding:1px 6px;border-bottom:1px solid #e4e4e4;text-align:left;vertical-align:top}
-.P-box th{color:#555;font-weight:600}
-.P-num{text-align:right!important;font-variant-numeric:tabular-nums;white-space:nowrap}
+PANEL_CSS = TABLE_CSS + """
 .P-prefix{white-space:pre-wrap;word-break:break-word;font:12px/1.9 var(--jp-code-font-family, ui-monospace, monospace)}
 .P-tokspan{border-radius:2px;padding:1px 0}
 .P-text{white-space:pre-wrap;word-break:break-word;max-width:60em}
@@ -88,10 +83,6 @@ body{max-width:80em}
 .dlh-prompt{max-height:16em}
 .dlh-tree-drawing{overflow:auto;max-height:80vh;border:1px solid #e0e0e0}
 """
-
-
-def _css(template: str, prefix: str) -> str:
-    return template.replace(".P-", f".{prefix}-")
 
 
 # ---- the drawing ----------------------------------------------------------------------------------------------
@@ -291,7 +282,7 @@ def tree_html(tree: "SampleTree", *, value: str = "prob") -> str:
             f'<meta http-equiv="Content-Security-Policy" content="{escape(CSP)}">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>decoderlab · sample tree · {escape(tree.trace.model_name or 'model')}</title>"
-            f"<style>{TREE_PAGE_CSS}{_css(SVG_CSS, p)}{_css(PANEL_CSS, p)}</style></head>\n<body>\n"
+            f"<style>{TREE_PAGE_CSS}{prefixed(SVG_CSS, p)}{prefixed(PANEL_CSS, p)}</style></head>\n<body>\n"
             + "\n".join(body) + "\n</body></html>\n")
 
 
@@ -338,7 +329,7 @@ class SampleTreeView(W.VBox):
             for s in segs.itertuples(index=False)]), "dl-tree-node")
         self.drawing = classed(W.HTML(tree_svg(tree, prefix="dl-tree", value=value, px=px)), "dl-tree-svg")
         self.style = classed(W.HTML(layout=W.Layout(display="none")), "dl-tree-style")
-        sheet = W.HTML(f"<style>{_css(SVG_CSS, 'dl-tree')}{_css(PANEL_CSS, 'dl-tree')}</style>",
+        sheet = W.HTML(f"<style>{prefixed(SVG_CSS, 'dl-tree')}{prefixed(PANEL_CSS, 'dl-tree')}</style>",
                        layout=W.Layout(display="none"))
         self.panel = classed(W.HTML(), "dl-tree-panel")
         box = W.Box([self.drawing], layout=W.Layout(width="100%", max_height="520px", overflow="auto",
