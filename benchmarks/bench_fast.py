@@ -14,7 +14,9 @@ is the same length), runs interleaved, median of `--repeats`. Variants:
 - `lm.generate, Record()`: decoderlab's eager path, for reference;
 - the same with nucleus sampling (`top_p=0.9`, seeded), against `generate static` sampling with the same words.
 
-The first call of each variant (compile or capture, cuDNN plans) is timed apart: what a user waits for once. Then
+The first call of each variant (compile or capture, cuDNN plans) is timed apart: what a user waits for once; so is
+the first call with a second prompt, of a length whose static cache is the same (the compiled layers are reused)
+and of one that needs the next cache length (they compile again). Then
 the tokens of the fast path are compared with the eager path's (greedy and seeded sampling) and with transformers'
 static generate, and the attention rows and logits with the eager path's.
 
@@ -125,6 +127,10 @@ def main() -> None:
             ms = 1000 * replay_time(lm, ids, record)
             summary[f"replay ms, {name}"] = ms
             print(f"the captured step alone ({name}): {ms:.3f} ms a step on the GPU")
+    if "compile=True, Record()" in variants:
+        for name, seconds in second_prompts(lm, ids, n).items():
+            summary[name] = round(seconds, 2)
+            print(f"{name}: {seconds:.2f} s")
     checks = parity(lm, ids, n, outputs)
     for key, bar in (("compile=True, Record()", BAR_RECORD), ("compile=True, everything on", BAR_EVERYTHING),
                      ("compile=True, top-p, Record()", BAR_RECORD),
@@ -140,6 +146,26 @@ def main() -> None:
           results=table, summary=summary, label=label_for(args, lm.device),
           notes=f"dtype={lm.model.dtype}, greedy, EOS off, runs interleaved, median of {args.repeats}; the first call "
                 "(compile, capture, plans) timed apart. Parity: " + "; ".join(checks))
+
+
+def second_prompts(lm: dl.LM, ids: torch.Tensor, n: int) -> dict[str, float]:
+    """The first call of `compile=True, Record()` with another prompt, after the runs above: one whose prompt +
+    new tokens round to the same static cache length (compiled layers reused: a new capture only), and one that
+    needs the next length (the layers compile for it)."""
+    from decoderlab.engine.fast import LENGTH_STEP
+
+    waits = {}
+    for name, length in (("second prompt, same cache length: first call s", ids.shape[1] - 37),
+                         ("second prompt, next cache length: first call s", ids.shape[1] + LENGTH_STEP)):
+        other = torch.cat([ids, ids], 1)[:, :length] if length > ids.shape[1] else ids[:, :length]
+        if lm.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        lm.generate_ids(other, max_new_tokens=n, eos_token_id=[], progress=False, compile=True)
+        if lm.device.type == "cuda":
+            torch.cuda.synchronize()
+        waits[f"{name} ({length}-token prompt)"] = time.perf_counter() - t0
+    return waits
 
 
 def replay_time(lm: dl.LM, ids: torch.Tensor, record: dl.Record, steps: int = 200) -> float:

@@ -1,7 +1,7 @@
 """Where a decode step's time goes: operators, kernel launches and host synchronisations per step, and the costliest ops.
 
     python benchmarks/profile_step.py --random-weights .bench/llama-1b --device cuda --dtype bfloat16 \
-        [--tokens 32] [--only generate record everything compare] [--compile] [--out FILE]
+        [--tokens 32] [--only generate record everything compare] [--compile] [--kernels] [--out FILE]
 
 Why: on a GPU a small model's decode step is bound by the host (Python, dispatch, kernel launches) and by
 waits for the device, not by the device's arithmetic; counting those per step says what to cut.
@@ -62,6 +62,24 @@ def variants(lm: dl.LM, n: int, compile: bool = False) -> dict:
             "everything": recorded(dl.Record(attention=True, lens=True, logits=True)), "compare": compare}
 
 
+def kernel_table(prof, lm: dl.LM, n: int, top: int) -> str:
+    """The GPU kernels of a profiled run by device time (per step), the GPU's busy time per step and the weights'
+    bytes read over it: how far a step is from the memory-bandwidth limit, and which kernels stand in the way."""
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / n  # microseconds of kernels per step (they run one at a time)
+    by_name: collections.Counter = collections.Counter()
+    count: collections.Counter = collections.Counter()
+    for e in kernels:
+        by_name[e.name] += e.device_time / n
+        count[e.name] += 1 / n
+    weights = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    lines = [f"  GPU busy {busy / 1e3:.3f} ms/step, {sum(count.values()):.0f} kernels/step; weights {weights / 1e9:.2f} "
+             f"GB read per step: {weights / (busy * 1e-6) / 1e12:.2f} TB/s while busy"]
+    for name, us in by_name.most_common(top):
+        lines.append(f"  {us:9.1f} us/step {100 * us / busy:5.1f}%  x{count[name]:5.1f}  {name[:110]}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
@@ -70,6 +88,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="a file for the profiler tables (ops by host time)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--compile", action="store_true", help="the fast path: lm.generate(..., compile=True)")
+    ap.add_argument("--kernels", action="store_true",
+                    help="also the GPU kernels by device time: the GPU's busy time per step, and the weights' bytes "
+                         "over it (the memory bandwidth a step reaches)")
     args = ap.parse_args()
     lm = load(args)
     cuda = lm.device.type == "cuda"
@@ -86,6 +107,12 @@ def main() -> None:
         fn()
         sync()
         per_step = (time.perf_counter() - t0) / n
+        kernels = ""
+        if cuda and args.kernels:  # before the census: under a dispatch mode compiled layers may run uncompiled
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                fn()
+                sync()
+            kernels = kernel_table(prof, lm, n, args.top)
         with OpCount() as census:
             fn()
         ops = sum(census.ops.values()) / n
@@ -111,6 +138,8 @@ def main() -> None:
                     f"{sum(where.values()) / n:5.1f} syncing ops/step"
             tables.append(f"== {name}: {n} steps\n" + events.table(sort_by="self_cpu_time_total", row_limit=args.top))
             print(line)
+            if kernels:
+                print(kernels)
             print("  synchronising ops per step, by place:",
                   ", ".join(f"{k} {v / n:.2f}" for k, v in where.most_common(8)) or "none")
         else:

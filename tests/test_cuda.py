@@ -322,3 +322,37 @@ def test_long_gpu_run_stages_chunks_to_pinned_memory_and_records_the_same_number
     assert set(a.arrays) == set(b.arrays)
     for name in b.arrays:
         np.testing.assert_array_equal(a.arrays[name], b.arrays[name], err_msg=name)
+
+
+@pytest.mark.parametrize("words", [dict(), dict(do_sample=True, top_p=0.9, seed=2)], ids=["greedy", "top_p"])
+def test_fast_path_synchronises_no_more_for_more_steps(fast_lm, words):
+    """On the fast path the host waits on events only (the numbers check and the EOS check read flags copied
+    without waiting for the next forward): the synchronising calls of a run (prompt, warm-up, capture, the last
+    step, building the trace) do not grow with its steps, with everything recorded."""
+    from tests.test_fast import EVERYTHING, PROMPT
+
+    def run(n):
+        return lambda: fast_lm.generate(PROMPT, max_new_tokens=n, eos_token_id=[], record=EVERYTHING,
+                                        progress=False, compile=True, **words)
+
+    from collections import Counter
+
+    run(20)()  # compile and plans first
+    _syncs(lambda: None)  # the debug mode's own first warning (inside torch.cuda) is not a run's
+    short, long = Counter(_syncs(run(20))), Counter(_syncs(run(80)))
+    assert not long - short, (long - short, short)
+
+
+def test_fast_path_progress_bar_says_it_is_compiling(fast_lm, monkeypatch, capsys):
+    """The progress bar names the layer the warm-up has reached while it compiles, then the capture, then goes
+    back to 'decoding' (the threshold set to 0 here: these layers may be compiled already)."""
+    from decoderlab.engine import fast
+    from tests.test_fast import PROMPT
+
+    monkeypatch.setattr(fast, "COMPILE_NOTICE_AFTER", -1.0)
+    trace = fast_lm.generate(PROMPT, max_new_tokens=6, progress=True, compile=True)
+    err = capsys.readouterr().err
+    layers = fast_lm.model.config.num_hidden_layers
+    assert f"compiling layer 1/{layers}" in err and f"compiling layer {layers}/{layers}" in err
+    assert "capturing the step" in err and trace.num_steps == 6
+    assert err.rindex("decoding") > err.rindex("capturing the step")

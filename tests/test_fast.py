@@ -4,6 +4,7 @@ and the compiled layers are tested on a GPU (tests/test_cuda.py)."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 import decoderlab as dl
@@ -128,3 +129,100 @@ def test_compiled_layers_record_what_eager_layers_record(tiny_lms):
         b = lm.generate(PROMPT, max_new_tokens=5, record=EVERYTHING, progress=False, compile=True)
     same_trace(a, b)
     assert all("forward" not in vars(layer) for layer in lm.model.model.layers)
+
+
+@pytest.mark.parametrize("after, shown", [(-1.0, True), (1e9, False)], ids=["slow", "fast"])
+def test_a_slow_warm_up_says_which_layer_it_is_compiling(tiny_lms, monkeypatch, after, shown):
+    """The warm-up step compiles each layer on its first call: once it has taken COMPILE_NOTICE_AFTER seconds, the
+    notice names each layer it reaches, then the capture; a warm-up faster than that (layers compiled already)
+    shows nothing. The hooks are gone afterwards."""
+
+    from decoderlab.engine import loop
+
+    lm = tiny_lms["llama"]
+    monkeypatch.setattr(fast, "COMPILE_NOTICE_AFTER", after)
+    notices: list = []
+    decoder = fast.CapturedDecoder(lm.model, 64, compile_layers=True, notice=notices.append)
+    ids = lm.encode(PROMPT)[0]
+    with decoder._compile_progress():
+        loop.forward(lm.model, ids, decoder.cache)
+    layers = len(lm.model.model.layers)
+    expected = [f"compile=True: compiling layer {i}/{layers} (once per cache length)" for i in range(1, layers + 1)]
+    assert notices == (expected + ["compile=True: capturing the step"] if shown else [])
+    assert all(not layer._forward_pre_hooks for layer in lm.model.model.layers)
+
+
+def test_a_replayed_step_is_recorded_as_its_forward_gathered_it(tiny_lms):
+    """On a GPU the recording's gathering of a step's attention rows and residuals runs inside the captured graph
+    (`Recording.forward_capture`), and each replay hands the gathered tensors back (`replay_capture`): recorded
+    through that route, a step's rows equal those of the same forward flushed layer by layer, and are copies (the
+    next replay rewrites the graph's tensors)."""
+    from decoderlab.engine import loop
+    from decoderlab.record import Recording
+
+    lm = tiny_lms["llama"]
+    ids = lm.encode(PROMPT)[0]
+    strat = lm.strategy(ids.shape[1], max_new_tokens=4)
+    recorded = []
+    for route in ("flush", "capture"):
+        rec, decoder = Recording(EVERYTHING), fast.CapturedDecoder(lm.model, 64)
+        with rec.attached(lm.model):
+            state = loop.prefill(lm.model, ids, strat, [rec], cache=decoder.cache)
+            state.ids = torch.cat([state.ids, state.next_logits.argmax(-1)[:, None]], 1)
+            rec.before_forward(state, 1)
+            loop.forward(lm.model, state.ids[:, -1:], decoder.cache)
+            if route == "capture":
+                gathered = rec.forward_capture()
+                rec.replay_capture(gathered)
+            rec._flush_forward()
+        if route == "capture":
+            assert rec.attention[1].data_ptr() != gathered[0].data_ptr()
+            assert rec.residuals[1].data_ptr() != gathered[1].data_ptr()
+        recorded.append(rec)
+    flushed, captured = recorded
+    assert captured.attention[1].shape == flushed.attention[1].shape
+    assert torch.equal(captured.attention[1], flushed.attention[1])
+    assert torch.equal(captured.residuals[1], flushed.residuals[1])
+
+
+def test_compiled_layers_write_attention_rows_into_buffers_without_a_graph_break(tiny_lms):
+    """On a GPU the warm-up and the capture run the attention function inside compiled layers with the rows going
+    into one buffer per layer (`attention.rows_into_buffers`), not to the Python sink: the compiled layer has no
+    graph break, and the rows the recording gathers from the buffers equal the sink's (here on the CPU, inductor's
+    CPU code); afterwards no module points at a buffer."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from decoderlab.engine import attention, loop
+    from decoderlab.record import Recording
+
+    lm = tiny_lms["llama"]
+    ids = lm.encode(PROMPT)[0]
+    strat = lm.strategy(ids.shape[1], max_new_tokens=4)
+    recorded = []
+    for route in ("sink", "buffers"):
+        rec, decoder = Recording(dl.Record(attention=True, attention_layers=[0, 1], lens=True)), \
+            fast.CapturedDecoder(lm.model, 64)
+        with rec.attached(lm.model):
+            state = loop.prefill(lm.model, ids, strat, [rec], cache=decoder.cache)
+            state.ids = torch.cat([state.ids, state.next_logits.argmax(-1)[:, None]], 1)
+            rec.before_forward(state, 1)
+            if route == "sink":
+                loop.forward(lm.model, state.ids[:, -1:], decoder.cache)
+            else:
+                torch._dynamo.reset()
+                counters.clear()
+                with fast.compiled_layers(lm.model), attention.rows_into_buffers(lm.model, 1, 64) as rows:
+                    loop.forward(lm.model, state.ids[:, -1:], decoder.cache)
+                    assert sorted(rows) == list(range(len(lm.model.model.layers)))
+                    rec.replay_capture(rec.forward_capture(rows))
+                assert not counters["graph_break"], dict(counters["graph_break"])
+                assert counters["stats"]["unique_graphs"] >= 1
+            rec._flush_forward()
+        recorded.append(rec)
+    assert all(attention.ROWS_INTO not in vars(m) for m in lm.model.modules())
+    sink, buffers = recorded
+    assert buffers.attention[1].shape == sink.attention[1].shape == (1, 2, sink.attention[1].shape[2],
+                                                                     sink.attention[1].shape[3])
+    torch.testing.assert_close(buffers.attention[1], sink.attention[1], atol=1e-3, rtol=0)
+    torch.testing.assert_close(buffers.residuals[1], sink.residuals[1], atol=1e-4, rtol=1e-4)

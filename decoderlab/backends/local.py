@@ -209,7 +209,7 @@ class LM:
         info = self.model_info(lens=record.lens)
         state = None
         try:
-            decoder = self._captured_decoder(ids.shape[1], strat, observers) if compile else None
+            decoder = self._captured_decoder(ids.shape[1], strat, observers, bar) if compile else None
             with recording.attached(self.model):
                 state = loop.prefill(self.model, batch, strat, observers, seeds=row_seeds,
                                      keep_hidden=strat.rule.needs_hidden,
@@ -250,12 +250,20 @@ class LM:
                                   max_new_tokens=max_new_tokens, **strategy)
         return SampleTree(trace)
 
-    def _captured_decoder(self, prompt_length: int, strat: Strategy, observers: list):
-        """The fast path's forwards: a static cache for the prompt and every step's token (within the window)."""
+    def _captured_decoder(self, prompt_length: int, strat: Strategy, observers: list, bar=None):
+        """The fast path's forwards: a static cache for the prompt and every step's token (within the window). The
+        progress bar, if any, says what the first steps wait for (compiling layer i/L, capturing)."""
         from ..engine.fast import CapturedDecoder, cache_length
 
+        notice = None
+        if bar is not None:
+            decoding = bar.desc
+
+            def notice(text: str | None) -> None:
+                bar.set_description_str(decoding if text is None else text)
+
         return CapturedDecoder(self.model, cache_length(prompt_length + strat.max_new_tokens, self.context_window),
-                               observers)
+                               observers, notice=notice)
 
     def _beam_search(self, ids: torch.Tensor, prompt_text: str, strat: Strategy, record: Record) -> Trace:
         """`generate` with num_beams > 1: the returned sequences as rows, best first, and the tree."""

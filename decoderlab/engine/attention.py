@@ -101,6 +101,10 @@ def recording_attention(module, query, key, value, attention_mask, dropout=0.0, 
             key = key[:, :, : query.shape[2]]  # is_causal: the last query sees the first Q keys (see `_causal`)
         # with a mask (every decode step over a static cache) the row is computed here, where compiled code fuses it
         row = None if attention_mask is None else last_row(module, query, key, attention_mask, scaling)
+        into = getattr(module, ROWS_INTO, None)
+        if into is not None and row is not None and into.shape == row.shape:
+            into.copy_(row)  # compiled code keeps running: no Python sink (`rows_into_buffers`)
+            return out, None
         _hand(module, query, key, attention_mask, scaling, row=row)
     return out, None
 
@@ -125,6 +129,43 @@ def _hand_to_sink(module, query, key, attention_mask, scaling: float, row: torch
         return
     full = attention_weights(module, query, key, attention_mask, scaling) if wants_full else None
     _sink(module.layer_idx, last_row(module, query, key, attention_mask, scaling), full)
+
+
+ROWS_INTO = "_decoderlab_rows"  # an attention module's attribute: where its decode rows go (`rows_into_buffers`)
+_ROWS_KEPT = "_decoderlab_rows_kept"  # the module's row buffer, kept from run to run
+
+
+@contextmanager
+def rows_into_buffers(model, rows: int, keys: int) -> Iterator[dict[int, torch.Tensor]]:
+    """Within the block, while a sink is set, the attention function writes each decode step's row (over a
+    static cache of `keys` slots: a mask is given) into a buffer of its layer, [rows, heads, keys] float32, set
+    on the attention module, instead of handing it to the sink. Yields {layer index: buffer}; the recording reads
+    them after the forward (`Recording.forward_capture`).
+
+    Why: the sink is Python, which compiled code must leave (a graph break, `sink_outside_compiled_code`); each
+    layer's compiled forward is then cut in pieces, and the code between runs as separate kernels (twice the
+    kernels of a step at the Llama-1B shape). A copy into a tensor is traced like any other op. Each module keeps
+    its buffer from run to run (one per shape), so compiled code keeps matching it and a captured graph rewrites
+    it at every replay."""
+    modules = _attention_modules(model)
+    if not _recording or not modules:
+        yield {}
+        return
+    buffers = {}
+    for index, module in enumerate(modules):
+        heads = getattr(module, "num_heads", None) or module.config.num_attention_heads
+        device = next(module.parameters()).device
+        kept = getattr(module, _ROWS_KEPT, None)
+        if kept is None or kept.shape != (rows, heads, keys) or kept.device != device:
+            kept = torch.zeros(rows, heads, keys, dtype=torch.float32, device=device)
+            object.__setattr__(module, _ROWS_KEPT, kept)
+        object.__setattr__(module, ROWS_INTO, kept)
+        buffers[module.layer_idx if module.layer_idx is not None else index] = kept
+    try:
+        yield buffers
+    finally:
+        for module in modules:
+            module.__dict__.pop(ROWS_INTO, None)
 
 
 _hand = _hand_to_sink  # what the attention function calls (`sink_outside_compiled_code` swaps it)

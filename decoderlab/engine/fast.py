@@ -18,6 +18,7 @@ path's logic; the graph itself is tested on a GPU, tests/test_cuda.py).
 from __future__ import annotations
 
 import contextlib
+import time
 import types
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
@@ -31,6 +32,7 @@ from ..errors import StrategyError
 from .lens import decoder_layers
 
 LENGTH_STEP = 256  # static caches are sized in multiples of this, so runs of similar lengths reuse compiled layers
+COMPILE_NOTICE_AFTER = 0.5  # seconds into the warm-up step after which its layers are said to be compiling
 
 
 def cache_length(needed: int, window: int | None) -> int:
@@ -76,8 +78,10 @@ class CapturedDecoder:
     """A run's forwards over a static cache: `state.forward` of a `loop.State` (the loop calls it instead of
     `loop.forward`). One decoder per run: its graph is captured for the run's rows and maximum length."""
 
-    def __init__(self, model, max_length: int, observers: Sequence = (), compile_layers: bool | None = None):
+    def __init__(self, model, max_length: int, observers: Sequence = (), compile_layers: bool | None = None,
+                 notice: Callable[[str | None], None] | None = None):
         self.model = model
+        self.notice = notice  # shown what the first steps wait for (compiling layer i/L, capturing); None: done
         on_gpu = next(model.parameters()).device.type == "cuda"
         self.compile_layers = on_gpu if compile_layers is None else compile_layers
         self.cache = StaticCache(config=model.config, max_cache_len=max_length)
@@ -94,11 +98,17 @@ class CapturedDecoder:
         self.logits: torch.Tensor | None = None  # [B, V]: the captured step's output, rewritten by each replay
         self.captured: list = []  # per observer, what it took from the captured forward
 
-    def _layers(self):
-        """The block the warm-up and the capture run in: with compiled layers where asked (on a GPU, by default).
-        The prompt's forward runs uncompiled (compiled code would be specialised to each prompt's length), and
-        replays run no Python at all."""
-        return compiled_layers(self.model) if self.compile_layers else contextlib.nullcontext()
+    @contextmanager
+    def _layers(self, rows: int) -> Iterator[dict[int, torch.Tensor]]:
+        """The block the warm-up and the capture run in: with compiled layers where asked (on a GPU, by default),
+        and the attention rows, if recorded, written into buffers the recording reads (`attention.
+        rows_into_buffers`: no Python sink inside compiled code). Yields those buffers ({} when none). The
+        prompt's forward runs uncompiled (compiled code would be specialised to each prompt's length), and replays
+        run no Python at all."""
+        with contextlib.ExitStack() as stack:
+            if self.compile_layers:
+                stack.enter_context(compiled_layers(self.model))
+            yield stack.enter_context(attention.rows_into_buffers(self.model, rows, self.max_length))
 
     def forwards_ahead(self, state: loop.State, strategy) -> bool:
         """Whether the step being taken should forward its token at once (`loop.choose`'s `ahead`): on a GPU,
@@ -106,6 +116,24 @@ class CapturedDecoder:
         the GPU runs the next forward; a run that ends at EOS has made one forward it does not use. (On a CPU
         nothing overlaps, but the order is kept, so CI tests the order a GPU runs.)"""
         return state.steps + 1 < strategy.max_new_tokens and state.ids.shape[1] < self.max_length
+
+    def host_flag(self, flag: torch.Tensor) -> Callable[[], bool]:
+        """A function that reads the one-element bool `flag` on the host, waiting only for the work queued before
+        this call, not for what is queued after it (the next forward): on a GPU the flag is copied to page-locked
+        memory without waiting and an event marks the copy. `bool(flag)` instead would wait for everything queued
+        by the time it is read. (On a CPU there is nothing to wait for: the flag is read when asked.)"""
+        if flag.device.type != "cuda":
+            return lambda: bool(flag)
+        value = torch.empty((), dtype=torch.bool, pin_memory=True)  # torch's host allocator reuses these blocks
+        value.copy_(flag.reshape(()), non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def read() -> bool:
+            copied.synchronize()
+            return bool(value)
+
+        return read
 
     @property
     def captures(self) -> bool:
@@ -135,10 +163,44 @@ class CapturedDecoder:
         """One uncaptured decode step on a side stream: kernels choose their plans and workspaces before capture."""
         side = torch.cuda.Stream(device=input_ids.device)
         side.wait_stream(torch.cuda.current_stream(input_ids.device))
-        with torch.cuda.stream(side), self._layers():
+        with torch.cuda.stream(side), self._layers(input_ids.shape[0]) as rows, self._compile_progress():
             logits = loop.forward(model, input_ids, self.cache)
+            gathered = [o.forward_capture(rows) for o in self.observers]
         torch.cuda.current_stream(input_ids.device).wait_stream(side)
+        for observer, captured in zip(self.observers, gathered):  # recorded as a replay's: copied out at the flush
+            observer.replay_capture(captured)
         return logits
+
+    @contextmanager
+    def _compile_progress(self) -> Iterator[None]:
+        """Within the warm-up step, where each decoder layer's first call compiles it (seconds each, the first time
+        in a process for a cache length): once the step has taken COMPILE_NOTICE_AFTER seconds, `notice` says
+        which layer it has reached ("compiling layer 3/16"), then that the step is being captured. A warm-up whose
+        layers are compiled already finishes before that and shows nothing."""
+        if self.notice is None or not self.compile_layers:
+            yield
+            return
+        layers = list(decoder_layers(self.model))
+        start, shown = time.perf_counter(), []
+
+        def reached(i: int):
+            def hook(module, args):
+                if shown or time.perf_counter() - start > COMPILE_NOTICE_AFTER:
+                    shown.append(i)
+                    self.notice(f"compile=True: compiling layer {i + 1}/{len(layers)} (once per cache length)")
+            return hook
+
+        handles = [layer.register_forward_pre_hook(reached(i)) for i, layer in enumerate(layers)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        if shown:
+            self.notice("compile=True: capturing the step")
+            self._noticed = True
+
+    _noticed = False  # a notice is showing (cleared after the capture)
 
     @torch.inference_mode()
     def _capture(self, model, input_ids: torch.Tensor) -> None:
@@ -146,6 +208,9 @@ class CapturedDecoder:
         takes during the capture are tensors of the graph's memory, handed to it again after each replay."""
         self.token = input_ids.clone()
         self.graph = torch.cuda.CUDAGraph()
-        with self._layers(), torch.cuda.graph(self.graph):
+        with self._layers(input_ids.shape[0]) as rows, torch.cuda.graph(self.graph):
             self.logits = loop.forward(model, self.token, self.cache)
-        self.captured = [o.forward_capture() for o in self.observers]
+            self.captured = [o.forward_capture(rows) for o in self.observers]  # their gathering is in the graph
+        if self._noticed:
+            self.notice(None)
+            self._noticed = False

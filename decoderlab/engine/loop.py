@@ -42,6 +42,8 @@ class State:
     hidden: tuple | None = None  # those: (embeddings, layer 1, ..., last layer after the final norm), [B, T_new, D]
     extra: dict = field(default_factory=dict)  # what a strategy's own rule carries from step to step
     forward: Callable | None = None  # runs this state's forwards instead of `forward` (the fast path's captured step)
+    all_finished: tuple | None = None  # (finished, read): `read()` says whether every row of that tensor is done,
+    # without waiting for the device work queued after it (the fast path: `should_stop`)
 
     def __post_init__(self):
         if self.row_ids is None:
@@ -192,21 +194,41 @@ def ensure_logits(model, state: State, observers: Sequence[Observer] = ()) -> to
 
 @torch.inference_mode()
 def process(strategy: Strategy, ids: torch.Tensor, logits: torch.Tensor, keep_stages: bool,
-            step: int | None = None):
+            step: int | None = None, checked: bool = True):
     """Apply the processors in order; return the final scores and, if asked, each stage's scores.
 
     The raw logits are never handed to a processor (one may work in place); with `keep_stages`
     every processor gets its own copy, so each stage stays as that processor left it. Numbers that
-    cannot be (`numeric_fault`) stop the step with a `NumericError` naming the step and the processor.
+    cannot be (`numeric_fault`) stop the step with a `NumericError` naming the step and the processor
+    (`checked=False`: the caller checks, later; `check_numbers`).
     """
     scores, stages = logits, []
     for i, processor in enumerate(strategy.processors):
         scores = processor(ids, scores.clone() if keep_stages or i == 0 else scores)
         if keep_stages:
             stages.append(scores)
-    if bool(numeric_fault(logits, scores).any()):  # the step's one extra host synchronisation
-        raise _numeric_error(strategy, ids, logits, step)
+    if checked:
+        check_numbers(strategy, ids, logits, scores, step)
     return scores, stages
+
+
+def check_numbers(strategy: Strategy, ids: torch.Tensor, logits: torch.Tensor, scores: torch.Tensor,
+                  step: int | None, read: Callable[[torch.Tensor], Callable[[], bool]] | None = None
+                  ) -> Callable[[], None]:
+    """Raise a `NumericError` if the step's numbers cannot be (`numeric_fault`): the step's one extra host
+    synchronisation. `read` (the fast path's `CapturedDecoder.host_flag`) defers it: the fault is computed now, and
+    the returned function raises when called, waiting only for the work queued before it."""
+    fault = numeric_fault(logits, scores).any()
+
+    def check() -> None:
+        if (read_fault() if read is not None else bool(fault)):
+            raise _numeric_error(strategy, ids, logits, step)
+
+    if read is None:
+        check()
+        return lambda: None
+    read_fault = read(fault)
+    return check
 
 
 def numeric_fault(logits: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -251,15 +273,27 @@ def step(
     observers: Sequence[Observer] = (),
     force: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Choose one token for every row; return it. `force` (ids, -1 = free) overrides the chooser."""
+    """Choose one token for every row; return it. `force` (ids, -1 = free) overrides the chooser.
+
+    On the fast path (`state.forward.forwards_ahead`) the host waits for nothing before the next forward is
+    queued: the chosen token is forwarded at once, then the numbers are checked (waiting for this step's processors
+    only, not for that forward), and whether every row has finished is read the same way (`should_stop`). So the
+    device always has the next forward to run while the host records a step."""
     logits = ensure_logits(model, state, observers)
     keep = any(o.keep_stages for o in observers)
-    scores, stages = process(strategy, state.ids, logits, keep, state.steps)
-    ahead = None
-    if state.forward is not None and getattr(state.forward, "forwards_ahead", None) is not None and \
-            state.forward.forwards_ahead(state, strategy):
-        def ahead(advanced: State) -> None:
-            ensure_logits(model, advanced, observers)
+    decoder = state.forward
+    if decoder is None or getattr(decoder, "forwards_ahead", None) is None or \
+            not decoder.forwards_ahead(state, strategy):
+        scores, stages = process(strategy, state.ids, logits, keep, state.steps)
+        return choose(state, strategy, logits, scores, stages, observers, force)
+    scores, stages = process(strategy, state.ids, logits, keep, state.steps, checked=False)
+    check = check_numbers(strategy, state.ids, logits, scores, state.steps, read=decoder.host_flag)
+
+    def ahead(advanced: State) -> None:
+        advanced.all_finished = (advanced.finished, decoder.host_flag(advanced.finished.all()))
+        ensure_logits(model, advanced, observers)
+        check()
+
     return choose(state, strategy, logits, scores, stages, observers, force, ahead=ahead)
 
 
@@ -344,7 +378,8 @@ def window_full(length: int, window: int | None) -> bool:
 def should_stop(state: State, strategy: Strategy, max_length: int | None = None) -> str | None:
     """The reason to stop now, or None. Checking `finished` is a host synchronisation (rows finish at EOS, and
     in a comparison also when their beam search ends or their numbers go wrong)."""
-    if bool(state.finished.all()):
+    done = state.all_finished
+    if done[1]() if done is not None and done[0] is state.finished else bool(state.finished.all()):
         return "eos"
     if state.steps >= strategy.max_new_tokens:
         return "max_new_tokens"

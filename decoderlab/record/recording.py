@@ -65,6 +65,7 @@ class Recording:
         self._att_layers: dict[int, torch.Tensor] = {}
         self._att_deferred: dict[tuple, list] = {}  # (key shape, dtype, device, scaling) -> [(layer, query, keys)]
         self._res_layers: dict[int, torch.Tensor] = {}
+        self._replayed: tuple | None = None  # what a replayed CUDA graph gathered (`replay_capture`), not yet flushed
         self.attention_mode: str | None = None
         self._device: torch.device | None = None  # where a step's layers are gathered: the ids' device
         self._spilled = 0  # steps whose per-step tensors were let go (moved to the host: `_spill`)
@@ -253,6 +254,7 @@ class Recording:
         del self.residuals[steps:]
         self._att_first = min(self._att_first, steps)
         self._att_layers.clear()
+        self._replayed = None
         self._att_deferred.clear()
         self._res_layers.clear()
 
@@ -321,6 +323,13 @@ class Recording:
 
     def _flush_forward(self) -> None:
         """Move what the last forward captured into its step's slot."""
+        if self._replayed is not None:  # a replayed CUDA graph: its rows, gathered in the graph's memory
+            att, res = self._replayed
+            self._replayed = None
+            if att is not None:
+                self._store(self.attention, self._fit_context(att).clone())
+            if res is not None:
+                self._store(self.residuals, res.clone())
         for (_, _, _, scaling), items in self._att_deferred.items():
             rows = attention_mod.last_rows([q for _, q, _ in items], [k for _, _, k in items], scaling)
             for (layer, _, _), row in zip(items, self._rows_to_keep(rows)):
@@ -333,15 +342,29 @@ class Recording:
             self._store(self.residuals, self._gather(self._res_layers).float())
             self._res_layers = {}
 
-    def forward_capture(self) -> tuple[dict, dict]:
-        """What the forward running now has handed the recording (attention rows, residuals by layer): while a
-        decode step is captured as a CUDA graph, tensors of the graph's memory (`fast.CapturedDecoder`)."""
-        return dict(self._att_layers), dict(self._res_layers)
+    def forward_capture(self, rows: dict[int, torch.Tensor] | None = None
+                        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What the forward being captured as a CUDA graph has handed the recording, gathered as the flush gathers
+        it: the attention rows of all layers [B, L, H, K] and the residuals [B, L, D] float32. Called inside the
+        capture (`fast.CapturedDecoder`), so the gathering is part of the graph: each replay leaves the step's
+        rows in these two tensors, and the host's share of a step is one copy of each, not a few per layer.
+        `rows`: the layers' row buffers the attention function wrote instead of the sink
+        (`attention.rows_into_buffers`), {layer: [B, H, K] float32}."""
+        if rows and not self._att_layers:  # (a row the sink was handed after all wins over a stale buffer)
+            wanted = self.opts.attention_layers
+            picked = [i for i in sorted(rows) if wanted is None or i in wanted]
+            if picked:
+                kept = self._rows_to_keep(torch.stack([rows[i] for i in picked]))
+                self._att_layers = dict(zip(picked, kept))
+        att = self._gather(self._att_layers) if self._att_layers else None
+        res = self._gather(self._res_layers).float() if self._res_layers else None
+        self._att_layers, self._res_layers = {}, {}
+        return att, res
 
-    def replay_capture(self, captured: tuple[dict, dict]) -> None:
-        """Hand the recording what a captured forward handed it (`forward_capture`), before the graph's replay
+    def replay_capture(self, captured: tuple[torch.Tensor | None, torch.Tensor | None]) -> None:
+        """Hand the recording what a captured forward gathered (`forward_capture`), before the graph's replay
         rewrites those tensors: the step's flush copies them out, as after an eager forward."""
-        self._att_layers, self._res_layers = dict(captured[0]), dict(captured[1])
+        self._replayed = captured
 
     def _gather(self, layers: dict[int, torch.Tensor]) -> torch.Tensor:
         """Per-layer [B, ...] tensors -> [B, L, ...] in layer order, on the ids' device. A model sharded with
