@@ -187,9 +187,10 @@ def test_a_replayed_step_is_recorded_as_its_forward_gathered_it(tiny_lms):
 
 def test_compiled_layers_write_attention_rows_into_buffers_without_a_graph_break(tiny_lms):
     """On a GPU the warm-up and the capture run the attention function inside compiled layers with the rows going
-    into one buffer per layer (`attention.rows_into_buffers`), not to the Python sink: the compiled layer has no
-    graph break, and the rows the recording gathers from the buffers equal the sink's (here on the CPU, inductor's
-    CPU code); afterwards no module points at a buffer."""
+    into one buffer per layer (`attention.rows_into_buffers`), not to the Python sink, which compiled code must
+    leave (a graph break at `_hand_to_sink` in every layer): with the buffers no break is the sink's, and the rows
+    the recording gathers from the buffers equal the sink's (here on the CPU, inductor's CPU code); afterwards no
+    module points at a buffer."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -198,8 +199,11 @@ def test_compiled_layers_write_attention_rows_into_buffers_without_a_graph_break
 
     lm = tiny_lms["llama"]
     ids = lm.encode(PROMPT)[0]
+    lm.model(input_ids=ids, output_hidden_states=True)  # transformers' output-capturing hooks, installed for good
+    hooked = _output_capturing_hooks(lm.model)
+    assert hooked
     strat = lm.strategy(ids.shape[1], max_new_tokens=4)
-    recorded = []
+    recorded, breaks = [], []
     for route in ("sink", "buffers"):
         rec, decoder = Recording(dl.Record(attention=True, attention_layers=[0, 1], lens=True)), \
             fast.CapturedDecoder(lm.model, 64)
@@ -207,22 +211,31 @@ def test_compiled_layers_write_attention_rows_into_buffers_without_a_graph_break
             state = loop.prefill(lm.model, ids, strat, [rec], cache=decoder.cache)
             state.ids = torch.cat([state.ids, state.next_logits.argmax(-1)[:, None]], 1)
             rec.before_forward(state, 1)
-            if route == "sink":
-                loop.forward(lm.model, state.ids[:, -1:], decoder.cache)
-            else:
-                torch._dynamo.reset()
-                counters.clear()
-                with fast.compiled_layers(lm.model), attention.rows_into_buffers(lm.model, 1, 64) as rows:
+            torch._dynamo.reset()
+            counters.clear()
+            with fast.compiled_layers(lm.model):
+                if route == "sink":
                     loop.forward(lm.model, state.ids[:, -1:], decoder.cache)
-                    assert sorted(rows) == list(range(len(lm.model.model.layers)))
-                    rec.replay_capture(rec.forward_capture(rows))
-                assert not counters["graph_break"], dict(counters["graph_break"])
-                assert counters["stats"]["unique_graphs"] >= 1
+                else:
+                    with attention.rows_into_buffers(lm.model, 1, 64) as rows:
+                        loop.forward(lm.model, state.ids[:, -1:], decoder.cache)
+                        assert sorted(rows) == list(range(len(lm.model.model.layers)))
+                        rec.replay_capture(rec.forward_capture(rows))
+                    assert not counters["graph_break"], list(counters["graph_break"])  # none at all
+            breaks.append(sum(n for reason, n in counters["graph_break"].items() if "_hand_to_sink" in reason))
             rec._flush_forward()
         recorded.append(rec)
+    assert breaks[0] >= len(lm.model.model.layers) and breaks[1] == 0, breaks
     assert all(attention.ROWS_INTO not in vars(m) for m in lm.model.modules())
+    assert _output_capturing_hooks(lm.model) == hooked  # back, in their order
     sink, buffers = recorded
     assert buffers.attention[1].shape == sink.attention[1].shape == (1, 2, sink.attention[1].shape[2],
                                                                      sink.attention[1].shape[3])
     torch.testing.assert_close(buffers.attention[1], sink.attention[1], atol=1e-3, rtol=0)
     torch.testing.assert_close(buffers.residuals[1], sink.residuals[1], atol=1e-4, rtol=1e-4)
+
+
+def _output_capturing_hooks(model) -> list:
+    """Every module's forward hooks, in order, where transformers' output-capturing hooks are among them."""
+    return [(name, list(m._forward_hooks.items())) for name, m in model.named_modules()
+            if any(getattr(h, "__name__", "") == "output_capturing_hook" for h in m._forward_hooks.values())]

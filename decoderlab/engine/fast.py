@@ -58,7 +58,7 @@ def compiled_layers(model) -> Iterator[None]:
     before = config.cache_size_limit
     config.cache_size_limit = max(before, 4 * len(layers) + 8)  # one entry per layer (their indices differ)
     try:
-        with attention.sink_outside_compiled_code():
+        with attention.sink_outside_compiled_code(), _without_output_capturing_hooks(model):
             for layer in layers:
                 cls = type(layer)
                 if cls not in _COMPILED:  # torch.compile's wrapper costs milliseconds to make: once per class
@@ -69,6 +69,30 @@ def compiled_layers(model) -> Iterator[None]:
         for layer in layers:
             layer.__dict__.pop("forward", None)
         config.cache_size_limit = before
+
+
+@contextmanager
+def _without_output_capturing_hooks(model) -> Iterator[None]:
+    """Within the block, transformers' output-capturing hooks are off the model's modules. They are installed for
+    good the first time a model is asked for its hidden states or attentions (DoLa, contrastive search, the logit
+    lens of `score`), and each reads a ContextVar, which compiled code cannot trace: every hooked module inside a
+    compiled layer would cut it in pieces. The fast path asks for no such output, so the hooks would do nothing;
+    they are put back, in place, afterwards."""
+    removed = []
+    for module in model.modules():
+        hooks = module._forward_hooks
+        for key, hook in list(hooks.items()):
+            if getattr(hook, "__name__", "") == "output_capturing_hook":
+                removed.append((hooks, key, hook, list(hooks)))
+                del hooks[key]
+    try:
+        yield
+    finally:
+        for hooks, key, hook, order in reversed(removed):
+            hooks[key] = hook
+            for k in order:  # the order they ran in
+                if k in hooks:
+                    hooks.move_to_end(k)
 
 
 _COMPILED: dict[type, Callable] = {}  # a decoder layer class -> its compiled forward (no model is kept alive)

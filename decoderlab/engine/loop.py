@@ -219,15 +219,14 @@ def check_numbers(strategy: Strategy, ids: torch.Tensor, logits: torch.Tensor, s
     synchronisation. `read` (the fast path's `CapturedDecoder.host_flag`) defers it: the fault is computed now, and
     the returned function raises when called, waiting only for the work queued before it."""
     fault = numeric_fault(logits, scores).any()
+    read_fault = (lambda: bool(fault)) if read is None else read(fault)
 
     def check() -> None:
-        if (read_fault() if read is not None else bool(fault)):
+        if read_fault():
             raise _numeric_error(strategy, ids, logits, step)
 
     if read is None:
         check()
-        return lambda: None
-    read_fault = read(fault)
     return check
 
 
@@ -315,8 +314,9 @@ def choose(
     is appended, to be forwarded at the start of the next step. `step` and DoLa's step end here.
 
     `ahead(state)` (the fast path) forwards the token at once instead, before the observers see the step: the
-    host records this step while the GPU runs the next forward. Otherwise a failing observer leaves the state
-    as it was before the step."""
+    host records this step while the GPU runs the next forward. It may raise (the step's numbers, checked after
+    that forward is queued): the run then ends with the steps before, unrecorded. Otherwise a failing observer
+    leaves the state as it was before the step."""
     token = strategy.chooser(scores, state.generators)
     forced = torch.zeros_like(state.finished)
     if force is not None:
