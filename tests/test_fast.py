@@ -102,9 +102,12 @@ def test_compile_must_be_a_bool(tiny_lms):
         tiny_lms["llama"].generate(PROMPT, max_new_tokens=3, compile="yes", progress=False)
 
 
-def test_numbers_that_go_wrong_stop_the_fast_path_with_the_steps_before(tiny_lms):
+@pytest.mark.parametrize("words", [dict(), dict(do_sample=True, seed=1)], ids=["greedy", "sampling"])
+def test_numbers_that_go_wrong_stop_the_fast_path_with_the_steps_before(tiny_lms, words):
     """A processor that turns the scores to NaN at step 4: the same NumericError as the eager path, naming the step
-    and the processor, and `err.trace` holds the same four steps (the forward made ahead is not a step)."""
+    and the processor, and `err.trace` holds the same four steps (the forward made ahead is not a step). The fast
+    path checks after queueing that forward; meanwhile the sampler is kept from the NaN rows (torch.multinomial
+    would raise its own error first)."""
     from tests.test_errors import NaNAfter
 
     lm = tiny_lms["llama"]
@@ -113,7 +116,7 @@ def test_numbers_that_go_wrong_stop_the_fast_path_with_the_steps_before(tiny_lms
     for compile in (False, True):
         with pytest.raises(dl.NumericError, match="step 4: after NaNAfter") as caught:
             lm.generate(PROMPT, max_new_tokens=10, record=EVERYTHING, progress=False, compile=compile,
-                        logits_processor=[NaNAfter(length)])
+                        logits_processor=[NaNAfter(length)], **words)
         assert caught.value.step == 4 and caught.value.trace.num_steps == 4
         traces.append(caught.value.trace)
     same_trace(*traces)
@@ -131,20 +134,28 @@ def test_compiled_layers_record_what_eager_layers_record(tiny_lms):
     assert all("forward" not in vars(layer) for layer in lm.model.model.layers)
 
 
-@pytest.mark.parametrize("after, shown", [(-1.0, True), (1e9, False)], ids=["slow", "fast"])
-def test_a_slow_warm_up_says_which_layer_it_is_compiling(tiny_lms, monkeypatch, after, shown):
-    """The warm-up step compiles each layer on its first call: once it has taken COMPILE_NOTICE_AFTER seconds, the
-    notice names each layer it reaches, then the capture; a warm-up faster than that (layers compiled already)
-    shows nothing. The hooks are gone afterwards."""
+class _Everything(set):
+    def __contains__(self, item) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("after, warmed, shown", [(1e9, False, True), (-1.0, True, True), (1e9, True, False)],
+                         ids=["new shape", "slow", "fast"])
+def test_a_slow_warm_up_says_which_layer_it_is_compiling(tiny_lms, monkeypatch, after, warmed, shown):
+    """The warm-up step compiles each layer on its first call: the notice names each layer it reaches, then the
+    capture, from the first layer when the process has not warmed up this layer class over this cache shape, else
+    once it has taken COMPILE_NOTICE_AFTER seconds; a warm-up of known shape faster than that (layers compiled
+    already) shows nothing. The hooks are gone afterwards."""
 
     from decoderlab.engine import loop
 
     lm = tiny_lms["llama"]
     monkeypatch.setattr(fast, "COMPILE_NOTICE_AFTER", after)
+    monkeypatch.setattr(fast, "_WARMED", _Everything() if warmed else set())
     notices: list = []
     decoder = fast.CapturedDecoder(lm.model, 64, compile_layers=True, notice=notices.append)
     ids = lm.encode(PROMPT)[0]
-    with decoder._compile_progress():
+    with decoder._compile_progress(rows=1):
         loop.forward(lm.model, ids, decoder.cache)
     layers = len(lm.model.model.layers)
     expected = [f"compile=True: compiling layer {i}/{layers} (once per cache length)" for i in range(1, layers + 1)]
@@ -217,7 +228,8 @@ def test_compiled_layers_write_attention_rows_into_buffers_without_a_graph_break
                 if route == "sink":
                     loop.forward(lm.model, state.ids[:, -1:], decoder.cache)
                 else:
-                    with attention.rows_into_buffers(lm.model, 1, 64) as rows:
+                    rows = attention.row_buffers(lm.model, 1, 64)
+                    with attention.rows_into_buffers(lm.model, rows):
                         loop.forward(lm.model, state.ids[:, -1:], decoder.cache)
                         assert sorted(rows) == list(range(len(lm.model.model.layers)))
                         rec.replay_capture(rec.forward_capture(rows))
@@ -239,3 +251,19 @@ def _output_capturing_hooks(model) -> list:
     """Every module's forward hooks, in order, where transformers' output-capturing hooks are among them."""
     return [(name, list(m._forward_hooks.items())) for name, m in model.named_modules()
             if any(getattr(h, "__name__", "") == "output_capturing_hook" for h in m._forward_hooks.values())]
+
+
+def test_a_step_takes_each_layers_row_from_the_sink_or_else_its_buffer():
+    """`Recording.forward_capture` with row buffers: a layer whose row reached the sink keeps it, the others take
+    their buffer, and a layer the prompt's forward recorded no row for (not asked for, or not attention that
+    decoderlab records) is left out, whatever its buffer holds."""
+    from decoderlab.record import Recording
+
+    rec = Recording(dl.Record(attention=True))
+    rec._row_layers = frozenset({0, 1})
+    sink_row = torch.full((1, 2, 5), 0.25)
+    rec._att_layers = {0: sink_row.half()}
+    buffers = {i: torch.full((1, 2, 5), float(i + 1)) for i in range(3)}
+    att, res = rec.forward_capture(buffers)
+    assert res is None and att.shape == (1, 2, 2, 5) and att.dtype == torch.float16
+    assert torch.equal(att[:, 0], sink_row.half()) and torch.equal(att[:, 1], buffers[1].half())

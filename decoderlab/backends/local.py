@@ -250,20 +250,17 @@ class LM:
                                   max_new_tokens=max_new_tokens, **strategy)
         return SampleTree(trace)
 
-    def _captured_decoder(self, prompt_length: int, strat: Strategy, observers: list, bar=None):
+    def _captured_decoder(self, prompt_length: int, strat: Strategy, observers: list, bar: Any = None):
         """The fast path's forwards: a static cache for the prompt and every step's token (within the window). The
         progress bar, if any, says what the first steps wait for (compiling layer i/L, capturing)."""
         from ..engine.fast import CapturedDecoder, cache_length
 
-        notice = None
-        if bar is not None:
-            decoding = bar.desc
+        def notice(text: str | None) -> None:
+            bar.set_description_str(decoding if text is None else text)
 
-            def notice(text: str | None) -> None:
-                bar.set_description_str(decoding if text is None else text)
-
+        decoding = None if bar is None else bar.desc
         return CapturedDecoder(self.model, cache_length(prompt_length + strat.max_new_tokens, self.context_window),
-                               observers, notice=notice)
+                               observers, notice=None if bar is None else notice)
 
     def _beam_search(self, ids: torch.Tensor, prompt_text: str, strat: Strategy, record: Record) -> Trace:
         """`generate` with num_beams > 1: the returned sequences as rows, best first, and the tree."""

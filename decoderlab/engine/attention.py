@@ -100,11 +100,12 @@ def recording_attention(module, query, key, value, attention_mask, dropout=0.0, 
         if attention_mask is None and query.shape[2] > 1:
             key = key[:, :, : query.shape[2]]  # is_causal: the last query sees the first Q keys (see `_causal`)
         # with a mask (every decode step over a static cache) the row is computed here, where compiled code fuses it
-        row = None if attention_mask is None else last_row(module, query, key, attention_mask, scaling)
         into = getattr(module, ROWS_INTO, None)
-        if into is not None and row is not None and into.shape == row.shape:
-            into.copy_(row)  # compiled code keeps running: no Python sink (`rows_into_buffers`)
+        if into is not None and attention_mask is not None and \
+                into.shape == (query.shape[0], query.shape[1], key.shape[2]):
+            into.copy_(last_row(module, query, key, attention_mask, scaling))  # no Python sink: `rows_into_buffers`
             return out, None
+        row = None if attention_mask is None else last_row(module, query, key, attention_mask, scaling)
         _hand(module, query, key, attention_mask, scaling, row=row)
     return out, None
 
@@ -132,39 +133,45 @@ def _hand_to_sink(module, query, key, attention_mask, scaling: float, row: torch
 
 
 ROWS_INTO = "_decoderlab_rows"  # an attention module's attribute: where its decode rows go (`rows_into_buffers`)
-_ROWS_KEPT = "_decoderlab_rows_kept"  # the module's row buffer, kept from run to run
+
+
+def _indexed_attention_modules(model) -> list[tuple[int, torch.nn.Module]]:
+    """(layer index, self-attention module), in layer order."""
+    return [(m.layer_idx if m.layer_idx is not None else i, m) for i, m in enumerate(_attention_modules(model))]
+
+
+def row_buffers(model, rows: int, keys: int) -> dict[int, torch.Tensor]:
+    """One zeroed buffer per attention layer, [rows, heads, keys] float32 on the layer's device, for
+    `rows_into_buffers`; {} when no recording asks for attention rows. The caller keeps them for as long as
+    anything writes them (a captured graph does at every replay)."""
+    if not _recording:
+        return {}
+    buffers = {}
+    for index, module in _indexed_attention_modules(model):
+        heads = getattr(module, "num_heads", None) or module.config.num_attention_heads
+        device = next(module.parameters()).device
+        buffers[index] = torch.zeros(rows, heads, keys, dtype=torch.float32, device=device)
+    return buffers
 
 
 @contextmanager
-def rows_into_buffers(model, rows: int, keys: int) -> Iterator[dict[int, torch.Tensor]]:
-    """Within the block, while a sink is set, the attention function writes each decode step's row (over a
-    static cache of `keys` slots: a mask is given) into a buffer of its layer, [rows, heads, keys] float32, set
-    on the attention module, instead of handing it to the sink. Yields {layer index: buffer}; the recording reads
-    them after the forward (`Recording.forward_capture`).
+def rows_into_buffers(model, buffers: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Within the block the attention function writes each decode step's row (over a static cache: a mask is
+    given) into its layer's buffer (`row_buffers`), set on the attention module, instead of handing it to the
+    sink. The recording reads the buffers after the forward (`Recording.forward_capture`); a layer whose row does
+    not fit its buffer goes to the sink as before.
 
-    Why: the sink is Python, which compiled code must leave (a graph break, `sink_outside_compiled_code`); each
+    Why: the sink is Python, which compiled code must leave (a graph break, `sink_outside_compiled_code`): each
     layer's compiled forward is then cut in pieces, and the code between runs as separate kernels (twice the
-    kernels of a step at the Llama-1B shape). A copy into a tensor is traced like any other op. Each module keeps
-    its buffer from run to run (one per shape), so compiled code keeps matching it and a captured graph rewrites
-    it at every replay."""
-    modules = _attention_modules(model)
-    if not _recording or not modules:
-        yield {}
-        return
-    buffers = {}
-    for index, module in enumerate(modules):
-        heads = getattr(module, "num_heads", None) or module.config.num_attention_heads
-        device = next(module.parameters()).device
-        kept = getattr(module, _ROWS_KEPT, None)
-        if kept is None or kept.shape != (rows, heads, keys) or kept.device != device:
-            kept = torch.zeros(rows, heads, keys, dtype=torch.float32, device=device)
-            object.__setattr__(module, _ROWS_KEPT, kept)
-        object.__setattr__(module, ROWS_INTO, kept)
-        buffers[module.layer_idx if module.layer_idx is not None else index] = kept
+    kernels of a step at the Llama-1B shape). A copy into a tensor is traced like any other op, and compiled code
+    matches buffers of the same shape without compiling again."""
+    modules = [(i, m) for i, m in _indexed_attention_modules(model) if i in buffers]
+    for index, module in modules:
+        object.__setattr__(module, ROWS_INTO, buffers[index])
     try:
-        yield buffers
+        yield
     finally:
-        for module in modules:
+        for _, module in modules:
             module.__dict__.pop(ROWS_INTO, None)
 
 

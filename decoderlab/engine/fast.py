@@ -4,9 +4,11 @@ with recording on (`lm.generate(..., compile=True)`).
 Why: on a GPU a decode step of a model this size is bound by the host (Python and kernel launches), not by
 the GPU. transformers' own fast path (`generate(cache_implementation="static")`) captures the step with CUDA
 graphs, and shows nothing of the decoding. Here the model's own forward is captured while decoderlab's
-recording is attached: the attention function and the lens hooks write into tensors of the graph's memory,
-which every replay rewrites, so after each replay the recording is handed what an eager forward would have
-handed it (`Recording.forward_capture` / `replay_capture`). The processors, the chooser and the recorders run
+recording is attached: the attention function writes each layer's row into a buffer of the run
+(`attention.rows_into_buffers`), the lens hooks take the residuals, and the recording gathers both inside the
+graph, into tensors of the graph's memory that every replay rewrites; before each replay the recording is
+handed them, to copy out what an eager forward would have handed it (`Recording.forward_capture` /
+`replay_capture`). The processors, the chooser and the recorders run
 after the forward, as in the eager loop (as transformers' processors run after its compiled forward).
 
 Order of forwards: the prompt runs uncaptured (its length is the prompt's); the first decode step runs
@@ -46,8 +48,10 @@ def cache_length(needed: int, window: int | None) -> int:
 def compiled_layers(model) -> Iterator[None]:
     """Within the block each decoder layer's forward runs compiled by torch.compile (inductor): the step's many
     small kernels (norms, rotary embeddings, activations) fused, which a captured graph replays without launches.
-    The recording's attention sink runs outside compiled code (`attention.sink_outside_compiled_code`); the lens
-    hooks sit on the layers' calls, around their compiled forwards. The model's own forwards come back after.
+    The recording's attention sink, where it is still called, runs outside compiled code
+    (`attention.sink_outside_compiled_code`); the lens hooks sit on the layers' calls, around their compiled
+    forwards; transformers' output-capturing hooks are taken off meanwhile (`_without_output_capturing_hooks`).
+    The model's own forwards come back after.
 
     Each layer is compiled once per process and cache shape (the first run waits; later runs with a cache of the
     same length do not)."""
@@ -95,7 +99,8 @@ def _without_output_capturing_hooks(model) -> Iterator[None]:
                     hooks.move_to_end(k)
 
 
-_COMPILED: dict[type, Callable] = {}  # a decoder layer class -> its compiled forward (no model is kept alive)
+_COMPILED: dict[type, Callable] = {}
+_WARMED: set = set()  # (layer class, cache length, rows, dtype) of the warm-ups run in this process  # a decoder layer class -> its compiled forward (no model is kept alive)
 
 
 class CapturedDecoder:
@@ -106,6 +111,8 @@ class CapturedDecoder:
                  notice: Callable[[str | None], None] | None = None):
         self.model = model
         self.notice = notice  # shown what the first steps wait for (compiling layer i/L, capturing); None: done
+        self._noticed = False  # a notice is showing (cleared after the capture)
+        self.row_buffers: dict[int, torch.Tensor] | None = None  # where the warm-up and the graph write attention rows
         on_gpu = next(model.parameters()).device.type == "cuda"
         self.compile_layers = on_gpu if compile_layers is None else compile_layers
         self.cache = StaticCache(config=model.config, max_cache_len=max_length)
@@ -129,10 +136,13 @@ class CapturedDecoder:
         rows_into_buffers`: no Python sink inside compiled code). Yields those buffers ({} when none). The
         prompt's forward runs uncompiled (compiled code would be specialised to each prompt's length), and replays
         run no Python at all."""
+        if self.row_buffers is None:  # kept by the decoder: the captured graph writes them at every replay
+            self.row_buffers = attention.row_buffers(self.model, rows, self.max_length)
         with contextlib.ExitStack() as stack:
             if self.compile_layers:
                 stack.enter_context(compiled_layers(self.model))
-            yield stack.enter_context(attention.rows_into_buffers(self.model, rows, self.max_length))
+            stack.enter_context(attention.rows_into_buffers(self.model, self.row_buffers))
+            yield self.row_buffers
 
     def forwards_ahead(self, state: loop.State, strategy) -> bool:
         """Whether the step being taken should forward its token at once (`loop.choose`'s `ahead`): on a GPU,
@@ -141,7 +151,8 @@ class CapturedDecoder:
         nothing overlaps, but the order is kept, so CI tests the order a GPU runs.)"""
         return state.steps + 1 < strategy.max_new_tokens and state.ids.shape[1] < self.max_length
 
-    def host_flag(self, flag: torch.Tensor) -> Callable[[], bool]:
+    @staticmethod
+    def host_flag(flag: torch.Tensor) -> Callable[[], bool]:
         """A function that reads the one-element bool `flag` on the host, waiting only for the work queued before
         this call, not for what is queued after it (the next forward): on a GPU the flag is copied to page-locked
         memory without waiting and an event marks the copy. `bool(flag)` instead would wait for everything queued
@@ -151,7 +162,7 @@ class CapturedDecoder:
         value = torch.empty((), dtype=torch.bool, pin_memory=True)  # torch's host allocator reuses these blocks
         value.copy_(flag.reshape(()), non_blocking=True)
         copied = torch.cuda.Event()
-        copied.record()
+        copied.record(torch.cuda.current_stream(flag.device))  # the stream the copy was queued on
 
         def read() -> bool:
             copied.synchronize()
@@ -187,7 +198,8 @@ class CapturedDecoder:
         """One uncaptured decode step on a side stream: kernels choose their plans and workspaces before capture."""
         side = torch.cuda.Stream(device=input_ids.device)
         side.wait_stream(torch.cuda.current_stream(input_ids.device))
-        with torch.cuda.stream(side), self._layers(input_ids.shape[0]) as rows, self._compile_progress():
+        with torch.cuda.stream(side), self._layers(input_ids.shape[0]) as rows, \
+                self._compile_progress(input_ids.shape[0]):
             logits = loop.forward(model, input_ids, self.cache)
             gathered = [o.forward_capture(rows) for o in self.observers]
         torch.cuda.current_stream(input_ids.device).wait_stream(side)
@@ -196,19 +208,23 @@ class CapturedDecoder:
         return logits
 
     @contextmanager
-    def _compile_progress(self) -> Iterator[None]:
+    def _compile_progress(self, rows: int) -> Iterator[None]:
         """Within the warm-up step, where each decoder layer's first call compiles it (seconds each, the first time
-        in a process for a cache length): once the step has taken COMPILE_NOTICE_AFTER seconds, `notice` says
-        which layer it has reached ("compiling layer 3/16"), then that the step is being captured. A warm-up whose
-        layers are compiled already finishes before that and shows nothing."""
+        in a process for a cache length): `notice` says which layer the step has reached ("compiling layer 3/16"),
+        then that the step is being captured. From the first layer when this process has not run a layer of this
+        class over a cache of this shape yet; otherwise once the step has taken COMPILE_NOTICE_AFTER seconds (the
+        recording asked for may need a compile of its own), so a warm-up whose layers are compiled shows
+        nothing."""
         if self.notice is None or not self.compile_layers:
             yield
             return
         layers = list(decoder_layers(self.model))
-        start, shown = time.perf_counter(), []
+        shape = (type(layers[0]), self.max_length, rows, self.model.dtype) if layers else None
+        start, shown = time.perf_counter(), [] if shape in _WARMED else [None]
+        _WARMED.add(shape)
 
         def reached(i: int):
-            def hook(module, args):
+            def hook(module, args) -> None:
                 if shown or time.perf_counter() - start > COMPILE_NOTICE_AFTER:
                     shown.append(i)
                     self.notice(f"compile=True: compiling layer {i + 1}/{len(layers)} (once per cache length)")
@@ -224,12 +240,10 @@ class CapturedDecoder:
             self.notice("compile=True: capturing the step")
             self._noticed = True
 
-    _noticed = False  # a notice is showing (cleared after the capture)
-
     @torch.inference_mode()
     def _capture(self, model, input_ids: torch.Tensor) -> None:
-        """Capture one decode step (nothing runs: the first replay computes it). What the recording's capture
-        takes during the capture are tensors of the graph's memory, handed to it again after each replay."""
+        """Capture one decode step (nothing runs: the first replay computes it). What the recording gathers during
+        the capture are tensors of the graph's memory, handed to it again before each replay."""
         self.token = input_ids.clone()
         self.graph = torch.cuda.CUDAGraph()
         with self._layers(input_ids.shape[0]) as rows, torch.cuda.graph(self.graph):

@@ -42,8 +42,7 @@ class State:
     hidden: tuple | None = None  # those: (embeddings, layer 1, ..., last layer after the final norm), [B, T_new, D]
     extra: dict = field(default_factory=dict)  # what a strategy's own rule carries from step to step
     forward: Callable | None = None  # runs this state's forwards instead of `forward` (the fast path's captured step)
-    all_finished: tuple | None = None  # (finished, read): `read()` says whether every row of that tensor is done,
-    # without waiting for the device work queued after it (the fast path: `should_stop`)
+    finished_flag: tuple | None = None  # (finished, read): whether all of `finished` is True, read later (`should_stop`)
 
     def __post_init__(self):
         if self.row_ids is None:
@@ -213,18 +212,18 @@ def process(strategy: Strategy, ids: torch.Tensor, logits: torch.Tensor, keep_st
 
 
 def check_numbers(strategy: Strategy, ids: torch.Tensor, logits: torch.Tensor, scores: torch.Tensor,
-                  step: int | None, read: Callable[[torch.Tensor], Callable[[], bool]] | None = None
-                  ) -> Callable[[], None]:
+                  step: int | None, read: Callable[[torch.Tensor], Callable[[], bool]] | None = None,
+                  faults: torch.Tensor | None = None) -> Callable[[], None]:
     """Raise a `NumericError` if the step's numbers cannot be (`numeric_fault`): the step's one extra host
     synchronisation. `read` (the fast path's `CapturedDecoder.host_flag`) defers it: the fault is computed now, and
-    the returned function raises when called, waiting only for the work queued before it."""
-    fault = numeric_fault(logits, scores).any()
+    the returned function raises when called, waiting only for the work queued before it. `faults`:
+    `numeric_fault(logits, scores)`, if computed already."""
+    fault = (numeric_fault(logits, scores) if faults is None else faults).any()
     read_fault = (lambda: bool(fault)) if read is None else read(fault)
 
     def check() -> None:
         if read_fault():
             raise _numeric_error(strategy, ids, logits, step)
-
     if read is None:
         check()
     return check
@@ -286,14 +285,17 @@ def step(
         scores, stages = process(strategy, state.ids, logits, keep, state.steps)
         return choose(state, strategy, logits, scores, stages, observers, force)
     scores, stages = process(strategy, state.ids, logits, keep, state.steps, checked=False)
-    check = check_numbers(strategy, state.ids, logits, scores, state.steps, read=decoder.host_flag)
+    faults = numeric_fault(logits, scores)
+    check = check_numbers(strategy, state.ids, logits, scores, state.steps, read=decoder.host_flag, faults=faults)
+    # until `check` raises, a row with bad numbers must not reach the chooser (torch.multinomial refuses NaN)
+    usable = torch.where(faults[:, None], torch.zeros_like(scores), scores)
 
     def ahead(advanced: State) -> None:
-        advanced.all_finished = (advanced.finished, decoder.host_flag(advanced.finished.all()))
+        advanced.finished_flag = (advanced.finished, decoder.host_flag(advanced.finished.all()))
         ensure_logits(model, advanced, observers)
         check()
 
-    return choose(state, strategy, logits, scores, stages, observers, force, ahead=ahead)
+    return choose(state, strategy, logits, scores, stages, observers, force, ahead=ahead, choose_from=usable)
 
 
 @torch.inference_mode()
@@ -308,6 +310,7 @@ def choose(
     decision: dict | None = None,
     inputs: torch.Tensor | None = None,
     ahead: Callable[[State], None] | None = None,
+    choose_from: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The end of every step: the chooser picks from `scores` (`force` overrides it, finished rows get padding),
     observers see the step (`decision`: what a strategy's own rule decided, e.g. DoLa's layer), and the token
@@ -316,8 +319,9 @@ def choose(
     `ahead(state)` (the fast path) forwards the token at once instead, before the observers see the step: the
     host records this step while the GPU runs the next forward. It may raise (the step's numbers, checked after
     that forward is queued): the run then ends with the steps before, unrecorded. Otherwise a failing observer
-    leaves the state as it was before the step."""
-    token = strategy.chooser(scores, state.generators)
+    leaves the state as it was before the step. `choose_from`: what the chooser picks from, when not `scores`
+    (the fast path's scores with rows whose numbers fail the deferred check blanked)."""
+    token = strategy.chooser(scores if choose_from is None else choose_from, state.generators)
     forced = torch.zeros_like(state.finished)
     if force is not None:
         forced = force >= 0
@@ -377,8 +381,9 @@ def window_full(length: int, window: int | None) -> bool:
 
 def should_stop(state: State, strategy: Strategy, max_length: int | None = None) -> str | None:
     """The reason to stop now, or None. Checking `finished` is a host synchronisation (rows finish at EOS, and
-    in a comparison also when their beam search ends or their numbers go wrong)."""
-    done = state.all_finished
+    in a comparison also when their beam search ends or their numbers go wrong); on the fast path it waits on
+    an event instead (`State.finished_flag`), not for the forward queued since."""
+    done = state.finished_flag
     if done[1]() if done is not None and done[0] is state.finished else bool(state.finished.all()):
         return "eos"
     if state.steps >= strategy.max_new_tokens:

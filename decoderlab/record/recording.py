@@ -66,6 +66,7 @@ class Recording:
         self._att_deferred: dict[tuple, list] = {}  # (key shape, dtype, device, scaling) -> [(layer, query, keys)]
         self._res_layers: dict[int, torch.Tensor] = {}
         self._replayed: tuple | None = None  # what a replayed CUDA graph gathered (`replay_capture`), not yet flushed
+        self._row_layers: frozenset = frozenset()  # the layers whose rows the last flushed forward recorded
         self.attention_mode: str | None = None
         self._device: torch.device | None = None  # where a step's layers are gathered: the ids' device
         self._spilled = 0  # steps whose per-step tensors were let go (moved to the host: `_spill`)
@@ -336,6 +337,7 @@ class Recording:
                 self._att_layers[layer] = row
         self._att_deferred = {}
         if self._att_layers:
+            self._row_layers = frozenset(self._att_layers)
             self._store(self.attention, self._gather({i: self._fit_context(r) for i, r in self._att_layers.items()}))
             self._att_layers = {}
         if self._res_layers:
@@ -347,15 +349,14 @@ class Recording:
         """What the forward being captured as a CUDA graph has handed the recording, gathered as the flush gathers
         it: the attention rows of all layers [B, L, H, K] and the residuals [B, L, D] float32. Called inside the
         capture (`fast.CapturedDecoder`), so the gathering is part of the graph: each replay leaves the step's
-        rows in these two tensors, and the host's share of a step is one copy of each, not a few per layer.
+        rows in these two tensors (handed back before it, `replay_capture`), and the host's share of a step is one
+        copy of each, not a few per layer.
         `rows`: the layers' row buffers the attention function wrote instead of the sink
-        (`attention.rows_into_buffers`), {layer: [B, H, K] float32}."""
-        if rows and not self._att_layers:  # (a row the sink was handed after all wins over a stale buffer)
-            wanted = self.opts.attention_layers
-            picked = [i for i in sorted(rows) if wanted is None or i in wanted]
-            if picked:
-                kept = self._rows_to_keep(torch.stack([rows[i] for i in picked]))
-                self._att_layers = dict(zip(picked, kept))
+        (`attention.rows_into_buffers`), {layer: [B, H, K] float32}. The warm-up step (uncaptured, on a side
+        stream) is recorded through the same two calls."""
+        picked = [i for i in sorted(rows or ()) if i in self._row_layers and i not in self._att_layers]
+        if picked:  # the layers that handed the prompt's forward a row, and did not hand the sink one now
+            self._att_layers.update(zip(picked, self._rows_to_keep(torch.stack([rows[i] for i in picked]))))
         att = self._gather(self._att_layers) if self._att_layers else None
         res = self._gather(self._res_layers).float() if self._res_layers else None
         self._att_layers, self._res_layers = {}, {}
