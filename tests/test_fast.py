@@ -267,3 +267,29 @@ def test_a_step_takes_each_layers_row_from_the_sink_or_else_its_buffer():
     att, res = rec.forward_capture(buffers)
     assert res is None and att.shape == (1, 2, 2, 5) and att.dtype == torch.float16
     assert torch.equal(att[:, 0], sink_row.half()) and torch.equal(att[:, 1], buffers[1].half())
+
+
+def test_compiled_layers_reuse_their_code_for_new_row_buffers(tiny_lms):
+    """Each run of the fast path makes its own row buffers (`attention.row_buffers`, freed with its decoder):
+    compiled layers match new buffers of the same shape without compiling again."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from decoderlab.engine import attention, loop
+    from decoderlab.record import Recording
+
+    lm = tiny_lms["llama"]
+    ids = lm.encode(PROMPT)[0]
+    rec, decoder = Recording(dl.Record(attention=True)), fast.CapturedDecoder(lm.model, 64)
+    graphs = []
+    with rec.attached(lm.model):
+        state = loop.prefill(lm.model, ids, lm.strategy(ids.shape[1], max_new_tokens=4), [rec], cache=decoder.cache)
+        token = state.next_logits.argmax(-1)[:, None]
+        torch._dynamo.reset()
+        counters.clear()
+        with fast.compiled_layers(lm.model):
+            for _ in range(2):
+                with attention.rows_into_buffers(lm.model, attention.row_buffers(lm.model, 1, 64)):
+                    loop.forward(lm.model, token, decoder.cache)
+                graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] >= len(lm.model.model.layers) > 0 and graphs[1] == graphs[0], graphs
