@@ -255,10 +255,11 @@ class LM:
         progress bar, if any, says what the first steps wait for (compiling layer i/L, capturing)."""
         from ..engine.fast import CapturedDecoder, cache_length
 
+        decoding = None if bar is None else bar.desc
+
         def notice(text: str | None) -> None:
             bar.set_description_str(decoding if text is None else text)
 
-        decoding = None if bar is None else bar.desc
         return CapturedDecoder(self.model, cache_length(prompt_length + strat.max_new_tokens, self.context_window),
                                observers, notice=None if bar is None else notice)
 

@@ -99,8 +99,8 @@ def _without_output_capturing_hooks(model) -> Iterator[None]:
                     hooks.move_to_end(k)
 
 
-_COMPILED: dict[type, Callable] = {}
-_WARMED: set = set()  # (layer class, cache length, rows, dtype) of the warm-ups run in this process  # a decoder layer class -> its compiled forward (no model is kept alive)
+_COMPILED: dict[type, Callable] = {}  # a decoder layer class -> its compiled forward (no model is kept alive)
+_WARMED: set = set()  # (layer class, cache length, rows, dtype) of the warm-ups run in this process
 
 
 class CapturedDecoder:

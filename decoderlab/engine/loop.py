@@ -287,8 +287,8 @@ def step(
     scores, stages = process(strategy, state.ids, logits, keep, state.steps, checked=False)
     faults = numeric_fault(logits, scores)
     check = check_numbers(strategy, state.ids, logits, scores, state.steps, read=decoder.host_flag, faults=faults)
-    # until `check` raises, a row with bad numbers must not reach the chooser (torch.multinomial refuses NaN)
-    usable = torch.where(faults[:, None], torch.zeros_like(scores), scores)
+    # until `check` raises, a row with bad numbers must not reach a sampler (torch.multinomial refuses NaN)
+    usable = torch.where(faults[:, None], torch.zeros_like(scores), scores) if strategy.do_sample else None
 
     def ahead(advanced: State) -> None:
         advanced.finished_flag = (advanced.finished, decoder.host_flag(advanced.finished.all()))

@@ -5,5 +5,5 @@ from .builder import ModelInfo, RunInfo, build_trace, from_beam_run, from_record
 from .sample_tree import SampleTree
 from .trace import PRESENTERS, Trace, presenter
 
-__all__ = ["Trace", "SampleTree", "PRESENTERS", "presenter", "ModelInfo", "RunInfo", "build_trace", "from_beam_run", "from_recording",
-           "from_tokens"]
+__all__ = ["Trace", "SampleTree", "PRESENTERS", "presenter", "ModelInfo", "RunInfo", "build_trace", "from_beam_run",
+           "from_recording", "from_tokens"]

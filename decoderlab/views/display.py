@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = ["TraceLike", "PROB_SCALE", "prob_colour", "commit_colour", "NEVER_COMMITTED", "token_label", "is_invisible",
-           "char_escape", "visible_text", "TABLE_CSS", "prefixed", "format_prob", "format_rank", "format_number", "format_bytes", "is_missing", "escape", "short_processor",
-           "strategy_summary", "STRATEGY_WORDS"]
+           "char_escape", "visible_text", "TABLE_CSS", "prefixed", "format_prob", "format_rank", "format_number",
+           "format_bytes", "is_missing", "escape", "short_processor", "strategy_summary", "STRATEGY_WORDS"]
 
 
 class TraceLike(Protocol):
