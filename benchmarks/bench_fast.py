@@ -15,8 +15,9 @@ is the same length), runs interleaved, median of `--repeats`. Variants:
 - the same with nucleus sampling (`top_p=0.9`, seeded), against `generate static` sampling with the same words.
 
 The first call of each variant (compile or capture, cuDNN plans) is timed apart: what a user waits for once; so is
-the first call with a second prompt, of a length whose static cache is the same (the compiled layers are reused)
-and of one that needs the next cache length (they compile again). Then
+the first call with a second prompt, of a length whose static cache is the same (the step captured before is
+replayed) and of one that needs the next cache length (a new step is captured; the compiled layers serve every
+length). Then
 the tokens of the fast path are compared with the eager path's (greedy and seeded sampling) and with transformers'
 static generate, and the attention rows and logits with the eager path's.
 
@@ -150,8 +151,8 @@ def main() -> None:
 
 def second_prompts(lm: dl.LM, ids: torch.Tensor, n: int) -> dict[str, float]:
     """The first call of `compile=True, Record()` with another prompt, after the runs above: one whose prompt +
-    new tokens round to the same static cache length (compiled layers reused: a new capture only), and one that
-    needs the next length (the layers compile for it)."""
+    new tokens round to the same static cache length (the kept step is replayed), and one that needs the next
+    length (a new cache and capture; the compiled layers serve every length)."""
     from decoderlab.engine.fast import LENGTH_STEP
 
     waits = {}

@@ -1,7 +1,7 @@
 """Where a decode step's time goes: operators, kernel launches and host synchronisations per step, and the costliest ops.
 
     python benchmarks/profile_step.py --random-weights .bench/llama-1b --device cuda --dtype bfloat16 \
-        [--tokens 32] [--only generate record everything compare] [--compile] [--kernels] [--out FILE]
+        [--tokens 32] [--only generate record everything compare] [--compile] [--kernels] [--python] [--out FILE]
 
 Why: on a GPU a small model's decode step is bound by the host (Python, dispatch, kernel launches) and by
 waits for the device, not by the device's arithmetic; counting those per step says what to cut.
@@ -9,7 +9,10 @@ Variants: plain `model.generate`; `lm.generate` with `Record()`; with everything
 logits); and the batched step of `dl.compare` (the benchmark's strategies that share the batch: contrastive
 search runs alone and is left out). For each: seconds per step, aten operators per step (a dispatch-mode
 census), and on CUDA the kernel launches and synchronisations per step (torch.profiler's runtime events), the
-places that synchronise (`torch.cuda.set_sync_debug_mode`), and the ops that cost the most host time.
+places that synchronise (`torch.cuda.set_sync_debug_mode`), and the ops that cost the most host time;
+`--kernels`: the GPU kernels by device time; `--python`: the host's time by Python function (cProfile). Profile
+one variant a run (`--only`) for the kernel table: after one variant's operator census, the next variant's
+compiled layers were counted uncompiled.
 """
 from __future__ import annotations
 
@@ -80,6 +83,30 @@ def kernel_table(prof, lm: dl.LM, n: int, top: int) -> str:
     return "\n".join(lines)
 
 
+def python_table(fn, n: int, sync, top: int) -> str:
+    """The host's time per step by Python function (cProfile over one run): own time and time with callees, the
+    functions of decoderlab and torch that take the most. On a GPU a host-bound step is this time."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    sync()
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    rows = []
+    for (path, line, func), (_, calls, own, cum, _) in stats.items():
+        rows.append((cum / n * 1e6, own / n * 1e6, calls / n, f"{'/'.join(Path(path).parts[-2:])}:{line} {func}"))
+    lines = ["  host time per step by function (us with callees, us own, calls per step):"]
+    for cum, own, calls, where in sorted(rows, reverse=True)[:top]:
+        lines.append(f"  {cum:9.1f} {own:8.1f} x{calls:6.1f}  {where[:110]}")
+    lines.append("  by own time:")
+    for cum, own, calls, where in sorted(rows, key=lambda r: -r[1])[:top]:
+        lines.append(f"  {cum:9.1f} {own:8.1f} x{calls:6.1f}  {where[:110]}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
@@ -91,6 +118,8 @@ def main() -> None:
     ap.add_argument("--kernels", action="store_true",
                     help="also the GPU kernels by device time: the GPU's busy time per step, and the weights' bytes "
                          "over it (the memory bandwidth a step reaches)")
+    ap.add_argument("--python", action="store_true",
+                    help="also the host's Python time per step by function (cProfile): where a host-bound step goes")
     args = ap.parse_args()
     lm = load(args)
     cuda = lm.device.type == "cuda"
@@ -113,6 +142,8 @@ def main() -> None:
                 fn()
                 sync()
             kernels = kernel_table(prof, lm, n, args.top)
+        if args.python:
+            print(python_table(fn, n, sync, args.top))
         with OpCount() as census:
             fn()
         ops = sum(census.ops.values()) / n

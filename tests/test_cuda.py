@@ -260,6 +260,7 @@ def captures(monkeypatch):
 
     seen = []
     capture = fast.CapturedDecoder._capture
+    monkeypatch.setattr(fast, "KEPT_PER_MODEL", 0)  # each run captures its own step (a kept one: test below)
 
     def spy(self, model, input_ids):
         seen.append(self)
@@ -356,3 +357,57 @@ def test_fast_path_progress_bar_says_it_is_compiling(fast_lm, monkeypatch, capsy
     assert f"compiling layer 1/{layers}" in err and f"compiling layer {layers}/{layers}" in err
     assert "capturing the step" in err and trace.num_steps == 6
     assert err.rindex("decoding") > err.rindex("capturing the step")
+
+
+def test_fast_path_on_gpu_longer_cache_captures_without_compiling(fast_lm, captures, monkeypatch):
+    """A run whose prompt + max_new_tokens need a longer static cache than the run before captures a new graph but
+    compiles nothing (the key length is a symbol in the compiled layers), and records what the eager path
+    records. (Caches in steps of 64 here: these models' context window is 256.)"""
+    from torch._dynamo.utils import counters
+
+    from decoderlab.engine import fast
+    from tests.test_fast import EVERYTHING, PROMPT, same_trace
+
+    monkeypatch.setattr(fast, "LENGTH_STEP", 64)
+    fast_lm.generate(PROMPT, max_new_tokens=8, record=EVERYTHING, progress=False, compile=True)
+    graphs = counters["stats"]["unique_graphs"]
+    longer = 100
+    a = fast_lm.generate(PROMPT, max_new_tokens=longer, record=EVERYTHING, progress=False, eos_token_id=[])
+    b = fast_lm.generate(PROMPT, max_new_tokens=longer, record=EVERYTHING, progress=False, eos_token_id=[],
+                         compile=True)
+    assert [d.max_length for d in captures][-2:] == [fast.LENGTH_STEP, 2 * fast.LENGTH_STEP]
+    assert counters["stats"]["unique_graphs"] == graphs
+    same_trace(a, b, attention_atol=2e-3)
+
+
+def test_fast_path_on_gpu_replays_the_step_an_earlier_run_captured(fast_lm, captures, monkeypatch):
+    """A run with the cache length, rows and recording of an earlier one replays the step that run captured from
+    its first decode step (no warm-up, no capture), with another prompt and other sampling words, and records
+    what the eager path records; a run recording something else captures its own, and so does one after a forward
+    hook was added (here one that moves a layer's output: its effect is in the tokens and logits)."""
+    from decoderlab.engine import fast
+    from tests.test_fast import EVERYTHING, PROMPT, same_trace
+
+    monkeypatch.setattr(fast, "KEPT_PER_MODEL", 2)
+    fast.forget(fast_lm.model)
+    words = dict(max_new_tokens=12, progress=False, eos_token_id=[])
+    fast_lm.generate(PROMPT, record=EVERYTHING, compile=True, **words)
+    assert len(captures) == 1
+    other = dict(words, do_sample=True, top_p=0.9, seed=5)
+    same_trace(fast_lm.generate("Another, shorter prompt", record=EVERYTHING, **other),
+               fast_lm.generate("Another, shorter prompt", record=EVERYTHING, compile=True, **other),
+               attention_atol=2e-3)
+    assert len(captures) == 1
+    fast_lm.generate(PROMPT, record=dl.Record(), compile=True, **words)
+    assert len(captures) == 2
+    layer = fast.decoder_layers(fast_lm.model)[0]
+    handle = layer.register_forward_hook(lambda module, args, out: (out[0] + 0.5, *out[1:])
+                                         if isinstance(out, tuple) else out + 0.5)
+    try:
+        hooked = fast_lm.generate(PROMPT, record=EVERYTHING, **words)
+        same_trace(hooked, fast_lm.generate(PROMPT, record=EVERYTHING, compile=True, **words), attention_atol=2e-3)
+        assert len(captures) == 3
+    finally:
+        handle.remove()
+    fast_lm.generate(PROMPT, record=EVERYTHING, compile=True, **words)
+    assert len(captures) == 3  # the first run's step again

@@ -3,6 +3,8 @@ uncaptured, in the order a GPU runs them (each token forwarded before the step i
 and the compiled layers are tested on a GPU (tests/test_cuda.py)."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import pytest
@@ -158,7 +160,7 @@ def test_a_slow_warm_up_says_which_layer_it_is_compiling(tiny_lms, monkeypatch, 
     with decoder._compile_progress(rows=1):
         loop.forward(lm.model, ids, decoder.cache)
     layers = len(lm.model.model.layers)
-    expected = [f"compile=True: compiling layer {i}/{layers} (once per cache length)" for i in range(1, layers + 1)]
+    expected = [f"compile=True: compiling layer {i}/{layers} (once per process)" for i in range(1, layers + 1)]
     assert notices == (expected + ["compile=True: capturing the step"] if shown else [])
     assert all(not layer._forward_pre_hooks for layer in lm.model.model.layers)
 
@@ -293,3 +295,104 @@ def test_compiled_layers_reuse_their_code_for_new_row_buffers(tiny_lms):
                     loop.forward(lm.model, token, decoder.cache)
                 graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] >= len(lm.model.model.layers) > 0 and graphs[1] == graphs[0], graphs
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_compiled_layers_serve_every_cache_length_without_compiling_again(tiny_lms, arch):
+    """The key length (the static cache's, the attention mask's, the row buffers') is a symbol in compiled layers:
+    steps over caches of three lengths, with attention rows going into buffers, compile each layer once, and
+    their logits and rows equal the eager layers' (GPT-2 hands its layers the mask by position)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from transformers import StaticCache
+
+    from decoderlab.engine import attention, loop
+    from decoderlab.record import Recording
+
+    lm = tiny_lms[arch]
+    ids = lm.encode(PROMPT)[0]
+    rec = Recording(dl.Record(attention=True))
+    graphs = []
+    torch._dynamo.reset()
+    counters.clear()
+    with rec.attached(lm.model):
+        for length in (64, 128, 96):
+            logits, rows = [], []
+            for compiled in (False, True):
+                cache = StaticCache(config=lm.model.config, max_cache_len=length)
+                token = loop.forward(lm.model, ids, cache).argmax(-1)[:, None]
+                buffers = attention.row_buffers(lm.model, 1, length)
+                with contextlib.ExitStack() as stack:
+                    if compiled:
+                        stack.enter_context(fast.compiled_layers(lm.model))
+                    stack.enter_context(attention.rows_into_buffers(lm.model, buffers))
+                    logits.append(loop.forward(lm.model, token, cache))
+                rows.append(torch.stack([buffers[i][..., : ids.shape[1] + 1] for i in sorted(buffers)]))
+            graphs.append(counters["stats"]["unique_graphs"])
+            torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(rows[1], rows[0], atol=1e-5, rtol=1e-4)
+    layers = len(list(fast.decoder_layers(lm.model)))
+    assert graphs[0] >= layers > 0 and graphs[1] == graphs[2] == graphs[0], graphs
+    assert not counters["graph_break"], list(counters["graph_break"])
+
+
+def test_a_run_takes_the_decoder_an_earlier_run_left(tiny_lms, monkeypatch):
+    """A model keeps the fast path's decoder of its last runs (`fast.keep`): a run with the same cache length and
+    rows takes it, its cache emptied (the run records what the eager path records, with another prompt), one with
+    another length gets its own, and the model keeps KEPT_PER_MODEL of them, the newest; `forget` frees them."""
+    lm = tiny_lms["llama"]
+    fast.forget(lm.model)
+    made = []
+    init = fast.CapturedDecoder.__init__
+    monkeypatch.setattr(fast.CapturedDecoder, "__init__", lambda self, *a, **k: made.append(self) or init(self, *a, **k))
+    monkeypatch.setattr(fast, "LENGTH_STEP", 32)
+    words = dict(max_new_tokens=6, record=EVERYTHING, progress=False, eos_token_id=[])
+    lm.generate(PROMPT, compile=True, **words)
+    same_trace(lm.generate("Another prompt", **words), lm.generate("Another prompt", compile=True, **words))
+    assert len(made) == 1
+    lm.generate(PROMPT, compile=True, **dict(words, max_new_tokens=40))  # a cache of 64
+    lm.generate(PROMPT, compile=True, **dict(words, max_new_tokens=80))  # of 96
+    assert len(made) == 3 and [key for key in fast._KEPT[lm.model]] == [(64, 1), (96, 1)]
+    fast.forget(lm.model)
+    assert lm.model not in fast._KEPT
+
+
+def test_a_kept_step_is_replayed_only_for_what_it_was_captured_for(tiny_lms):
+    """The key of a captured step (`CapturedDecoder._graph_key`) is the same for two runs recording the same things,
+    and differs where a replay would not compute or gather what the run's forward would: another recording, a
+    forward hook added (a user's, not decoderlab's own), a weight replaced (not one changed in place)."""
+    from decoderlab.engine import loop
+    from decoderlab.record import Recording
+
+    lm = tiny_lms["llama"]
+    ids = lm.encode(PROMPT)[0]
+    strat = lm.strategy(ids.shape[1], max_new_tokens=4)
+
+    def key(record: dl.Record) -> tuple:
+        rec = Recording(record)
+        decoder = fast.CapturedDecoder(lm.model, 64, [rec])
+        with rec.attached(lm.model):  # its lens hooks are on the layers meanwhile
+            loop.prefill(lm.model, ids, strat, [rec], cache=decoder.cache)
+            rec._flush_forward()
+            return decoder._graph_key()
+
+    first = key(EVERYTHING)
+    assert key(EVERYTHING) == first
+    assert key(dl.Record(attention=True, attention_layers=[1], lens=True, logits=True)) != first
+    assert key(dl.Record()) != first
+    layer = fast.decoder_layers(lm.model)[0]
+    handle = layer.register_forward_hook(lambda module, args, out: out)
+    try:
+        assert key(EVERYTHING) != first
+    finally:
+        handle.remove()
+    assert key(EVERYTHING) == first
+    with torch.no_grad():
+        layer.mlp.down_proj.weight.mul_(1.0)  # in place: the same memory
+    assert key(EVERYTHING) == first
+    weight = layer.mlp.down_proj.weight
+    try:
+        layer.mlp.down_proj.weight = torch.nn.Parameter(weight.detach().clone())
+        assert key(EVERYTHING) != first
+    finally:
+        layer.mlp.down_proj.weight = weight

@@ -209,7 +209,7 @@ class LM:
         info = self.model_info(lens=record.lens)
         state = None
         try:
-            decoder = self._captured_decoder(ids.shape[1], strat, observers, bar) if compile else None
+            decoder = self._captured_decoder(ids.shape[1], batch.shape[0], strat, observers, bar) if compile else None
             with recording.attached(self.model):
                 state = loop.prefill(self.model, batch, strat, observers, seeds=row_seeds,
                                      keep_hidden=strat.rule.needs_hidden,
@@ -217,6 +217,10 @@ class LM:
                 state.forward = decoder
                 loop.run(self.model, state, strat, observers, max_length=self.context_window, on_token=stream,
                          step_fn=strat.rule.step)
+            if decoder is not None:  # for the next runs (a failed run's is not: its capture may have failed)
+                from ..engine.fast import keep
+
+                keep(decoder, batch.shape[0])
         except KeyboardInterrupt:
             if state is None:
                 raise
@@ -250,18 +254,19 @@ class LM:
                                   max_new_tokens=max_new_tokens, **strategy)
         return SampleTree(trace)
 
-    def _captured_decoder(self, prompt_length: int, strat: Strategy, observers: list, bar: Any = None):
-        """The fast path's forwards: a static cache for the prompt and every step's token (within the window). The
-        progress bar, if any, says what the first steps wait for (compiling layer i/L, capturing)."""
-        from ..engine.fast import CapturedDecoder, cache_length
+    def _captured_decoder(self, prompt_length: int, rows: int, strat: Strategy, observers: list, bar: Any = None):
+        """The fast path's forwards: a static cache for the prompt and every step's token (within the window), the
+        one an earlier run left where it fits (`fast.decoder_for`). The progress bar, if any, says what the first
+        steps wait for (compiling layer i/L, capturing)."""
+        from ..engine.fast import cache_length, decoder_for
 
         decoding = None if bar is None else bar.desc
 
         def notice(text: str | None) -> None:
             bar.set_description_str(decoding if text is None else text)
 
-        return CapturedDecoder(self.model, cache_length(prompt_length + strat.max_new_tokens, self.context_window),
-                               observers, notice=None if bar is None else notice)
+        return decoder_for(self.model, cache_length(prompt_length + strat.max_new_tokens, self.context_window), rows,
+                           observers, notice=None if bar is None else notice)
 
     def _beam_search(self, ids: torch.Tensor, prompt_text: str, strat: Strategy, record: Record) -> Trace:
         """`generate` with num_beams > 1: the returned sequences as rows, best first, and the tree."""

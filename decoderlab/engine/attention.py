@@ -159,7 +159,7 @@ def rows_into_buffers(model, buffers: dict[int, torch.Tensor]) -> Iterator[None]
     """Within the block the attention function writes each decode step's row (over a static cache: a mask is
     given) into its layer's buffer (`row_buffers`), set on the attention module, instead of handing it to the
     sink. The recording reads the buffers after the forward (`Recording.forward_capture`); a layer whose row does
-    not fit its buffer goes to the sink as before.
+    not fit its buffer goes to the sink as before. Their width is a symbol in compiled code (`key_length_dynamic`).
 
     Why: the sink is Python, which compiled code must leave (a graph break, `sink_outside_compiled_code`): each
     layer's compiled forward is then cut in pieces, and the code between runs as separate kernels (twice the
@@ -167,12 +167,22 @@ def rows_into_buffers(model, buffers: dict[int, torch.Tensor]) -> Iterator[None]
     matches buffers of the same shape without compiling again."""
     modules = [(i, m) for i, m in _indexed_attention_modules(model) if i in buffers]
     for index, module in modules:
+        key_length_dynamic(buffers[index], -1)
         object.__setattr__(module, ROWS_INTO, buffers[index])
     try:
         yield
     finally:
         for _, module in modules:
             module.__dict__.pop(ROWS_INTO, None)
+
+
+def key_length_dynamic(tensor: torch.Tensor, dim: int) -> None:
+    """Compiled code is to take `tensor`'s size along `dim` (a key length: the static cache's, the mask's, a row
+    buffer's) as a symbol, not a constant, so that one compiled layer serves every cache length. Where the code
+    needs the size as a constant after all, it is one, silently (torch._dynamo.maybe_mark_dynamic)."""
+    import torch._dynamo
+
+    torch._dynamo.maybe_mark_dynamic(tensor, dim % tensor.dim())
 
 
 _hand = _hand_to_sink  # what the attention function calls (`sink_outside_compiled_code` swaps it)

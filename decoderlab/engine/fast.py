@@ -14,19 +14,25 @@ after the forward, as in the eager loop (as transformers' processors run after i
 Order of forwards: the prompt runs uncaptured (its length is the prompt's); the first decode step runs
 uncaptured on a side stream (the warm-up CUDA graphs need); the second is captured, and every later one
 replays. The cache tracks its own length on the device (`StaticCache`), so a replay needs no new positions.
+A model keeps the decoders of its last runs (`decoder_for`, `keep`): a run that fits one replays the step an
+earlier run captured from its first decode step, when it records the same things over the same weights.
 On a CPU there is nothing to capture: the same static-cache steps run uncaptured (this is how CI tests the
 path's logic; the graph itself is tested on a GPU, tests/test_cuda.py).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import inspect
+import itertools
 import time
 import types
+import weakref
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
 import torch
-from transformers import StaticCache
+from transformers import Cache, StaticCache
 
 from . import attention
 from . import loop
@@ -35,6 +41,8 @@ from .lens import decoder_layers
 
 LENGTH_STEP = 256  # static caches are sized in multiples of this, so runs of similar lengths reuse compiled layers
 COMPILE_NOTICE_AFTER = 0.5  # seconds into the warm-up step after which its layers are said to be compiling
+KEPT_PER_MODEL = 2  # decoders a model keeps for its next runs (`decoder_for`), each with its static cache
+GRAPHS_PER_DECODER = 4  # captured steps a kept decoder keeps, one per recording layout (`CapturedDecoder._graph_key`)
 
 
 def cache_length(needed: int, window: int | None) -> int:
@@ -53,26 +61,54 @@ def compiled_layers(model) -> Iterator[None]:
     forwards; transformers' output-capturing hooks are taken off meanwhile (`_without_output_capturing_hooks`).
     The model's own forwards come back after.
 
-    Each layer is compiled once per process and cache shape (the first run waits; later runs with a cache of the
-    same length do not)."""
+    Each layer is compiled once per process, for every cache length: the key length (the static cache's, the
+    attention mask's, the row buffers') is a symbolic size in compiled code (`_key_length_dynamic`), so a prompt
+    that needs a longer cache than the last run's waits for a capture only, not for a compile."""
     import torch._dynamo
 
     layers = list(decoder_layers(model))
     config = torch._dynamo.config
     before = config.cache_size_limit
     config.cache_size_limit = max(before, 4 * len(layers) + 8)  # one entry per layer (their indices differ)
+    handles = []
     try:
         with attention.sink_outside_compiled_code(), _without_output_capturing_hooks(model):
             for layer in layers:
                 cls = type(layer)
                 if cls not in _COMPILED:  # torch.compile's wrapper costs milliseconds to make: once per class
-                    _COMPILED[cls] = torch.compile(cls.forward, dynamic=False)
+                    _COMPILED[cls] = torch.compile(cls.forward)
                 layer.forward = types.MethodType(_COMPILED[cls], layer)
+                handles.append(layer.register_forward_pre_hook(_key_length_dynamic, with_kwargs=True))
             yield
     finally:
+        for handle in handles:
+            handle.remove()
         for layer in layers:
             layer.__dict__.pop("forward", None)
         config.cache_size_limit = before
+
+
+def _key_length_dynamic(layer, args: tuple, kwargs: dict) -> None:
+    """A decoder layer's forward pre-hook (`compiled_layers`): the key length of the attention mask and of the
+    static cache's keys and values it is handed is dynamic in its compiled forward (`attention.key_length_dynamic`).
+    Arguments found by name, as each architecture passes them (GPT-2 passes the mask by position)."""
+    cls = type(layer)
+    if cls not in _SIGNATURES:
+        _SIGNATURES[cls] = inspect.signature(cls.forward)
+    try:
+        bound = _SIGNATURES[cls].bind(layer, *args, **kwargs).arguments
+    except TypeError:
+        return
+    for value in list(bound.values()) + list(bound.get("kwargs", {}).values()):
+        if isinstance(value, Cache):
+            for cached in value.layers:
+                for name in ("keys", "values"):
+                    tensor = getattr(cached, name, None)
+                    if isinstance(tensor, torch.Tensor) and tensor.dim() == 4:
+                        attention.key_length_dynamic(tensor, 2)
+    mask = bound.get("attention_mask", bound.get("kwargs", {}).get("attention_mask"))
+    if isinstance(mask, torch.Tensor) and mask.dim() >= 2:
+        attention.key_length_dynamic(mask, -1)
 
 
 @contextmanager
@@ -100,7 +136,8 @@ def _without_output_capturing_hooks(model) -> Iterator[None]:
 
 
 _COMPILED: dict[type, Callable] = {}  # a decoder layer class -> its compiled forward (no model is kept alive)
-_WARMED: set = set()  # (layer class, cache length, rows, dtype) of the warm-ups run in this process
+_SIGNATURES: dict[type, inspect.Signature] = {}  # a decoder layer class -> its forward's signature
+_WARMED: set = set()  # (layer class, rows, dtype) of the warm-ups run in this process
 
 
 class CapturedDecoder:
@@ -109,7 +146,7 @@ class CapturedDecoder:
 
     def __init__(self, model, max_length: int, observers: Sequence = (), compile_layers: bool | None = None,
                  notice: Callable[[str | None], None] | None = None):
-        self.model = model
+        self._model = weakref.ref(model)  # a model keeps its decoders (`keep`), not the other way round
         self.notice = notice  # shown what the first steps wait for (compiling layer i/L, capturing); None: done
         self._noticed = False  # a notice is showing (cleared after the capture)
         self.row_buffers: dict[int, torch.Tensor] | None = None  # where the warm-up and the graph write attention rows
@@ -123,11 +160,29 @@ class CapturedDecoder:
                                 "for this model")
         self.max_length = max_length
         self.observers = [o for o in observers if hasattr(o, "forward_capture")]
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None  # the graph this run replays
         self.decode_steps = 0  # decode forwards so far (0: the next is the warm-up, 1: the capture)
         self.token: torch.Tensor | None = None  # [B, 1]: the captured step's input
         self.logits: torch.Tensor | None = None  # [B, V]: the captured step's output, rewritten by each replay
         self.captured: list = []  # per observer, what it took from the captured forward
+        # the graphs captured by this decoder's runs, by what they replay (`_graph_key`): (graph, token, logits,
+        # captured); a later run whose key is among them replays that graph from its first decode step
+        self.graphs: collections.OrderedDict = collections.OrderedDict()
+        self._key: tuple | None = None  # this run's key among them
+
+    @property
+    def model(self):
+        return self._model()
+
+    @torch.inference_mode()  # the cache's tensors were made in inference mode
+    def restart(self, observers: Sequence = (), notice: Callable[[str | None], None] | None = None) -> None:
+        """Make the decoder a new run's (`decoder_for`): its cache emptied, its graphs kept for the run to replay
+        if one was captured for what it records."""
+        self.cache.reset()
+        self.observers = [o for o in observers if hasattr(o, "forward_capture")]
+        self.notice, self._noticed = notice, False
+        self.decode_steps = 0
+        self.graph, self.token, self.logits, self.captured, self._key = None, None, None, [], None
 
     @contextmanager
     def _layers(self, rows: int) -> Iterator[dict[int, torch.Tensor]]:
@@ -136,7 +191,7 @@ class CapturedDecoder:
         rows_into_buffers`: no Python sink inside compiled code). Yields those buffers ({} when none). The
         prompt's forward runs uncompiled (compiled code would be specialised to each prompt's length), and replays
         run no Python at all."""
-        if self.row_buffers is None:  # kept by the decoder: the captured graph writes them at every replay
+        if not self.row_buffers:  # kept by the decoder: its captured graphs write them at every replay
             self.row_buffers = attention.row_buffers(self.model, rows, self.max_length)
         with contextlib.ExitStack() as stack:
             if self.compile_layers:
@@ -185,7 +240,11 @@ class CapturedDecoder:
             return loop.forward(model, input_ids, self.cache)
         self.decode_steps += 1
         if self.decode_steps == 1:
-            return self._warm_up(model, input_ids)
+            self._key = self._graph_key()
+            kept = self.graphs.get(self._key)
+            if kept is None:
+                return self._warm_up(model, input_ids)
+            self.graph, self.token, self.logits, self.captured = kept  # captured by an earlier run: replayed now
         if self.graph is None:
             self._capture(model, input_ids)
         self.token.copy_(input_ids)
@@ -193,6 +252,20 @@ class CapturedDecoder:
             observer.replay_capture(captured)
         self.graph.replay()
         return self.logits.clone()  # the graph rewrites its output at the next replay
+
+    def _graph_key(self) -> tuple:
+        """What a captured step depends on besides the cache and the input token, so that a graph captured by an
+        earlier run serves this one only if it computes and gathers what this run's forward would: what each
+        observer gathers (`Recording.capture_key`), the model's attention function, the weights and buffers it
+        reads (by address: weights changed in place are read anew at each replay, replaced ones are not) and the
+        forward hooks other than decoderlab's own (a hook added since, e.g. to steer, would be skipped)."""
+        model = self.model
+        hooks = tuple((i, id(hook)) for i, module in enumerate(model.modules())
+                      for hooks in (module._forward_pre_hooks, module._forward_hooks) for hook in hooks.values()
+                      if not _own_hook(hook))
+        tensors = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+        return (tuple(o.capture_key() for o in self.observers),
+                getattr(model.config, "_attn_implementation", None), hooks, tensors)
 
     def _warm_up(self, model, input_ids: torch.Tensor) -> torch.Tensor:
         """One uncaptured decode step on a side stream: kernels choose their plans and workspaces before capture."""
@@ -210,16 +283,16 @@ class CapturedDecoder:
     @contextmanager
     def _compile_progress(self, rows: int) -> Iterator[None]:
         """Within the warm-up step, where each decoder layer's first call compiles it (seconds each, the first time
-        in a process for a cache length): `notice` says which layer the step has reached ("compiling layer 3/16"),
-        then that the step is being captured. From the first layer when this process has not run a layer of this
-        class over a cache of this shape yet; otherwise once the step has taken COMPILE_NOTICE_AFTER seconds (the
+        in a process): `notice` says which layer the step has reached ("compiling layer 3/16"), then that the step
+        is being captured. From the first layer when this process has not run a layer of this class for this many
+        rows and this dtype yet; otherwise once the step has taken COMPILE_NOTICE_AFTER seconds (the
         recording asked for may need a compile of its own), so a warm-up whose layers are compiled shows
         nothing."""
         if self.notice is None or not self.compile_layers:
             yield
             return
         layers = list(decoder_layers(self.model))
-        shape = (type(layers[0]), self.max_length, rows, self.model.dtype) if layers else None
+        shape = (type(layers[0]), rows, self.model.dtype) if layers else None
         start, shown = time.perf_counter(), [] if shape in _WARMED else [None]
         _WARMED.add(shape)
 
@@ -227,7 +300,7 @@ class CapturedDecoder:
             def hook(module, args) -> None:
                 if shown or time.perf_counter() - start > COMPILE_NOTICE_AFTER:
                     shown.append(i)
-                    self.notice(f"compile=True: compiling layer {i + 1}/{len(layers)} (once per cache length)")
+                    self.notice(f"compile=True: compiling layer {i + 1}/{len(layers)} (once per process)")
             return hook
 
         handles = [layer.register_forward_pre_hook(reached(i)) for i, layer in enumerate(layers)]
@@ -244,11 +317,77 @@ class CapturedDecoder:
     def _capture(self, model, input_ids: torch.Tensor) -> None:
         """Capture one decode step (nothing runs: the first replay computes it). What the recording gathers during
         the capture are tensors of the graph's memory, handed to it again before each replay."""
-        self.token = input_ids.clone()
-        self.graph = torch.cuda.CUDAGraph()
-        with self._layers(input_ids.shape[0]) as rows, torch.cuda.graph(self.graph):
-            self.logits = loop.forward(model, self.token, self.cache)
-            self.captured = [o.forward_capture(rows) for o in self.observers]  # their gathering is in the graph
+        key = self._key if self._key is not None else self._graph_key()
+        token, graph = input_ids.clone(), torch.cuda.CUDAGraph()
+        with self._layers(input_ids.shape[0]) as rows, _capturing(graph, input_ids.device):
+            logits = loop.forward(model, token, self.cache)
+            captured = [o.forward_capture(rows) for o in self.observers]  # their gathering is in the graph
+        self.graph, self.token, self.logits, self.captured = graph, token, logits, captured
+        self.graphs[key] = (graph, token, logits, captured)
+        while len(self.graphs) > GRAPHS_PER_DECODER:
+            self.graphs.popitem(last=False)
         if self._noticed:
             self.notice(None)
             self._noticed = False
+
+
+@contextmanager
+def _capturing(graph: torch.cuda.CUDAGraph, device: torch.device) -> Iterator[None]:
+    """`torch.cuda.graph(graph)` without what it does first: wait for the device, then free every block cached by
+    torch's device and page-locked host allocators. After that each run's first allocations went to cudaMalloc
+    and cudaHostAlloc again (page-locking anew the host memory the recording stages its chunks through), tens of
+    milliseconds a run with everything recorded. The capture runs on a side stream, as there."""
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        graph.capture_begin()
+        try:
+            yield
+        finally:
+            graph.capture_end()
+    current.wait_stream(side)
+
+
+def _own_hook(hook) -> bool:
+    """Whether a forward hook is decoderlab's own for a run (the lens' residuals, the compile notice), installed
+    anew by each run, or transformers' output-capturing hook (off during capture, `_without_output_capturing_hooks`)."""
+    fn = getattr(hook, "func", hook)  # a functools.partial's function
+    return getattr(fn, "__module__", "").startswith("decoderlab.") or \
+        getattr(fn, "__name__", "") == "output_capturing_hook"
+
+
+_KEPT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {(length, rows): decoder}, newest last
+
+
+def decoder_for(model, max_length: int, rows: int, observers: Sequence = (),
+                notice: Callable[[str | None], None] | None = None) -> CapturedDecoder:
+    """The decoder of a fast-path run over `rows` rows and a cache of `max_length`: the one an earlier run of this
+    model gave back (`keep`) for the same length and rows, restarted (its cache emptied; a step it captured for
+    what this run records is replayed from the first decode step: no warm-up, no capture), else a new one.
+
+    Why: a capture waits for the device and runs the step's Python once more (tens of milliseconds a run), and
+    a new static cache and pool of graph memory are allocated; transformers' static `generate` keeps its cache
+    and compiled graphs from call to call too."""
+    kept = _KEPT.get(model)
+    decoder = kept.pop((max_length, rows), None) if kept else None
+    if decoder is None:
+        return CapturedDecoder(model, max_length, observers, notice=notice)
+    decoder.restart(observers, notice)
+    return decoder
+
+
+def keep(decoder: CapturedDecoder, rows: int) -> None:
+    """Give a decoder back at the end of its run, for the model's next runs (`decoder_for`); a model keeps the
+    KEPT_PER_MODEL most recent (their caches and graphs are freed with the model, or by `forget`)."""
+    decoder.observers, decoder.notice = [], None  # the run's recording is not kept alive
+    kept = _KEPT.setdefault(decoder.model, collections.OrderedDict())
+    kept[(decoder.max_length, rows)] = decoder
+    kept.move_to_end((decoder.max_length, rows))
+    while len(kept) > KEPT_PER_MODEL:
+        kept.popitem(last=False)
+
+
+def forget(model) -> None:
+    """Free the decoders `model` keeps for its next fast-path runs (their static caches and captured graphs)."""
+    _KEPT.pop(model, None)

@@ -362,6 +362,14 @@ class Recording:
         self._att_layers, self._res_layers = {}, {}
         return att, res
 
+    def capture_key(self) -> tuple:
+        """What `forward_capture` gathers for this recording, as a key: a step captured for an equal key (by an
+        earlier run, `fast.CapturedDecoder`) gathers what this recording's forward would. The attention rows asked
+        for (layers, heads, and the layers the prompt's forward recorded rows for), the residuals, and where."""
+        o = self.opts
+        return (o.attention, o.attention_layers, o.attention_heads, o.lens, self._row_layers, self.attention_mode,
+                self._device)
+
     def replay_capture(self, captured: tuple[torch.Tensor | None, torch.Tensor | None]) -> None:
         """Hand the recording what a captured forward gathered (`forward_capture`), before the graph's replay
         rewrites those tensors: the step's flush copies them out, as after an eager forward."""
