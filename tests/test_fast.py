@@ -337,9 +337,10 @@ def test_compiled_layers_serve_every_cache_length_without_compiling_again(tiny_l
 
 
 def test_a_run_takes_the_decoder_an_earlier_run_left(tiny_lms, monkeypatch):
-    """A model keeps the fast path's decoder of its last runs (`fast.keep`): a run with the same cache length and
-    rows takes it, its cache emptied (the run records what the eager path records, with another prompt), one with
-    another length gets its own, and the model keeps KEPT_PER_MODEL of them, the newest; `forget` frees them."""
+    """A model keeps the fast path's decoder of its last run (`fast.keep`): a run with the same cache length and
+    rows takes it, its cache emptied (the run records what the eager path records, with another prompt); a run of
+    another length, or after the model moved to another dtype, gets a new one (and records what the eager path
+    does in that dtype); `forget` frees it."""
     lm = tiny_lms["llama"]
     fast.forget(lm.model)
     made = []
@@ -351,8 +352,14 @@ def test_a_run_takes_the_decoder_an_earlier_run_left(tiny_lms, monkeypatch):
     same_trace(lm.generate("Another prompt", **words), lm.generate("Another prompt", compile=True, **words))
     assert len(made) == 1
     lm.generate(PROMPT, compile=True, **dict(words, max_new_tokens=40))  # a cache of 64
-    lm.generate(PROMPT, compile=True, **dict(words, max_new_tokens=80))  # of 96
-    assert len(made) == 3 and [key for key in fast._KEPT[lm.model]] == [(64, 1), (96, 1)]
+    assert len(made) == 2 and fast._KEPT[lm.model].max_length == 64
+    lm.model.to(torch.float64)
+    try:
+        same_trace(lm.generate(PROMPT, **dict(words, max_new_tokens=40)),
+                   lm.generate(PROMPT, compile=True, **dict(words, max_new_tokens=40)))
+        assert len(made) == 3 and fast._KEPT[lm.model].cache.layers[0].keys.dtype == torch.float64
+    finally:
+        lm.model.to(torch.float32)
     fast.forget(lm.model)
     assert lm.model not in fast._KEPT
 
@@ -360,7 +367,9 @@ def test_a_run_takes_the_decoder_an_earlier_run_left(tiny_lms, monkeypatch):
 def test_a_kept_step_is_replayed_only_for_what_it_was_captured_for(tiny_lms):
     """The key of a captured step (`CapturedDecoder._graph_key`) is the same for two runs recording the same things,
     and differs where a replay would not compute or gather what the run's forward would: another recording, a
-    forward hook added (a user's, not decoderlab's own), a weight replaced (not one changed in place)."""
+    forward hook added (a user's, not decoderlab's own; each hook its own key, even one at a freed one's
+    address), a module's plain setting changed (training, a flag as PEFT's `disable_adapters`), a weight replaced
+    (not one changed in place)."""
     from decoderlab.engine import loop
     from decoderlab.record import Recording
 
@@ -381,11 +390,25 @@ def test_a_kept_step_is_replayed_only_for_what_it_was_captured_for(tiny_lms):
     assert key(dl.Record(attention=True, attention_layers=[1], lens=True, logits=True)) != first
     assert key(dl.Record()) != first
     layer = fast.decoder_layers(lm.model)[0]
-    handle = layer.register_forward_hook(lambda module, args, out: out)
+    hooked = []
+    for scale in (1.0, 2.0):  # one hook, then another in its place (Python may give the new one the same id)
+        handle = layer.register_forward_hook(lambda module, args, out, scale=scale: out)
+        try:
+            hooked.append(key(EVERYTHING))
+        finally:
+            handle.remove()
+    assert first not in hooked and hooked[0] != hooked[1]
+    assert key(EVERYTHING) == first
+    lm.model.train()
+    try:
+        assert key(EVERYTHING) != first  # a module's plain settings (training; an adapter's switch) are in the key
+    finally:
+        lm.model.eval()
+    layer.mlp.disable_adapters = True
     try:
         assert key(EVERYTHING) != first
     finally:
-        handle.remove()
+        del layer.mlp.disable_adapters
     assert key(EVERYTHING) == first
     with torch.no_grad():
         layer.mlp.down_proj.weight.mul_(1.0)  # in place: the same memory

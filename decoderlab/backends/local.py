@@ -220,7 +220,7 @@ class LM:
             if decoder is not None:  # for the next runs (a failed run's is not: its capture may have failed)
                 from ..engine.fast import keep
 
-                keep(decoder, batch.shape[0])
+                keep(decoder)
         except KeyboardInterrupt:
             if state is None:
                 raise

@@ -38,16 +38,17 @@ from . import attention
 from . import loop
 from ..errors import StrategyError
 from .lens import decoder_layers
+from torch.nn.modules import module as module_hooks  # torch's global forward hooks
 
-LENGTH_STEP = 256  # static caches are sized in multiples of this, so runs of similar lengths reuse compiled layers
+LENGTH_STEP = 256  # static caches are sized in multiples of this, so runs of similar lengths reuse a kept decoder
 COMPILE_NOTICE_AFTER = 0.5  # seconds into the warm-up step after which its layers are said to be compiling
-KEPT_PER_MODEL = 2  # decoders a model keeps for its next runs (`decoder_for`), each with its static cache
 GRAPHS_PER_DECODER = 4  # captured steps a kept decoder keeps, one per recording layout (`CapturedDecoder._graph_key`)
 
 
 def cache_length(needed: int, window: int | None) -> int:
     """The static cache's length for a run that needs `needed` positions: rounded up to a multiple of LENGTH_STEP
-    (compiled code is specialised to the cache's shape), within the context window."""
+    (a captured step is specialised to its cache: runs of similar lengths share one, `decoder_for`), within the
+    context window."""
     length = -(-needed // LENGTH_STEP) * LENGTH_STEP
     return length if window is None else min(length, window)
 
@@ -94,21 +95,39 @@ def _key_length_dynamic(layer, args: tuple, kwargs: dict) -> None:
     Arguments found by name, as each architecture passes them (GPT-2 passes the mask by position)."""
     cls = type(layer)
     if cls not in _SIGNATURES:
-        _SIGNATURES[cls] = inspect.signature(cls.forward)
+        signature = inspect.signature(cls.forward)
+        rest = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+        _SIGNATURES[cls] = (signature, rest)
+    signature, rest = _SIGNATURES[cls]
     try:
-        bound = _SIGNATURES[cls].bind(layer, *args, **kwargs).arguments
+        bound = signature.bind(layer, *args, **kwargs).arguments
     except TypeError:
         return
-    for value in list(bound.values()) + list(bound.get("kwargs", {}).values()):
-        if isinstance(value, Cache):
-            for cached in value.layers:
-                for name in ("keys", "values"):
-                    tensor = getattr(cached, name, None)
-                    if isinstance(tensor, torch.Tensor) and tensor.dim() == 4:
-                        attention.key_length_dynamic(tensor, 2)
-    mask = bound.get("attention_mask", bound.get("kwargs", {}).get("attention_mask"))
+    named = {**bound, **(bound.get(rest) or {} if rest else {})}
+    for value in named.values():
+        if isinstance(value, Cache) and not value.__dict__.get(_MARKED):
+            _cache_key_length_dynamic(value)
+    mask = named.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() >= 2:
         attention.key_length_dynamic(mask, -1)
+
+
+_MARKED = "_decoderlab_key_length_dynamic"  # set on a cache whose keys and values are all marked
+
+
+def _cache_key_length_dynamic(cache: Cache) -> None:
+    """The key length of a cache's keys and values [B, H, K, D] is dynamic in compiled code; once all its layers
+    hold tensors, the cache is flagged, so the next layers' hooks pass it by."""
+    complete = True
+    for cached in cache.layers:
+        for name in ("keys", "values"):
+            tensor = getattr(cached, name, None)
+            if isinstance(tensor, torch.Tensor) and tensor.dim() == 4:
+                attention.key_length_dynamic(tensor, 2)
+            else:
+                complete = False
+    if complete:
+        cache.__dict__[_MARKED] = True
 
 
 @contextmanager
@@ -136,13 +155,14 @@ def _without_output_capturing_hooks(model) -> Iterator[None]:
 
 
 _COMPILED: dict[type, Callable] = {}  # a decoder layer class -> its compiled forward (no model is kept alive)
-_SIGNATURES: dict[type, inspect.Signature] = {}  # a decoder layer class -> its forward's signature
+_SIGNATURES: dict[type, tuple] = {}  # a decoder layer class -> its forward's signature, its **name
 _WARMED: set = set()  # (layer class, rows, dtype) of the warm-ups run in this process
 
 
 class CapturedDecoder:
     """A run's forwards over a static cache: `state.forward` of a `loop.State` (the loop calls it instead of
-    `loop.forward`). One decoder per run: its graph is captured for the run's rows and maximum length."""
+    `loop.forward`). One run at a time: its graphs are captured for its rows and maximum length, and a later run
+    of the same shape may take it over (`decoder_for`, `restart`)."""
 
     def __init__(self, model, max_length: int, observers: Sequence = (), compile_layers: bool | None = None,
                  notice: Callable[[str | None], None] | None = None):
@@ -161,7 +181,7 @@ class CapturedDecoder:
         self.max_length = max_length
         self.observers = [o for o in observers if hasattr(o, "forward_capture")]
         self.graph: torch.cuda.CUDAGraph | None = None  # the graph this run replays
-        self.decode_steps = 0  # decode forwards so far (0: the next is the warm-up, 1: the capture)
+        self.decode_steps = 0  # this run's decode forwards so far (the first warms up unless a kept graph fits)
         self.token: torch.Tensor | None = None  # [B, 1]: the captured step's input
         self.logits: torch.Tensor | None = None  # [B, V]: the captured step's output, rewritten by each replay
         self.captured: list = []  # per observer, what it took from the captured forward
@@ -173,6 +193,16 @@ class CapturedDecoder:
     @property
     def model(self):
         return self._model()
+
+    def fits(self, max_length: int, rows: int) -> bool:
+        """Whether a run over `rows` rows and a cache of `max_length` can take this decoder over: the same shape,
+        and its cache (if made) on the model's device in the model's dtype."""
+        if max_length != self.max_length:
+            return False
+        if not self.cache.is_initialized:
+            return True
+        keys = self.cache.layers[0].keys
+        return keys.shape[0] == rows and keys.device == next(self.model.parameters()).device and             keys.dtype == self.model.dtype
 
     @torch.inference_mode()  # the cache's tensors were made in inference mode
     def restart(self, observers: Sequence = (), notice: Callable[[str | None], None] | None = None) -> None:
@@ -245,6 +275,7 @@ class CapturedDecoder:
             if kept is None:
                 return self._warm_up(model, input_ids)
             self.graph, self.token, self.logits, self.captured = kept  # captured by an earlier run: replayed now
+            self.graphs.move_to_end(self._key)
         if self.graph is None:
             self._capture(model, input_ids)
         self.token.copy_(input_ids)
@@ -257,15 +288,23 @@ class CapturedDecoder:
         """What a captured step depends on besides the cache and the input token, so that a graph captured by an
         earlier run serves this one only if it computes and gathers what this run's forward would: what each
         observer gathers (`Recording.capture_key`), the model's attention function, the weights and buffers it
-        reads (by address: weights changed in place are read anew at each replay, replaced ones are not) and the
-        forward hooks other than decoderlab's own (a hook added since, e.g. to steer, would be skipped)."""
+        reads (by address, dtype and device: weights changed in place are read anew at each replay, replaced ones
+        are not), the forward hooks other than decoderlab's own (by handle: a hook added since, e.g. to steer,
+        would be skipped) and each module's plain settings (`_module_state`: `training`, an adapter switched off,
+        a forward replaced). What it cannot see is a change inside a hook's own variables: after one, call
+        `forget(model)`."""
         model = self.model
-        hooks = tuple((i, id(hook)) for i, module in enumerate(model.modules())
-                      for hooks in (module._forward_pre_hooks, module._forward_hooks) for hook in hooks.values()
-                      if not _own_hook(hook))
-        tensors = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+        hooks = tuple((i, handle) for i, module in enumerate(model.modules())
+                      for hooks in (module._forward_pre_hooks, module._forward_hooks)
+                      for handle, hook in hooks.items() if not _own_hook(hook))
+        global_hooks = tuple(handle for hooks in (module_hooks._global_forward_pre_hooks,
+                                                  module_hooks._global_forward_hooks)
+                             for handle, hook in hooks.items() if not _own_hook(hook))
+        state = tuple(_module_state(module) for module in model.modules())
+        tensors = tuple((t.data_ptr(), t.dtype, t.device, t.shape)
+                        for t in itertools.chain(model.parameters(), model.buffers()))
         return (tuple(o.capture_key() for o in self.observers),
-                getattr(model.config, "_attn_implementation", None), hooks, tensors)
+                getattr(model.config, "_attn_implementation", None), hooks, global_hooks, state, tensors)
 
     def _warm_up(self, model, input_ids: torch.Tensor) -> torch.Tensor:
         """One uncaptured decode step on a side stream: kernels choose their plans and workspaces before capture."""
@@ -340,13 +379,38 @@ def _capturing(graph: torch.cuda.CUDAGraph, device: torch.device) -> Iterator[No
     current = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device=device)
     side.wait_stream(current)
-    with torch.cuda.stream(side):
-        graph.capture_begin()
-        try:
-            yield
-        finally:
+    try:
+        with torch.cuda.stream(side):
+            graph.capture_begin()
+            try:
+                yield
+            except BaseException:
+                with contextlib.suppress(Exception):  # the capture's own error, not the ending's, is the one to see
+                    graph.capture_end()
+                raise
             graph.capture_end()
-    current.wait_stream(side)
+    finally:
+        current.wait_stream(side)
+
+
+def _module_state(module) -> tuple:
+    """A module's plain settings, which its forward may branch on and a captured step would not see change:
+    its class, `training`, its attributes that are numbers, text or flags (or tuples, lists and dicts of them:
+    PEFT's active adapter, `disable_adapters`), and a forward set on the instance."""
+    plain = (bool, int, float, str, type(None))
+    items = []
+    for name, value in vars(module).items():
+        if isinstance(value, dict) and name.startswith("_"):
+            continue  # parameters, buffers, submodules, hooks: keyed apart
+        if isinstance(value, (list, tuple)) and all(isinstance(v, plain) for v in value):
+            value = tuple(value)
+        elif isinstance(value, dict) and all(isinstance(v, plain) for v in value.values()):
+            value = tuple(sorted((str(k), v) for k, v in value.items()))
+        elif not isinstance(value, plain):
+            continue
+        items.append((name, value))
+    forward = module.__dict__.get("forward")
+    return type(module), tuple(items), None if forward is None else id(forward)
 
 
 def _own_hook(hook) -> bool:
@@ -357,37 +421,35 @@ def _own_hook(hook) -> bool:
         getattr(fn, "__name__", "") == "output_capturing_hook"
 
 
-_KEPT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {(length, rows): decoder}, newest last
+_KEPT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> the decoder its last run gave back
 
 
 def decoder_for(model, max_length: int, rows: int, observers: Sequence = (),
                 notice: Callable[[str | None], None] | None = None) -> CapturedDecoder:
-    """The decoder of a fast-path run over `rows` rows and a cache of `max_length`: the one an earlier run of this
-    model gave back (`keep`) for the same length and rows, restarted (its cache emptied; a step it captured for
-    what this run records is replayed from the first decode step: no warm-up, no capture), else a new one.
+    """The decoder of a fast-path run over `rows` rows and a cache of `max_length`: the one the model's last run
+    gave back (`keep`) if it has that length and rows and the model's dtype and device, restarted (its cache
+    emptied; a step it captured for what this run records is replayed from the first decode step: no warm-up, no
+    capture), else a new one, made after the kept one is let go (at most one cache of the model's is held at a
+    time outside a run).
 
     Why: a capture waits for the device and runs the step's Python once more (tens of milliseconds a run), and
     a new static cache and pool of graph memory are allocated; transformers' static `generate` keeps its cache
     and compiled graphs from call to call too."""
-    kept = _KEPT.get(model)
-    decoder = kept.pop((max_length, rows), None) if kept else None
-    if decoder is None:
-        return CapturedDecoder(model, max_length, observers, notice=notice)
-    decoder.restart(observers, notice)
-    return decoder
+    decoder = _KEPT.pop(model, None)
+    if decoder is not None and decoder.fits(max_length, rows):
+        decoder.restart(observers, notice)
+        return decoder
+    del decoder  # freed before the new cache is allocated
+    return CapturedDecoder(model, max_length, observers, notice=notice)
 
 
-def keep(decoder: CapturedDecoder, rows: int) -> None:
-    """Give a decoder back at the end of its run, for the model's next runs (`decoder_for`); a model keeps the
-    KEPT_PER_MODEL most recent (their caches and graphs are freed with the model, or by `forget`)."""
+def keep(decoder: CapturedDecoder) -> None:
+    """Give a decoder back at the end of its run, for the model's next run (`decoder_for`). Its cache and graphs
+    stay in the device's memory until the model is freed, a run of another shape replaces it, or `forget`."""
     decoder.observers, decoder.notice = [], None  # the run's recording is not kept alive
-    kept = _KEPT.setdefault(decoder.model, collections.OrderedDict())
-    kept[(decoder.max_length, rows)] = decoder
-    kept.move_to_end((decoder.max_length, rows))
-    while len(kept) > KEPT_PER_MODEL:
-        kept.popitem(last=False)
+    _KEPT[decoder.model] = decoder
 
 
 def forget(model) -> None:
-    """Free the decoders `model` keeps for its next fast-path runs (their static caches and captured graphs)."""
+    """Free the decoder `model` keeps for its next fast-path run (its static cache and captured graphs)."""
     _KEPT.pop(model, None)
