@@ -368,8 +368,9 @@ def test_a_kept_step_is_replayed_only_for_what_it_was_captured_for(tiny_lms):
     """The key of a captured step (`CapturedDecoder._graph_key`) is the same for two runs recording the same things,
     and differs where a replay would not compute or gather what the run's forward would: another recording, a
     forward hook added (a user's, not decoderlab's own; each hook its own key, even one at a freed one's
-    address), a module's plain setting changed (training, a flag as PEFT's `disable_adapters`), a weight replaced
-    (not one changed in place)."""
+    address; a global one), a module's plain setting changed (training, a flag as PEFT's `disable_adapters`, a
+    forward set on the instance, another in its place), a weight replaced, or read another way (transposed), but
+    not one changed in place."""
     from decoderlab.engine import loop
     from decoderlab.record import Recording
 
@@ -419,3 +420,49 @@ def test_a_kept_step_is_replayed_only_for_what_it_was_captured_for(tiny_lms):
         assert key(EVERYTHING) != first
     finally:
         layer.mlp.down_proj.weight = weight
+    square = layer.self_attn.q_proj.weight
+    try:  # the same memory read the other way round
+        layer.self_attn.q_proj.weight = torch.nn.Parameter(square.detach().t())
+        assert key(EVERYTHING) != first
+    finally:
+        layer.self_attn.q_proj.weight = square
+    import functools
+
+    forwards = []
+    for scale in (1.0, 5.0):  # a forward set on the instance, then another in its place
+        mlp = layer.mlp
+        mlp.forward = functools.partial(type(mlp).forward, mlp)
+        try:
+            forwards.append(key(EVERYTHING))
+        finally:
+            del mlp.forward
+    assert first not in forwards and forwards[0] != forwards[1]
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: out)
+    try:
+        assert key(EVERYTHING) != first  # a global hook
+    finally:
+        handle.remove()
+    assert key(EVERYTHING) == first
+
+
+def test_compiled_layers_leave_a_layer_with_its_own_forward_as_it_is(tiny_lms):
+    """A decoder layer whose instance has a forward of its own (a wrapper's, as accelerate's device hooks) is left
+    uncompiled and keeps that forward after the block; the other layers are compiled and given back."""
+    lm = tiny_lms["llama"]
+    first, second = fast.decoder_layers(lm.model)
+    own = first.forward  # a bound method, set on the instance as a wrapper would
+    first.forward = own
+    try:
+        with fast.compiled_layers(lm.model):
+            assert first.__dict__["forward"] is own and "forward" in second.__dict__
+        assert first.__dict__["forward"] is own and "forward" not in second.__dict__
+    finally:
+        del first.forward
+
+
+def test_a_hook_without_a_module_name_is_a_users():
+    """A hook whose function has no module name (made with exec) counts as a user's, without an error."""
+    namespace: dict = {}
+    exec("def hook(module, args, out):\n    return out", {"__name__": None}, namespace)
+    namespace["hook"].__module__ = None
+    assert not fast._own_hook(namespace["hook"])

@@ -14,7 +14,7 @@ after the forward, as in the eager loop (as transformers' processors run after i
 Order of forwards: the prompt runs uncaptured (its length is the prompt's); the first decode step runs
 uncaptured on a side stream (the warm-up CUDA graphs need); the second is captured, and every later one
 replays. The cache tracks its own length on the device (`StaticCache`), so a replay needs no new positions.
-A model keeps the decoders of its last runs (`decoder_for`, `keep`): a run that fits one replays the step an
+A model keeps the decoder of its last run (`decoder_for`, `keep`): a run that fits it replays the step an
 earlier run captured from its first decode step, when it records the same things over the same weights.
 On a CPU there is nothing to capture: the same static-cache steps run uncaptured (this is how CI tests the
 path's logic; the graph itself is tested on a GPU, tests/test_cuda.py).
@@ -71,20 +71,23 @@ def compiled_layers(model) -> Iterator[None]:
     config = torch._dynamo.config
     before = config.cache_size_limit
     config.cache_size_limit = max(before, 4 * len(layers) + 8)  # one entry per layer (their indices differ)
-    handles = []
+    handles, compiled = [], []
     try:
         with attention.sink_outside_compiled_code(), _without_output_capturing_hooks(model):
             for layer in layers:
+                if "forward" in layer.__dict__:  # a wrapper's (accelerate's device hooks): left as it is, uncompiled
+                    continue
                 cls = type(layer)
                 if cls not in _COMPILED:  # torch.compile's wrapper costs milliseconds to make: once per class
                     _COMPILED[cls] = torch.compile(cls.forward)
                 layer.forward = types.MethodType(_COMPILED[cls], layer)
                 handles.append(layer.register_forward_pre_hook(_key_length_dynamic, with_kwargs=True))
+                compiled.append(layer)
             yield
     finally:
         for handle in handles:
             handle.remove()
-        for layer in layers:
+        for layer in compiled:
             layer.__dict__.pop("forward", None)
         config.cache_size_limit = before
 
@@ -196,13 +199,18 @@ class CapturedDecoder:
 
     def fits(self, max_length: int, rows: int) -> bool:
         """Whether a run over `rows` rows and a cache of `max_length` can take this decoder over: the same shape,
-        and its cache (if made) on the model's device in the model's dtype."""
+        and each layer's cache (if made) on its decoder layer's device in a dtype of its weights (the model may
+        have moved, or changed dtype, since)."""
         if max_length != self.max_length:
             return False
-        if not self.cache.is_initialized:
-            return True
-        keys = self.cache.layers[0].keys
-        return keys.shape[0] == rows and keys.device == next(self.model.parameters()).device and             keys.dtype == self.model.dtype
+        for cached, layer in zip(self.cache.layers, decoder_layers(self.model)):
+            keys = getattr(cached, "keys", None)
+            if not cached.is_initialized or keys is None:
+                continue
+            weights = {(p.device, p.dtype) for p in layer.parameters()}
+            if keys.shape[0] != rows or (weights and (keys.device, keys.dtype) not in weights):
+                return False
+        return True
 
     @torch.inference_mode()  # the cache's tensors were made in inference mode
     def restart(self, observers: Sequence = (), notice: Callable[[str | None], None] | None = None) -> None:
@@ -288,11 +296,11 @@ class CapturedDecoder:
         """What a captured step depends on besides the cache and the input token, so that a graph captured by an
         earlier run serves this one only if it computes and gathers what this run's forward would: what each
         observer gathers (`Recording.capture_key`), the model's attention function, the weights and buffers it
-        reads (by address, dtype and device: weights changed in place are read anew at each replay, replaced ones
-        are not), the forward hooks other than decoderlab's own (by handle: a hook added since, e.g. to steer,
+        reads (by address, layout, dtype and device, a wrapper's by its inner tensors: weights changed in place are
+        read anew at each replay, replaced ones are not), the forward hooks other than decoderlab's own (by handle: a hook added since, e.g. to steer,
         would be skipped) and each module's plain settings (`_module_state`: `training`, an adapter switched off,
-        a forward replaced). What it cannot see is a change inside a hook's own variables: after one, call
-        `forget(model)`."""
+        a forward replaced). What it cannot see is a change inside a hook's own variables, or a tensor kept as a plain
+        attribute of a module (neither parameter nor buffer) replaced: after one, call `forget(model)`."""
         model = self.model
         hooks = tuple((i, handle) for i, module in enumerate(model.modules())
                       for hooks in (module._forward_pre_hooks, module._forward_hooks)
@@ -301,8 +309,7 @@ class CapturedDecoder:
                                                   module_hooks._global_forward_hooks)
                              for handle, hook in hooks.items() if not _own_hook(hook))
         state = tuple(_module_state(module) for module in model.modules())
-        tensors = tuple((t.data_ptr(), t.dtype, t.device, t.shape)
-                        for t in itertools.chain(model.parameters(), model.buffers()))
+        tensors = tuple(_tensor_key(t) for t in itertools.chain(model.parameters(), model.buffers()))
         return (tuple(o.capture_key() for o in self.observers),
                 getattr(model.config, "_attn_implementation", None), hooks, global_hooks, state, tensors)
 
@@ -356,7 +363,7 @@ class CapturedDecoder:
     def _capture(self, model, input_ids: torch.Tensor) -> None:
         """Capture one decode step (nothing runs: the first replay computes it). What the recording gathers during
         the capture are tensors of the graph's memory, handed to it again before each replay."""
-        key = self._key if self._key is not None else self._graph_key()
+        key = self._graph_key()  # what this capture depends on now (a callback may have added a hook since step 1)
         token, graph = input_ids.clone(), torch.cuda.CUDAGraph()
         with self._layers(input_ids.shape[0]) as rows, _capturing(graph, input_ids.device):
             logits = loop.forward(model, token, self.cache)
@@ -396,28 +403,46 @@ def _capturing(graph: torch.cuda.CUDAGraph, device: torch.device) -> Iterator[No
 def _module_state(module) -> tuple:
     """A module's plain settings, which its forward may branch on and a captured step would not see change:
     its class, `training`, its attributes that are numbers, text or flags (or tuples, lists and dicts of them:
-    PEFT's active adapter, `disable_adapters`), and a forward set on the instance."""
-    plain = (bool, int, float, str, type(None))
+    PEFT's active adapter, `disable_adapters`), and a forward set on the instance (by a weak reference: a new
+    forward at a freed one's address is another forward)."""
     items = []
-    for name, value in vars(module).items():
-        if isinstance(value, dict) and name.startswith("_"):
-            continue  # parameters, buffers, submodules, hooks: keyed apart
-        if isinstance(value, (list, tuple)) and all(isinstance(v, plain) for v in value):
-            value = tuple(value)
-        elif isinstance(value, dict) and all(isinstance(v, plain) for v in value.values()):
-            value = tuple(sorted((str(k), v) for k, v in value.items()))
-        elif not isinstance(value, plain):
-            continue
-        items.append((name, value))
+    for name, value in module.__dict__.items():
+        if type(value) in _PLAIN or isinstance(value, _PLAIN_TYPES):  # the exact types first: this runs over every
+            items.append((name, value))                                 # module once a run
+        elif isinstance(value, dict):
+            if not name.startswith("_") and all(isinstance(v, _PLAIN_TYPES) for v in value.values()):
+                items.append((name, tuple(sorted((str(k), v) for k, v in value.items()))))
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, _PLAIN_TYPES) for v in value):
+            items.append((name, tuple(value)))
     forward = module.__dict__.get("forward")
-    return type(module), tuple(items), None if forward is None else id(forward)
+    if forward is not None:
+        try:
+            forward = weakref.ref(forward)
+        except TypeError:  # no weak references to it: the object itself, kept alive by the key
+            pass
+    return type(module), tuple(items), forward
+
+
+_PLAIN = frozenset((bool, int, float, str, type(None)))
+_PLAIN_TYPES = (bool, int, float, str, type(None))
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    """A weight or buffer as a captured step reads it: address, layout, dtype and device; a wrapper tensor (a
+    quantized weight, whose own address is 0) by the tensors inside it."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        return (type(t), tuple(_tensor_key(getattr(t, name)) for name in names))
+    return (t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.stride(), t.storage_offset())
 
 
 def _own_hook(hook) -> bool:
     """Whether a forward hook is decoderlab's own for a run (the lens' residuals, the compile notice), installed
     anew by each run, or transformers' output-capturing hook (off during capture, `_without_output_capturing_hooks`)."""
     fn = getattr(hook, "func", hook)  # a functools.partial's function
-    return getattr(fn, "__module__", "").startswith("decoderlab.") or \
+    return (getattr(fn, "__module__", None) or "").startswith("decoderlab.") or \
         getattr(fn, "__name__", "") == "output_capturing_hook"
 
 
