@@ -345,7 +345,8 @@ def test_a_run_takes_the_decoder_an_earlier_run_left(tiny_lms, monkeypatch):
     fast.forget(lm.model)
     made = []
     init = fast.CapturedDecoder.__init__
-    monkeypatch.setattr(fast.CapturedDecoder, "__init__", lambda self, *a, **k: made.append(self) or init(self, *a, **k))
+    monkeypatch.setattr(fast.CapturedDecoder, "__init__",
+                        lambda self, *a, **k: made.append(self) or init(self, *a, **k))
     monkeypatch.setattr(fast, "LENGTH_STEP", 32)
     words = dict(max_new_tokens=6, record=EVERYTHING, progress=False, eos_token_id=[])
     lm.generate(PROMPT, compile=True, **words)

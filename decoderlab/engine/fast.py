@@ -144,7 +144,7 @@ def _without_output_capturing_hooks(model) -> Iterator[None]:
     for module in model.modules():
         hooks = module._forward_hooks
         for key, hook in list(hooks.items()):
-            if getattr(hook, "__name__", "") == "output_capturing_hook":
+            if _is_output_capturing_hook(hook):
                 removed.append((hooks, key, hook, list(hooks)))
                 del hooks[key]
     try:
@@ -191,7 +191,6 @@ class CapturedDecoder:
         # the graphs captured by this decoder's runs, by what they replay (`_graph_key`): (graph, token, logits,
         # captured); a later run whose key is among them replays that graph from its first decode step
         self.graphs: collections.OrderedDict = collections.OrderedDict()
-        self._key: tuple | None = None  # this run's key among them
 
     @property
     def model(self):
@@ -220,7 +219,7 @@ class CapturedDecoder:
         self.observers = [o for o in observers if hasattr(o, "forward_capture")]
         self.notice, self._noticed = notice, False
         self.decode_steps = 0
-        self.graph, self.token, self.logits, self.captured, self._key = None, None, None, [], None
+        self.graph, self.token, self.logits, self.captured = None, None, None, []
 
     @contextmanager
     def _layers(self, rows: int) -> Iterator[dict[int, torch.Tensor]]:
@@ -278,12 +277,12 @@ class CapturedDecoder:
             return loop.forward(model, input_ids, self.cache)
         self.decode_steps += 1
         if self.decode_steps == 1:
-            self._key = self._graph_key()
-            kept = self.graphs.get(self._key)
+            key = self._graph_key()
+            kept = self.graphs.get(key)
             if kept is None:
                 return self._warm_up(model, input_ids)
             self.graph, self.token, self.logits, self.captured = kept  # captured by an earlier run: replayed now
-            self.graphs.move_to_end(self._key)
+            self.graphs.move_to_end(key)
         if self.graph is None:
             self._capture(model, input_ids)
         self.token.copy_(input_ids)
@@ -297,17 +296,18 @@ class CapturedDecoder:
         earlier run serves this one only if it computes and gathers what this run's forward would: what each
         observer gathers (`Recording.capture_key`), the model's attention function, the weights and buffers it
         reads (by address, layout, dtype and device, a wrapper's by its inner tensors: weights changed in place are
-        read anew at each replay, replaced ones are not), the forward hooks other than decoderlab's own (by handle: a hook added since, e.g. to steer,
-        would be skipped) and each module's plain settings (`_module_state`: `training`, an adapter switched off,
-        a forward replaced). What it cannot see is a change inside a hook's own variables, or a tensor kept as a plain
-        attribute of a module (neither parameter nor buffer) replaced: after one, call `forget(model)`."""
+        read anew at each replay, replaced ones are not), the forward hooks other than decoderlab's own (by
+        handle: a hook added since, e.g. to steer, would be skipped) and each module's plain settings
+        (`_module_state`: `training`, an adapter switched off, a forward replaced). What it cannot see is a change
+        inside a hook's own variables, or a tensor kept as a plain attribute of a module (neither parameter nor
+        buffer) replaced: after one, call `forget(model)`."""
         model = self.model
         hooks = tuple((i, handle) for i, module in enumerate(model.modules())
-                      for hooks in (module._forward_pre_hooks, module._forward_hooks)
-                      for handle, hook in hooks.items() if not _own_hook(hook))
-        global_hooks = tuple(handle for hooks in (module_hooks._global_forward_pre_hooks,
-                                                  module_hooks._global_forward_hooks)
-                             for handle, hook in hooks.items() if not _own_hook(hook))
+                      for registry in (module._forward_pre_hooks, module._forward_hooks)
+                      for handle, hook in registry.items() if not _own_hook(hook))
+        global_hooks = tuple(handle for registry in (module_hooks._global_forward_pre_hooks,
+                                                     module_hooks._global_forward_hooks)
+                             for handle, hook in registry.items() if not _own_hook(hook))
         state = tuple(_module_state(module) for module in model.modules())
         tensors = tuple(_tensor_key(t) for t in itertools.chain(model.parameters(), model.buffers()))
         return (tuple(o.capture_key() for o in self.observers),
@@ -423,8 +423,8 @@ def _module_state(module) -> tuple:
     return type(module), tuple(items), forward
 
 
-_PLAIN = frozenset((bool, int, float, str, type(None)))
 _PLAIN_TYPES = (bool, int, float, str, type(None))
+_PLAIN = frozenset(_PLAIN_TYPES)  # the same, for the exact-type test
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
@@ -442,8 +442,13 @@ def _own_hook(hook) -> bool:
     """Whether a forward hook is decoderlab's own for a run (the lens' residuals, the compile notice), installed
     anew by each run, or transformers' output-capturing hook (off during capture, `_without_output_capturing_hooks`)."""
     fn = getattr(hook, "func", hook)  # a functools.partial's function
-    return (getattr(fn, "__module__", None) or "").startswith("decoderlab.") or \
-        getattr(fn, "__name__", "") == "output_capturing_hook"
+    return (getattr(fn, "__module__", None) or "").startswith("decoderlab.") or _is_output_capturing_hook(fn)
+
+
+def _is_output_capturing_hook(hook) -> bool:
+    """Whether a forward hook is transformers' output-capturing hook (installed for good by the first run that
+    asks for hidden states or attentions)."""
+    return getattr(hook, "__name__", "") == "output_capturing_hook"
 
 
 _KEPT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> the decoder its last run gave back
